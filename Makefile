@@ -1,0 +1,37 @@
+# `make demo` and `make test` each do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build: an unpinned torch pulls several GB of CUDA wheels.
+# GPU users: create the venv yourself, install your CUDA torch, then run make.
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test test-slow lint organism clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/autolayer demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check autolayer tests examples benchmarks
+	$(BIN)/mypy autolayer
+
+organism: $(VENV)/.installed
+	$(BIN)/python -m autolayer.organism build
+
+clean:
+	rm -rf $(VENV) mlruns .pytest_cache
