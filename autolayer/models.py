@@ -1,0 +1,234 @@
+"""Load causal LMs, find their decoder-layer stack, and freeze everything but a chosen set of layers.
+
+A *layer* is one whole decoder block (attention, MLP and their norms). Training a subset means every
+other parameter is frozen: embeddings, the final norm, the LM head and anything tied to them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from autolayer.errors import AutolayerError
+
+ORGANISM = "organism"  # the name of the bundled model wherever a model is accepted
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """The decoder blocks of a model: `path` is the ModuleList's name inside the model."""
+
+    path: str
+    layers: nn.ModuleList
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def prefix(self, layer: int) -> str:
+        """The `named_parameters()` prefix of one layer, with its trailing dot: `model.layers.3.`."""
+        return f"{self.path}.{layer}."
+
+
+def _num_configured_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(text_config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def find_layer_stack(model: nn.Module) -> LayerStack:
+    """Find the decoder blocks without a per-architecture table.
+
+    The stack is the `nn.ModuleList` of identical block classes holding the most parameters; when the
+    config states the layer count, only lists of that length qualify. This covers Llama-style
+    `model.layers`, GPT-2's `transformer.h`, GPT-NeoX's `gpt_neox.layers` and the rest.
+    """
+    expected = _num_configured_layers(model)
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        if expected is not None and len(module) != expected:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise AutolayerError(
+            f"could not find the decoder-layer stack of {type(model).__name__}: no ModuleList of "
+            f"{expected if expected is not None else 'identical'} blocks"
+        )
+    return LayerStack(path=best[1], layers=best[2])
+
+
+def validate_layers(layers: Iterable[object], num_layers: int) -> tuple[int, ...]:
+    """Check a layer selection and return it sorted; errors name the valid range."""
+    selection = list(layers)
+    valid = f"valid layers are 0..{num_layers - 1}"
+    if not selection:
+        raise AutolayerError(f"the layer selection is empty; {valid}")
+    for layer in selection:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise AutolayerError(f"layer {layer!r} is not an integer; {valid}")
+        if not 0 <= layer < num_layers:
+            raise AutolayerError(f"layer {layer} is out of range; {valid}")
+    if len(set(selection)) != len(selection):
+        dupes = sorted({layer for layer in selection if selection.count(layer) > 1})
+        raise AutolayerError(f"layers {dupes} are selected more than once; {valid}")
+    return tuple(sorted(selection))  # type: ignore[arg-type]
+
+
+def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
+    """Parse a CLI selection like `3,4`, `10-12` or `all` into validated layer indices."""
+    text = text.strip()
+    if text == "all":
+        return tuple(range(num_layers))
+    selection: list[object] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        start, sep, end = part.partition("-")
+        try:
+            if sep:
+                selection.extend(range(int(start), int(end) + 1))
+            else:
+                selection.append(int(part))
+        except ValueError:
+            raise AutolayerError(
+                f"cannot read layer selection {text!r}; use e.g. '3', '3,7' or '10-12'"
+            ) from None
+    return validate_layers(selection, num_layers)
+
+
+def layer_param_names(model: nn.Module, layers: Sequence[int]) -> list[str]:
+    """The full `named_parameters()` names belonging to the given layers, in model order."""
+    stack = find_layer_stack(model)
+    prefixes = tuple(stack.prefix(layer) for layer in validate_layers(layers, len(stack)))
+    return [name for name, _ in model.named_parameters() if name.startswith(prefixes)]
+
+
+def freeze_except(model: nn.Module, layers: Sequence[int]) -> list[str]:
+    """Make exactly the parameters of `layers` trainable and freeze all others; return their names.
+
+    Tied weights are shared Parameter objects reported once by `named_parameters()`; they live
+    outside the layer stack, so they stay frozen.
+    """
+    trainable = set(layer_param_names(model, layers))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+    return [name for name, _ in model.named_parameters() if name in trainable]
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer should hold: only those that require grad."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(params: Iterable[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise AutolayerError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` means bf16 weights on CUDA and fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise AutolayerError(f"unknown dtype {dtype!r}; use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_model_path(name: str) -> str:
+    """Map `organism` to the bundled model's directory; pass hub ids and paths through."""
+    if name == ORGANISM:
+        from autolayer.organism import organism_path
+
+        return str(organism_path())
+    return name
+
+
+def load_model(
+    name: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+) -> tuple[nn.Module, object]:
+    """Load a causal LM and its tokenizer by hub id, local path or `organism`.
+
+    Returns `(model, tokenizer)` with the model in eval mode on `device`. Hub ids download through
+    the usual HF cache unless `HF_HUB_OFFLINE=1`; a missing local path is a one-sentence error.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name)
+    looks_local = path.startswith((".", "/", "~")) or os.sep in path and Path(path).exists()
+    if looks_local and not Path(path).expanduser().exists():
+        raise AutolayerError(f"model path {path} does not exist")
+    target = resolve_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=revision, dtype=resolve_dtype(dtype, target)
+        )
+    except (OSError, ValueError) as err:
+        raise AutolayerError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from err
+    if getattr(tokenizer, "pad_token", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # batched generation continues from the right edge
+    return model.to(target).eval(), tokenizer
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    index: int
+    path: str
+    num_params: int
+    middle_third: bool
+
+
+def middle_third(num_layers: int) -> range:
+    """The middle third of the stack, where the RL-heavy layers usually sit (RESEARCH.md §1)."""
+    return range(num_layers // 3, num_layers - num_layers // 3)
+
+
+def middle_layers(num_layers: int, k: int) -> tuple[int, ...]:
+    """Mid-k from the paper: layers [floor(L/2 - k/2), floor(L/2 + k/2))."""
+    start = (num_layers - k) // 2
+    return tuple(range(start, start + k))
+
+
+def describe_layers(model: nn.Module) -> tuple[list[LayerInfo], int]:
+    """Per-layer index, module path and parameter count, plus the parameter count outside the stack.
+
+    Shared (tied) parameters are counted once, as `named_parameters()` reports them.
+    """
+    stack = find_layer_stack(model)
+    middle = middle_third(len(stack))
+    infos = [
+        LayerInfo(i, f"{stack.path}.{i}", count_parameters(block.parameters()), i in middle)
+        for i, block in enumerate(stack.layers)
+    ]
+    total = count_parameters(model.parameters())
+    return infos, total - sum(info.num_params for info in infos)
