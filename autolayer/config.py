@@ -1,0 +1,241 @@
+"""The configuration schema: one dataclass per section, each field documented for `--help` and the README.
+
+A YAML config has the sections `model`, `task`, `proxy`, `search`, `tracking` and `train`. Unknown keys
+and wrong types are errors that name the key; every field has a default, so `{}` is a valid config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from autolayer.errors import AutolayerError
+
+Algorithm = Literal["grpo", "dr_grpo"]
+Objective = Literal["contribution", "score"]
+SamplerName = Literal["auto", "grid", "tpe", "gp", "random"]
+PrunerName = Literal["none", "median", "hyperband", "wilcoxon"]
+Strategy = Literal["only", "mid", "boost"]
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A dataclass field carrying its help text (shown by `--help` and `autolayer config`)."""
+    if default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    name: str = doc("HF hub id, local path, or `organism` (the bundled tiny model).", "organism")
+    revision: str | None = doc("Hub revision (branch, tag or commit) to pin.", None)
+    dtype: str = doc("Weight dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.", "auto")
+
+
+@dataclass
+class TaskConfig:
+    name: str = doc("Task: `organism` (the bundled model's arithmetic) or `gsm8k`.", "organism")
+    path: str | None = doc(
+        "gsm8k only: a local .jsonl/.parquet file or an HF dataset id (needs network).", None
+    )
+    train_size: int | None = doc("Training prompts to use (None: all available).", None)
+    eval_size: int | None = doc("Held-out prompts every candidate is scored on.", None)
+    eval_fraction: float = doc("For a single-file dataset: the share held out for eval.", 0.2)
+    max_completion_length: int | None = doc("Tokens generated per completion (None: task default).", None)
+    seed: int = doc("Seed of the train/eval split.", 0)
+
+    def __post_init__(self) -> None:
+        _require(self.train_size is None or self.train_size > 0, "task.train_size must be positive")
+        _require(self.eval_size is None or self.eval_size > 0, "task.eval_size must be positive")
+        _require(0 < self.eval_fraction < 1, "task.eval_fraction must be between 0 and 1")
+
+
+@dataclass
+class ProxyConfig:
+    algorithm: Algorithm = doc("RL objective: grpo or dr_grpo (RESEARCH.md §3).", "grpo")
+    steps: int = doc("Optimizer steps of one proxy run.", 40)
+    prompts_per_step: int = doc("Prompts per step; each gets `num_generations` samples.", 16)
+    num_generations: int = doc("Group size G: completions sampled per prompt.", 8)
+    lr: float = doc("Learning rate of a layer-subset run (searchable per space).", 3e-3)
+    full_lr: float = doc("Learning rate of the all-layers reference run (tuned separately).", 1e-3)
+    beta: float = doc("Weight of the k3 KL penalty to the reference (0: no reference).", 0.0)
+    epsilon: float = doc("PPO clip range of the importance ratio.", 0.2)
+    num_iterations: int = doc("Optimisation passes per sampled batch (TRL's num_iterations).", 1)
+    temperature: float = doc("Sampling temperature during training.", 1.0)
+    max_grad_norm: float = doc("Gradient clipping norm (0: off).", 1.0)
+    eval_every: int = doc("Score on the held-out set every this many steps (for pruning).", 10)
+    gradient_checkpointing: bool = doc("Non-reentrant activation checkpointing (saves memory).", False)
+    device: str = doc("auto (CUDA when present, else CPU), cpu, cuda or cuda:N.", "auto")
+    seed: int = doc("Seed of sampling and data order; CPU runs are deterministic for it.", 0)
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "prompts_per_step", "num_iterations", "eval_every"):
+            _require(getattr(self, key) >= 1, f"proxy.{key} must be at least 1")
+        _require(self.num_generations >= 2, "proxy.num_generations must be at least 2")
+        for key in ("lr", "full_lr", "temperature"):
+            _require(getattr(self, key) > 0, f"proxy.{key} must be positive")
+        _require(self.beta >= 0 and self.epsilon > 0, "proxy.beta must be >= 0 and epsilon > 0")
+
+
+@dataclass
+class SearchConfig:
+    space: str = doc("Search space: a name in search_spaces/ or a path to a YAML file.", "single_layer")
+    objective: Objective = doc("What trials maximise: contribution C or raw score.", "contribution")
+    n_trials: int | None = doc("Trials to run in this invocation (None: until the space or budget ends).", None)
+    timeout: float | None = doc("Stop starting new trials after this many seconds.", None)
+    max_total_steps: int | None = doc("Budget of proxy optimizer steps summed over the study.", None)
+    sampler: SamplerName = doc("auto: grid for spaces under 64 points, else TPE.", "auto")
+    pruner: PrunerName = doc("Early stopping of bad trials from intermediate held-out scores.", "median")
+    seed: int = doc("Sampler seed.", 0)
+    study_name: str | None = doc("Study name; rerunning with the same name resumes it.", None)
+    storage: str | None = doc(
+        "Optuna storage URL; default: a journal file under mlruns/ (postgresql://... for clusters).",
+        None,
+    )
+    warm_start: list[int] | None = doc("Layers to try first (None: the middle layers).", None)
+
+    def __post_init__(self) -> None:
+        for key in ("n_trials", "timeout", "max_total_steps"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"search.{key} must be positive")
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str | None = doc(
+        "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under mlruns/).", None
+    )
+    experiment: str | None = doc("MLflow experiment name (default: the study name).", None)
+    enabled: bool = doc("Log to MLflow at all.", True)
+
+
+@dataclass
+class TrainConfig:
+    strategy: Strategy = doc("only: train the chosen layers; mid: the k middle; boost: all, chosen faster.", "only")
+    top_k: int = doc("How many of the study's best layers to train.", 1)
+    steps: int = doc("GRPOTrainer max_steps.", 60)
+    lr: float = doc("Learning rate of the chosen layers.", 3e-3)
+    boost_base_lr: float = doc("boost strategy: learning rate of the non-chosen layers.", 1e-3)
+    output_dir: str = doc("Where the trained model and the layer delta are written.", "outputs/train")
+
+    def __post_init__(self) -> None:
+        _require(self.top_k >= 1 and self.steps >= 1, "train.top_k and train.steps must be >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise AutolayerError(message)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+    return names.get(tp, "null" if tp is type(None) else str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except AutolayerError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(v, typing.get_args(tp)[0], key) for v in value]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise AutolayerError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise AutolayerError(f"config section '{prefix}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise AutolayerError(
+            f"unknown config key '{prefix}.{unknown[0]}'; valid keys: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, name)
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config; errors name the offending key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise AutolayerError("a config file must be a YAML mapping of sections")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise AutolayerError(
+            f"unknown config section '{unknown[0]}'; valid sections: model, task, proxy, search, "
+            "tracking, train"
+        )
+    return _build(Config, data, "")  # type: ignore[no-any-return]
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a YAML config file; a missing file or invalid YAML is a one-sentence error."""
+    path = Path(path)
+    if not path.is_file():
+        raise AutolayerError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise AutolayerError(f"config file {path} is not valid YAML{where}") from None
+    return config_from_dict(data)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> help text, for `--help` and docs."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

@@ -1,0 +1,42 @@
+import pytest
+
+from autolayer.config import Config, config_from_dict, load_config
+from autolayer.errors import AutolayerError
+
+
+def test_empty_config_is_all_defaults() -> None:
+    assert config_from_dict({}) == Config()
+
+
+def test_sections_are_read_and_ints_accepted_for_floats() -> None:
+    config = config_from_dict({"proxy": {"lr": 1, "steps": 5}, "search": {"warm_start": [3, 4]}})
+    assert config.proxy.lr == 1.0 and isinstance(config.proxy.lr, float)
+    assert config.proxy.steps == 5
+    assert config.search.warm_start == [3, 4]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"proxy": {"stepz": 3}}, "unknown config key 'proxy.stepz'"),
+        ({"proxi": {}}, "unknown config section 'proxi'"),
+        ({"proxy": {"steps": "ten"}}, "'proxy.steps' must be an integer, got 'ten'"),
+        ({"proxy": {"steps": True}}, "'proxy.steps' must be an integer"),
+        ({"proxy": {"algorithm": "ppo"}}, "'proxy.algorithm' must be one of 'grpo', 'dr_grpo'"),
+        ({"search": {"warm_start": [1, "x"]}}, "'search.warm_start' must be"),
+        ({"proxy": {"num_generations": 1}}, "num_generations must be at least 2"),
+        ({"proxy": 3}, "section 'proxy' must be a mapping"),
+    ],
+)
+def test_bad_configs_name_the_key(data: dict, message: str) -> None:
+    with pytest.raises(AutolayerError, match=message.replace("(", r"\(")):
+        config_from_dict(data)
+
+
+def test_load_config_errors_are_one_sentence(tmp_path) -> None:
+    with pytest.raises(AutolayerError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("proxy: [unclosed\n")
+    with pytest.raises(AutolayerError, match="not valid YAML at line"):
+        load_config(bad)
