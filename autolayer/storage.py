@@ -1,0 +1,219 @@
+"""Where a study lives: an Optuna storage from a URL, and recovery of trials whose worker died.
+
+URLs (`search.storage`):
+- none: the default, a journal file `mlruns/optuna/journal.log`.
+- `journal:PATH`: a journal file at PATH (our own scheme). Several worker processes on one machine
+  can share it (a lock file serialises writes); SQLite is not meant for concurrent workers.
+- `sqlite:///PATH`: one worker at a time.
+- `postgresql://...`, `postgresql+psycopg2://...`, `mysql...://...`: workers on many machines; the
+  storage heartbeats, so a trial whose worker was killed is failed and retried once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy.exc
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import (
+    BaseStorage,
+    JournalStorage,
+    RDBStorage,
+    RetryHeartbeatStaleTrialCallback,
+)
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
+
+from autolayer.errors import AutolayerError
+
+DEFAULT_ROOT = Path("mlruns")
+JOURNAL_SCHEME = "journal:"
+HEARTBEAT_INTERVAL = 60  # seconds between a running trial's heartbeats
+GRACE_PERIOD = 120  # a trial without a heartbeat this long belongs to a dead worker
+CONNECT_TIMEOUT = 10  # seconds before an unreachable PostgreSQL server is an error
+WORKER_DIED = "worker died (killed or crashed) while running this trial"
+
+_RDB_DIALECTS = {"sqlite", "postgresql", "mysql", "mariadb"}
+
+
+def default_storage_url(root: Path = DEFAULT_ROOT) -> str:
+    """The default storage as a URL: a journal file under `root`."""
+    return f"{JOURNAL_SCHEME}{root}/optuna/journal.log"
+
+
+def make_storage(url: str | None, root: Path = DEFAULT_ROOT) -> BaseStorage:
+    """Open (creating if needed) the storage at `url`; None means `default_storage_url(root)`.
+
+    A bad URL, a missing driver or an unreachable database is a one-sentence AutolayerError.
+    """
+    url = url or default_storage_url(root)
+    if url.startswith(JOURNAL_SCHEME):
+        return _journal_storage(Path(url[len(JOURNAL_SCHEME) :]).expanduser())
+    scheme = url.split(":", 1)[0] if ":" in url else ""
+    dialect = scheme.split("+", 1)[0].lower()
+    if dialect not in _RDB_DIALECTS:
+        raise AutolayerError(
+            f"unknown storage URL scheme {scheme or url!r}; use journal:PATH, sqlite:///PATH, "
+            "postgresql://USER@HOST/DB or mysql://USER@HOST/DB"
+        )
+    return _rdb_storage(url, dialect)
+
+
+def load_study(study_name: str, url: str | None, root: Path = DEFAULT_ROOT) -> optuna.Study:
+    """Open an existing study by name (for reading results); a wrong name lists the stored ones."""
+    url = url or default_storage_url(root)
+    journal = (
+        Path(url[len(JOURNAL_SCHEME) :]).expanduser() if url.startswith(JOURNAL_SCHEME) else None
+    )
+    if journal is not None and not journal.is_file():
+        raise AutolayerError(f"no study named {study_name!r}: the storage {journal} does not exist")
+    storage = make_storage(url, root)
+    names = sorted(study.study_name for study in storage.get_all_studies())
+    if study_name not in names:
+        raise AutolayerError(
+            f"no study named {study_name!r} in {url}; stored studies: {', '.join(names) or 'none'}"
+        )
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def _journal_storage(path: Path) -> JournalStorage:
+    if not path.name:
+        raise AutolayerError("a journal storage URL needs a file path: journal:PATH")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as err:
+        raise AutolayerError(f"cannot open the journal storage {path}: {err.strerror}") from None
+
+
+def _rdb_storage(url: str, dialect: str) -> RDBStorage:
+    if url.startswith("postgresql://"):
+        # SQLAlchemy 2.1 defaults to psycopg 3; our dependency is psycopg2-binary. Name a driver
+        # (postgresql+psycopg://) to use another one.
+        url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        raise AutolayerError(f"storage URL {url!r} is not a valid database URL") from None
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}  # workers idle for hours between writes
+    if dialect == "sqlite":
+        _make_sqlite_parent(url)
+    if dialect == "postgresql":
+        engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            heartbeat = _heartbeat_kwargs() if dialect != "sqlite" else {}
+            # The constructor connects (it creates the tables), which probes the database once.
+            return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+    except ImportError:
+        raise AutolayerError(
+            f"storage {shown} needs a database driver that is not installed (PostgreSQL: "
+            "pip install psycopg2-binary; MySQL: pip install pymysql and use mysql+pymysql://)"
+        ) from None
+    except sqlalchemy.exc.ArgumentError as err:
+        raise AutolayerError(f"storage URL {shown} is not valid: {_first_line(err)}") from None
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        reason = _first_line(getattr(err, "orig", None) or err)
+        raise AutolayerError(f"cannot connect to the storage {shown}: {reason}") from None
+
+
+def _heartbeat_kwargs() -> dict[str, Any]:
+    """A running trial heartbeats every minute; one silent for two minutes is failed and retried
+    once (Optuna checks before each new trial, or call `recover_stale_trials`)."""
+    return {
+        "heartbeat_interval": HEARTBEAT_INTERVAL,
+        "grace_period": GRACE_PERIOD,
+        "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=1),
+    }
+
+
+def _make_sqlite_parent(url: str) -> None:
+    database = make_url(url).database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        try:
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise AutolayerError(
+                f"cannot create the folder of {database}: {err.strerror}"
+            ) from None
+
+
+def _first_line(err: object) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+# ---------------------------------------------------------------- stale trials
+
+
+def mark_worker(trial: optuna.Trial) -> None:
+    """Record which process runs `trial`, so `recover_stale_trials` can tell when it died."""
+    trial.set_user_attr("worker_host", socket.gethostname())
+    trial.set_user_attr("worker_pid", os.getpid())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _died_here(trial: optuna.trial.FrozenTrial, host: str) -> bool:
+    pid = trial.user_attrs.get("worker_pid")
+    return (
+        trial.user_attrs.get("worker_host") == host
+        and isinstance(pid, int)
+        and pid != os.getpid()
+        and not _pid_alive(pid)
+    )
+
+
+def recover_stale_trials(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials whose worker died, retry each once, and return their numbers.
+
+    Journal and SQLite storages have no heartbeat, so a trial counts as dead when it was started
+    (see `mark_worker`) on this host by a process that no longer exists. Its params are enqueued
+    again with user attr `retry_of` (a retry that dies too is not retried). Trials of workers on
+    other hosts are left alone. Storages with heartbeats (PostgreSQL, MySQL) also fail trials whose
+    heartbeat stopped, on any host, and retry them through their callback.
+    """
+    # `_storage` and `_trial_id` are private, but Study has no public way to finish another
+    # process's trial (`study.tell` would also run the sampler's after_trial hook).
+    storage = study._storage
+    host = socket.gethostname()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _died_here(trial, host):
+            continue
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", WORKER_DIED)
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:  # another process recovered it first
+            continue
+        failed.append(trial.number)
+        if trial.params and "retry_of" not in trial.user_attrs:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    return sorted(failed + _fail_heartbeat_stale(study))
+
+
+def _fail_heartbeat_stale(study: optuna.Study) -> list[int]:
+    """Optuna's own recovery for storages with heartbeats; returns the trials it failed."""
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    if not running:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
+    now_failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    return [t.number for t in now_failed if t.number in running]

@@ -1,0 +1,103 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# ---------------------------------------------------------------- PostgreSQL
+
+PG_USER = "autolayer"  # the superuser initdb creates (trust auth: no password)
+PG_DATABASE = "autolayer_test"
+
+
+def _postgres_bin_dir() -> Path | None:
+    """The folder holding initdb and pg_ctl: from PATH, else the newest Debian/Ubuntu install."""
+    found = shutil.which("initdb")
+    if found and shutil.which("pg_ctl"):
+        return Path(found).resolve().parent
+    for directory in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if (Path(directory) / "initdb").exists() and (Path(directory) / "pg_ctl").exists():
+            return Path(directory)
+    return None
+
+
+def _as_server_user(cmd: list[str]) -> list[str]:
+    """initdb and postgres refuse to run as root: run them as `postgres` when we are root."""
+    if os.geteuid() != 0:
+        return cmd
+    if shutil.which("runuser"):
+        return ["runuser", "-u", "postgres", "--", *cmd]
+    return ["su", "postgres", "-s", "/bin/sh", "-c", shlex.join(cmd)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    result = subprocess.run(_as_server_user(cmd), cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server on 127.0.0.1 for the session; yields an SQLAlchemy URL.
+
+    Skips when the server binaries are missing (or, as root, when there is no `postgres` user to
+    run them). The cluster lives in a temp dir with fsync off and is stopped even if tests fail.
+    """
+    bin_dir = _postgres_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found")
+    if os.geteuid() == 0:
+        try:
+            server_user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL")
+    # Not pytest's tmp_path: as root its parent is mode 0700, which the postgres user cannot enter.
+    root = Path(tempfile.mkdtemp(prefix="autolayer-pg-"))
+    if os.geteuid() == 0:
+        os.chown(root, server_user.pw_uid, server_user.pw_gid)
+    data, port = root / "data", _free_port()
+    options = (
+        f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} "
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    )
+    pg_ctl = str(bin_dir / "pg_ctl")
+    started = False
+    try:
+        _run([str(bin_dir / "initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust", "-N"], root)
+        _run([pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-o", options, "start"], root)
+        started = True
+        _create_database(port)
+        yield f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{port}/{PG_DATABASE}"
+    finally:
+        if started:
+            _run([pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _create_database(port: int) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user=PG_USER, dbname="postgres")
+    try:
+        conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+        with conn.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE {PG_DATABASE}")
+    finally:
+        conn.close()

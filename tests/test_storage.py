@@ -1,0 +1,170 @@
+"""Storage: the journal default, URL errors, recovery of dead workers' trials, shared studies."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from autolayer.errors import AutolayerError
+from autolayer.storage import (
+    WORKER_DIED,
+    default_storage_url,
+    load_study,
+    make_storage,
+    mark_worker,
+    recover_stale_trials,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _fake_objective(trial: optuna.Trial) -> float:
+    """Stands in for a proxy run: peak at layer 3, a short sleep so workers interleave."""
+    layer = trial.suggest_int("layer", 0, 7)
+    mark_worker(trial)
+    time.sleep(0.02)
+    return float(-((layer - 3) ** 2))
+
+
+def _storage_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if kind == "postgres":
+        return str(request.getfixturevalue("postgres_url"))
+    return f"journal:{tmp_path}/study.log"
+
+
+def test_default_is_a_journal_under_root_that_a_second_storage_resumes(tmp_path: Path) -> None:
+    assert default_storage_url(tmp_path) == f"journal:{tmp_path}/optuna/journal.log"
+    study = optuna.create_study(
+        study_name="scan", storage=make_storage(None, root=tmp_path), direction="maximize"
+    )
+    study.optimize(_fake_objective, n_trials=3)
+    assert (tmp_path / "optuna" / "journal.log").is_file()
+
+    resumed = optuna.load_study(study_name="scan", storage=make_storage(None, root=tmp_path))
+    assert [t.state for t in resumed.trials] == [TrialState.COMPLETE] * 3
+    assert [t.params for t in resumed.trials] == [t.params for t in study.trials]
+    resumed.optimize(_fake_objective, n_trials=1)
+    assert [t.number for t in resumed.trials] == [0, 1, 2, 3]
+
+
+def test_load_study_names_the_stored_studies_when_the_name_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(AutolayerError, match="the storage .*journal.log does not exist"):
+        load_study("scan", None, root=tmp_path)
+    optuna.create_study(study_name="scan", storage=make_storage(None, root=tmp_path))
+    assert load_study("scan", None, root=tmp_path).study_name == "scan"
+    with pytest.raises(AutolayerError, match="no study named 'scna' in .*; stored studies: scan"):
+        load_study("scna", None, root=tmp_path)
+
+
+def test_journal_and_sqlite_urls_create_their_folders(tmp_path: Path) -> None:
+    journal = make_storage(f"journal:{tmp_path}/a/b/j.log")
+    assert (tmp_path / "a" / "b" / "j.log").is_file()
+    sqlite = make_storage(f"sqlite:///{tmp_path}/c/optuna.db")
+    assert isinstance(sqlite, RDBStorage) and (tmp_path / "c" / "optuna.db").is_file()
+    assert sqlite.heartbeat_interval is None  # one local worker: recover_stale_trials covers it
+    for storage in (journal, sqlite):
+        optuna.create_study(storage=storage).optimize(_fake_objective, n_trials=1)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://nobody@127.0.0.1:1/x", "cannot connect to the storage postgresql"),
+        ("postgresql://nobody:secret@127.0.0.1:1/x", "nobody:***@127.0.0.1:1/x"),
+        ("foo://bar", "unknown storage URL scheme 'foo'"),
+        ("mlruns/optuna.db", "unknown storage URL scheme"),
+        ("journal:", "needs a file path"),
+        ("postgresql+nodriver://u@h/x", "is not valid"),
+    ],
+)
+def test_bad_urls_are_one_sentence_errors(url: str, message: str) -> None:
+    with pytest.raises(AutolayerError, match=message.replace("*", r"\*")) as info:
+        make_storage(url)
+    assert "secret" not in str(info.value)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _start_trial(study: optuna.Study, pid: int) -> optuna.Trial:
+    trial = study.ask()
+    trial.suggest_int("layer", 0, 7)
+    mark_worker(trial)
+    trial.set_user_attr("worker_pid", pid)
+    return trial
+
+
+@pytest.mark.parametrize("kind", ["journal", "postgres"])
+def test_recover_fails_a_dead_workers_trial_and_retries_it_once(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    storage = make_storage(_storage_url(kind, tmp_path, request))
+    study = optuna.create_study(study_name=f"recover-{kind}", storage=storage)
+    dead = _start_trial(study, _dead_pid())
+    alive = _start_trial(study, os.getpid())
+    elsewhere = _start_trial(study, _dead_pid())
+    elsewhere.set_user_attr("worker_host", "another-machine")  # its pid means nothing here
+    unmarked = study.ask()
+
+    assert recover_stale_trials(study) == [dead.number]
+    failed = study.trials[dead.number]
+    assert failed.state == TrialState.FAIL
+    assert failed.user_attrs["fail_reason"] == WORKER_DIED
+    for trial in (alive, elsewhere, unmarked):
+        assert study.trials[trial.number].state == TrialState.RUNNING
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].user_attrs["retry_of"] == dead.number
+    assert recover_stale_trials(study) == []  # nothing new died
+
+    retry = study.ask()  # the enqueued retry comes first, with the dead trial's params
+    assert retry.suggest_int("layer", 0, 7) == failed.params["layer"]
+    mark_worker(retry)
+    retry.set_user_attr("worker_pid", _dead_pid())
+    assert recover_stale_trials(study) == [retry.number]
+    assert study.get_trials(states=(TrialState.WAITING,)) == []  # a retry is not retried
+
+
+def test_postgres_storage_heartbeats_and_retries_stale_trials_once(postgres_url: str) -> None:
+    storage = make_storage(postgres_url)
+    assert isinstance(storage, RDBStorage)
+    assert (storage.heartbeat_interval, storage.grace_period) == (60, 120)
+    callback = storage.heartbeat_stale_trial_callback
+    assert isinstance(callback, RetryHeartbeatStaleTrialCallback) and callback._max_retry == 1
+
+
+def _worker(url: str, study_name: str, seed: int) -> None:
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=3)
+    study = optuna.load_study(study_name=study_name, storage=make_storage(url), sampler=sampler)
+    study.optimize(_fake_objective, n_trials=6)
+
+
+@pytest.mark.parametrize("kind", ["journal", "postgres"])
+def test_two_worker_processes_share_one_study(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = _storage_url(kind, tmp_path, request)
+    name = f"two-workers-{kind}"
+    optuna.create_study(study_name=name, storage=make_storage(url), direction="maximize")
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker, args=(url, name, seed)) for seed in (1, 2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0]
+
+    trials = optuna.load_study(study_name=name, storage=make_storage(url)).trials
+    assert sorted(t.number for t in trials) == list(range(12))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert {t.user_attrs["worker_pid"] for t in trials} == {w.pid for w in workers}
