@@ -1,7 +1,8 @@
-"""The configuration schema: one dataclass per section, each field documented for `--help` and the README.
+"""The configuration schema: one dataclass per section, each field documented for `--help`.
 
-A YAML config has the sections `model`, `task`, `proxy`, `search`, `tracking` and `train`. Unknown keys
-and wrong types are errors that name the key; every field has a default, so `{}` is a valid config.
+A YAML config has the sections `model`, `task`, `proxy`, `search`, `tracking` and `train`.
+Unknown keys and wrong types are errors that name the key; every field has a default, so `{}` is
+a valid config.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ class TaskConfig:
     train_size: int | None = doc("Training prompts to use (None: all available).", None)
     eval_size: int | None = doc("Held-out prompts every candidate is scored on.", None)
     eval_fraction: float = doc("For a single-file dataset: the share held out for eval.", 0.2)
-    max_completion_length: int | None = doc("Tokens generated per completion (None: task default).", None)
+    max_completion_length: int | None = doc(
+        "Tokens generated per completion (None: task default).", None
+    )
     seed: int = doc("Seed of the train/eval split.", 0)
 
     def __post_init__(self) -> None:
@@ -70,7 +73,9 @@ class ProxyConfig:
     temperature: float = doc("Sampling temperature during training.", 1.0)
     max_grad_norm: float = doc("Gradient clipping norm (0: off).", 1.0)
     eval_every: int = doc("Score on the held-out set every this many steps (for pruning).", 10)
-    gradient_checkpointing: bool = doc("Non-reentrant activation checkpointing (saves memory).", False)
+    gradient_checkpointing: bool = doc(
+        "Non-reentrant activation checkpointing (saves memory).", False
+    )
     device: str = doc("auto (CUDA when present, else CPU), cpu, cuda or cuda:N.", "auto")
     seed: int = doc("Seed of sampling and data order; CPU runs are deterministic for it.", 0)
 
@@ -85,17 +90,25 @@ class ProxyConfig:
 
 @dataclass
 class SearchConfig:
-    space: str = doc("Search space: a name in search_spaces/ or a path to a YAML file.", "single_layer")
+    space: str = doc(
+        "Search space: a name in search_spaces/ or a path to a YAML file.", "single_layer"
+    )
     objective: Objective = doc("What trials maximise: contribution C or raw score.", "contribution")
-    n_trials: int | None = doc("Trials to run in this invocation (None: until the space or budget ends).", None)
+    n_trials: int | None = doc(
+        "Trials to run in this invocation (None: until the space or budget ends).", None
+    )
     timeout: float | None = doc("Stop starting new trials after this many seconds.", None)
-    max_total_steps: int | None = doc("Budget of proxy optimizer steps summed over the study.", None)
+    max_total_steps: int | None = doc(
+        "Budget of proxy optimizer steps summed over the study.", None
+    )
     sampler: SamplerName = doc("auto: grid for spaces under 64 points, else TPE.", "auto")
-    pruner: PrunerName = doc("Early stopping of bad trials from intermediate held-out scores.", "median")
+    pruner: PrunerName = doc(
+        "Early stopping of bad trials from intermediate held-out scores.", "median"
+    )
     seed: int = doc("Sampler seed.", 0)
     study_name: str | None = doc("Study name; rerunning with the same name resumes it.", None)
     storage: str | None = doc(
-        "Optuna storage URL; default: a journal file under mlruns/ (postgresql://... for clusters).",
+        "Optuna storage URL; default: a journal file under mlruns/ (postgresql://... to share).",
         None,
     )
     warm_start: list[int] | None = doc("Layers to try first (None: the middle layers).", None)
@@ -117,12 +130,16 @@ class TrackingConfig:
 
 @dataclass
 class TrainConfig:
-    strategy: Strategy = doc("only: train the chosen layers; mid: the k middle; boost: all, chosen faster.", "only")
+    strategy: Strategy = doc(
+        "only: train the chosen layers; mid: the k middle; boost: all, chosen faster.", "only"
+    )
     top_k: int = doc("How many of the study's best layers to train.", 1)
     steps: int = doc("GRPOTrainer max_steps.", 60)
     lr: float = doc("Learning rate of the chosen layers.", 3e-3)
     boost_base_lr: float = doc("boost strategy: learning rate of the non-chosen layers.", 1e-3)
-    output_dir: str = doc("Where the trained model and the layer delta are written.", "outputs/train")
+    output_dir: str = doc(
+        "Where the trained model and the layer delta are written.", "outputs/train"
+    )
 
     def __post_init__(self) -> None:
         _require(self.top_k >= 1 and self.steps >= 1, "train.top_k and train.steps must be >= 1")

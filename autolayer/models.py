@@ -1,4 +1,4 @@
-"""Load causal LMs, find their decoder-layer stack, and freeze everything but a chosen set of layers.
+"""Load causal LMs, find their decoder-layer stack, and freeze all but a chosen set of layers.
 
 A *layer* is one whole decoder block (attention, MLP and their norms). Training a subset means every
 other parameter is frozen: embeddings, the final norm, the LM head and anything tied to them.
@@ -32,7 +32,7 @@ class LayerStack:
         return len(self.layers)
 
     def prefix(self, layer: int) -> str:
-        """The `named_parameters()` prefix of one layer, with its trailing dot: `model.layers.3.`."""
+        """The `named_parameters()` prefix of one layer, with its dot: `model.layers.3.`."""
         return f"{self.path}.{layer}."
 
 
@@ -51,9 +51,9 @@ def _num_configured_layers(model: nn.Module) -> int | None:
 def find_layer_stack(model: nn.Module) -> LayerStack:
     """Find the decoder blocks without a per-architecture table.
 
-    The stack is the `nn.ModuleList` of identical block classes holding the most parameters; when the
-    config states the layer count, only lists of that length qualify. This covers Llama-style
-    `model.layers`, GPT-2's `transformer.h`, GPT-NeoX's `gpt_neox.layers` and the rest.
+    The stack is the `nn.ModuleList` of identical block classes holding the most parameters;
+    when the config states the layer count, only lists of that length qualify. This covers
+    Llama-style `model.layers`, GPT-2's `transformer.h`, GPT-NeoX's `gpt_neox.layers` and more.
     """
     expected = _num_configured_layers(model)
     best: tuple[int, str, nn.ModuleList] | None = None
@@ -232,3 +232,24 @@ def describe_layers(model: nn.Module) -> tuple[list[LayerInfo], int]:
     ]
     total = count_parameters(model.parameters())
     return infos, total - sum(info.num_params for info in infos)
+
+
+@torch.no_grad()
+def snapshot(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Copies of the named parameters, to undo a trial's training in place."""
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().clone() for name in names}
+
+
+@torch.no_grad()
+def restore(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put saved values back, drop trial-time state (grads, checkpointing) and freeze everything."""
+    params = dict(model.named_parameters())
+    for name, value in saved.items():
+        params[name].data = value  # also restores the dtype if training upcast the layer to fp32
+    for param in model.parameters():
+        param.requires_grad_(False)
+        param.grad = None
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    model.eval()

@@ -13,8 +13,15 @@ from autolayer.models import (
     validate_layers,
 )
 
-TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 # (config, expected stack path): each architecture built from a tiny config, random weights.
 ARCHITECTURES = {
@@ -26,11 +33,21 @@ ARCHITECTURES = {
     "gemma3": (lambda: tf.Gemma3TextConfig(**TINY, head_dim=8), "model.layers"),
     "phi3": (lambda: tf.Phi3Config(**TINY, pad_token_id=0), "model.layers"),
     "olmo2": (lambda: tf.Olmo2Config(**TINY), "model.layers"),
-    "gpt2": (lambda: tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=4, n_head=4, n_positions=64),
-             "transformer.h"),
-    "gpt_neox": (lambda: tf.GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                          num_hidden_layers=4, num_attention_heads=4,
-                                          max_position_embeddings=64), "gpt_neox.layers"),
+    "gpt2": (
+        lambda: tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=4, n_head=4, n_positions=64),
+        "transformer.h",
+    ),
+    "gpt_neox": (
+        lambda: tf.GPTNeoXConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        ),
+        "gpt_neox.layers",
+    ),
 }
 
 
@@ -71,8 +88,15 @@ def test_layer_prefix_does_not_match_layer_ten() -> None:
 
 @pytest.mark.parametrize(
     ("selection", "message"),
-    [([], "empty"), ([4], "out of range"), ([-1], "out of range"), ([1, 1], "more than once"),
-     ([1.5], "not an integer"), (["2"], "not an integer"), ([True], "not an integer")],
+    [
+        ([], "empty"),
+        ([4], "out of range"),
+        ([-1], "out of range"),
+        ([1, 1], "more than once"),
+        ([1.5], "not an integer"),
+        (["2"], "not an integer"),
+        ([True], "not an integer"),
+    ],
 )
 def test_bad_selections_name_the_valid_range(selection: list, message: str) -> None:
     with pytest.raises(AutolayerError, match=message) as err:

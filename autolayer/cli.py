@@ -1,0 +1,309 @@
+"""The `autolayer` command. The only place that turns exceptions into messages and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from autolayer.config import (
+    Config,
+    ProxyConfig,
+    SearchConfig,
+    TrackingConfig,
+    field_help,
+    load_config,
+)
+
+EXIT_USER_ERROR = 2
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _help(cls: type, name: str) -> str:
+    return field_help(cls)[name]
+
+
+def _add_store_options(parser: argparse.ArgumentParser, tracking: bool = True) -> None:
+    parser.add_argument("--storage", metavar="URL", help=_help(SearchConfig, "storage"))
+    parser.add_argument(
+        "--root",
+        metavar="DIR",
+        default="mlruns",
+        help="Directory of the embedded stores (Optuna journal, MLflow SQLite, "
+        "artifacts, caches). Default: mlruns",
+    )
+    if tracking:
+        parser.add_argument(
+            "--tracking-uri", metavar="URI", help=_help(TrackingConfig, "tracking_uri")
+        )
+        parser.add_argument("--no-tracking", action="store_true", help="Do not log to MLflow.")
+
+
+def _add_search_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--space", help=_help(SearchConfig, "space") + " Overrides search.space.")
+    parser.add_argument("--n-trials", type=int, metavar="N", help=_help(SearchConfig, "n_trials"))
+    parser.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help=_help(SearchConfig, "timeout")
+    )
+    parser.add_argument(
+        "--max-total-steps", type=int, metavar="N", help=_help(SearchConfig, "max_total_steps")
+    )
+    parser.add_argument("--study-name", metavar="NAME", help=_help(SearchConfig, "study_name"))
+    parser.add_argument(
+        "--sampler",
+        choices=["auto", "grid", "tpe", "gp", "random"],
+        help=_help(SearchConfig, "sampler"),
+    )
+    parser.add_argument(
+        "--pruner",
+        choices=["none", "median", "hyperband", "wilcoxon"],
+        help=_help(SearchConfig, "pruner"),
+    )
+    parser.add_argument("--device", help=_help(ProxyConfig, "device"))
+    parser.add_argument("--seed", type=int, help="Seed of the sampler and of every proxy run.")
+    _add_store_options(parser)
+
+
+def apply_overrides(config: Config, args: argparse.Namespace) -> Config:
+    """Command-line options win over the YAML file."""
+    search, proxy, tracking = config.search, config.proxy, config.tracking
+    for key in (
+        "space",
+        "n_trials",
+        "timeout",
+        "max_total_steps",
+        "study_name",
+        "sampler",
+        "pruner",
+        "storage",
+    ):
+        value = getattr(args, key, None)
+        if value is not None:
+            setattr(search, key, value)
+    if getattr(args, "device", None):
+        proxy.device = args.device
+    if getattr(args, "seed", None) is not None:
+        search.seed = proxy.seed = args.seed
+    if getattr(args, "tracking_uri", None):
+        tracking.tracking_uri = args.tracking_uri
+    if getattr(args, "no_tracking", False):
+        tracking.enabled = False
+    SearchConfig.__post_init__(search)  # re-validate what the flags changed
+    return config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autolayer",
+        description="Find which transformer layers to train during RL post-training of an LLM, "
+        "then train them. Each search trial is a short GRPO run that trains only the "
+        "candidate layers and is scored on held-out verifiable rewards.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in (_layers_parser, _search_parser, _demo_parser, _results_parser):
+        register(sub)
+    try:
+        from autolayer.cli_train import register_train_commands
+    except ImportError:  # pragma: no cover - the train/export commands are optional extras
+        pass
+    else:
+        register_train_commands(sub)
+    return parser
+
+
+# --- layers ------------------------------------------------------------------------------------
+
+
+def _layers_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "layers",
+        help="List a model's decoder layers and parameter counts.",
+        description="Print each decoder layer's index, module path and parameter "
+        "count, the frozen rest, and mark the middle third (where "
+        "RL-heavy layers usually sit).",
+    )
+    p.add_argument("model", help="HF hub id, local path, or `organism` (the bundled tiny model).")
+    p.add_argument("--revision", help="Hub revision to pin.")
+    p.add_argument("--json", action="store_true", help="Machine-readable output.")
+    p.set_defaults(handler=cmd_layers)
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from autolayer.models import describe_layers, find_layer_stack, load_model
+
+    model, _ = load_model(args.model, revision=args.revision, dtype="float32", device="cpu")
+    infos, rest = describe_layers(model)
+    path = find_layer_stack(model).path
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "stack_path": path,
+                    "frozen_rest_params": rest,
+                    "layers": [vars(i) for i in infos],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"{args.model}: {len(infos)} decoder layers at {path}", title_justify="left"
+    )
+    for column in ("layer", "module", "params", ""):
+        table.add_column(column, justify="right" if column in ("layer", "params") else "left")
+    for info in infos:
+        table.add_row(
+            str(info.index),
+            info.path,
+            f"{info.num_params:,}",
+            "middle third" if info.middle_third else "",
+        )
+    table.add_row("-", "everything else (frozen)", f"{rest:,}", "embeddings, final norm, LM head")
+    Console().print(table)
+    return 0
+
+
+# --- search / demo -----------------------------------------------------------------------------
+
+
+def _search_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "search",
+        help="Run (or resume) a layer search.",
+        description="Run an Optuna study over layer subsets. Rerunning the same "
+        "command resumes the study by name and never repeats a "
+        "finished trial.",
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE.yaml",
+        help="YAML config with model, task, proxy, search and tracking sections.",
+    )
+    _add_search_options(p)
+    p.set_defaults(handler=cmd_search)
+
+
+def _demo_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="A real single-layer search on the bundled model (~minutes on CPU).",
+        description="Search the bundled tiny model's layers with its arithmetic "
+        "task and the single-layer space, then print the table and "
+        "the commands that open MLflow and optuna-dashboard.",
+    )
+    _add_search_options(p)
+    p.set_defaults(handler=cmd_demo)
+
+
+def _run_search(config: Config, root: Path) -> int:
+    from rich.console import Console
+
+    from autolayer.progress import SearchDisplay
+    from autolayer.report import results_table, study_dir
+    from autolayer.search import run_search
+    from autolayer.tracking import resolve_tracking_uri
+
+    console = Console()
+    with SearchDisplay(console, config) as display:
+        ctx = run_search(config, root, display.hooks())
+    console.print(results_table(ctx.study))
+    plots = study_dir(root, ctx.study.study_name)
+    console.print(f"plots: {plots / 'contribution.png'}, {plots / 'history.png'}")
+    storage = config.search.storage or f"{root}/optuna/journal.log"
+    console.print("\nbrowse the results:")
+    if config.tracking.enabled:
+        uri = resolve_tracking_uri(config.tracking.tracking_uri, root)
+        console.print(f"  mlflow ui --backend-store-uri {uri}", highlight=False, soft_wrap=True)
+    journal = storage.removeprefix("journal:")
+    dashboard = storage if "://" in storage else f"--storage-class JournalFileBackend {journal}"
+    console.print(f"  optuna-dashboard {dashboard}", highlight=False, soft_wrap=True)
+    console.print(
+        f"  autolayer results --study-name {ctx.study.study_name}"
+        + (f" --storage {config.search.storage}" if config.search.storage else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    config = apply_overrides(load_config(args.config), args)
+    return _run_search(config, Path(args.root))
+
+
+def demo_config_path() -> Path:
+    return EXAMPLES_DIR / "organism.yaml"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    path = demo_config_path()
+    config = load_config(path) if path.is_file() else Config()
+    config.search.space = "single_layer"
+    return _run_search(apply_overrides(config, args), Path(args.root))
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+def _results_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "results",
+        help="Show a study's table from storage, at any time.",
+        description="Print layer, score, contribution [CI] and state of every "
+        "trial of a study, reading only the storage.",
+    )
+    p.add_argument("--study-name", required=True, metavar="NAME", help="The study to show.")
+    p.add_argument("--json", action="store_true", help="Machine-readable output.")
+    _add_store_options(p, tracking=False)
+    p.set_defaults(handler=cmd_results)
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from autolayer.report import results_table, trial_rows
+    from autolayer.storage import load_study
+
+    study = load_study(args.study_name, args.storage, Path(args.root))
+    if args.json:
+        print(json.dumps([vars(r) for r in trial_rows(study)], indent=2))
+        return 0
+    from rich.console import Console
+
+    Console().print(results_table(study))
+    return 0
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; user errors become one sentence on stderr and exit code 2."""
+    from autolayer.errors import AutolayerError
+
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.handler(args))
+    except AutolayerError as err:
+        print(f"autolayer: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(
+            "autolayer: interrupted; finished trials are saved, rerun the command to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

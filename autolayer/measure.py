@@ -1,0 +1,111 @@
+"""Measure one layer subset outside a study: base score, all-layers score, subset score and C.
+
+The search uses the same pieces per trial; this is the direct path for a single candidate, from
+Python or `autolayer proxy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from autolayer.config import Config, ProxyConfig
+from autolayer.models import find_layer_stack, layer_param_names, load_model, restore, snapshot
+from autolayer.proxy import EvalHook, ProxyResult, run_proxy
+from autolayer.scoring import (
+    Contribution,
+    Evaluation,
+    ScoreCache,
+    contribution,
+    eval_fingerprint,
+    evaluate,
+)
+from autolayer.tasks import Task, load_task
+from autolayer.tracking import DEFAULT_ROOT
+
+
+def base_reference(
+    config: Config, model: nn.Module, tokenizer: Any, task: Task, root: Path
+) -> Evaluation:
+    """The base model's held-out outcomes, cached on disk per (model, task, eval set)."""
+    cache = ScoreCache(root / "cache")
+    key = "base-" + eval_fingerprint(
+        config.model.name, config.model.revision, config.model.dtype, task
+    )
+    cached = cache.get(key)
+    if cached is not None and len(cached.outcomes) == len(task.eval):
+        return cached
+    evaluation = evaluate(model, tokenizer, task)
+    cache.put(key, evaluation)
+    return evaluation
+
+
+def proxy_and_restore(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    config: ProxyConfig,
+    layers: Sequence[int],
+    lr: float,
+    *,
+    eval_hook: EvalHook | None = None,
+    logger: Any = None,
+) -> ProxyResult:
+    """One proxy run that trains `model` in place, then puts the trained layers' values back."""
+    saved = snapshot(model, layer_param_names(model, layers))
+    try:
+        return run_proxy(
+            model, tokenizer, task, config, layers, lr, eval_hook=eval_hook, logger=logger
+        )
+    finally:
+        restore(model, saved)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    layers: tuple[int, ...]
+    base: Evaluation
+    full: Evaluation | None
+    subset: ProxyResult
+    full_run: ProxyResult | None
+    contribution: Contribution | None
+
+
+def measure(
+    config: Config,
+    layers: Sequence[int],
+    lr: float | None = None,
+    *,
+    with_full: bool = True,
+    root: Path = DEFAULT_ROOT,
+) -> Measurement:
+    """Train `layers` for one proxy run and report it against the base and the all-layers run."""
+    model, tokenizer = load_model(
+        config.model.name,
+        revision=config.model.revision,
+        dtype=config.model.dtype,
+        device=config.proxy.device,
+    )
+    num_layers = len(find_layer_stack(model))
+    task = load_task(config.task, tokenizer)
+    base = base_reference(config, model, tokenizer, task, root)
+    full_run = None
+    if with_full:
+        full_run = proxy_and_restore(
+            model, tokenizer, task, config.proxy, range(num_layers), config.proxy.full_lr
+        )
+    subset = proxy_and_restore(
+        model, tokenizer, task, config.proxy, layers, config.proxy.lr if lr is None else lr
+    )
+    c = (
+        contribution(subset.final, base, full_run.final, seed=config.proxy.seed)
+        if full_run
+        else None
+    )
+    return Measurement(
+        tuple(sorted(layers)), base, full_run.final if full_run else None, subset, full_run, c
+    )

@@ -1,0 +1,342 @@
+"""One proxy RL run: GRPO / Dr. GRPO on PyTorch Lightning that steps only the chosen decoder layers.
+
+Gradients flow through the whole network; only the chosen blocks' parameters are in the optimizer
+and require grad. Held-out scores are computed in Lightning's validation loop every `eval_every`
+steps, so pruning callbacks and any Lightning logger see them by global step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from autolayer import rl
+from autolayer.config import ProxyConfig
+from autolayer.models import freeze_except, trainable_parameters
+from autolayer.scoring import Evaluation, decode, evaluate, generate_completions
+from autolayer.tasks import Task, repeat_rows, score_completions
+
+EvalHook = Callable[[int, Evaluation], bool]  # (global_step, evaluation) -> stop the run?
+
+
+class _Rows(Dataset):  # type: ignore[type-arg]
+    """A list of row dicts as a map-style dataset."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.rows[index]
+
+
+def _collate(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+def training_rows(task: Task, steps: int, prompts_per_step: int, seed: int) -> list[dict[str, Any]]:
+    """Exactly `steps` batches of prompts: shuffled epochs of the train split, seeded."""
+    needed = steps * prompts_per_step
+    data = task.train
+    epochs = math.ceil(needed / len(data))
+    order: list[int] = []
+    for epoch in range(epochs):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order += torch.randperm(len(data), generator=generator).tolist()
+    return [data[i] for i in order[:needed]]
+
+
+@torch.no_grad()
+def upcast_trainable(model: nn.Module) -> None:
+    """Keep trained parameters in fp32 while frozen ones may stay bf16.
+
+    An optimizer stepping bf16 weights drops every update below half a ULP (~0.2-0.4% of the
+    weight, RESEARCH.md §2 Gate III), which would understate what a layer can learn. Autocast runs
+    the matmuls in bf16 either way; the extra memory is one fp32 copy of the trained layers.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` assigns them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class ProxyResult:
+    layers: tuple[int, ...]
+    lr: float
+    final: Evaluation
+    steps: int
+    seconds: float
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (global step, held-out score)
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+
+    @property
+    def score(self) -> float:
+        return self.final.score
+
+
+class GRPOModule(L.LightningModule):
+    """GRPO / Dr. GRPO with manual optimisation over the chosen layers only."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        task: Task,
+        config: ProxyConfig,
+        layers: Sequence[int],
+        lr: float,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = model
+        self.tokenizer = tokenizer
+        self.task = task
+        self.config = config
+        self.lr = lr
+        self.trainable_names = freeze_except(model, layers)
+        upcast_trainable(model)
+        self.rollouts = 0  # sampled batches done: the unit of `steps`, evals and pruning reports
+        # (Lightning's global_step counts optimizer steps: num_iterations per batch)
+        self.history: list[dict[str, float]] = []
+        self.evals: list[tuple[int, Evaluation]] = []
+        self.eval_hook: EvalHook | None = None
+        self.stopped_early = False
+        self._eval_outcomes: list[float] = []
+        # The reference policy is not a second model: frozen layers are identical in policy and
+        # reference, so only the trained layers' original weights are kept (one copy of those
+        # layers, not of the model). `functional_call` swaps them in for the reference pass.
+        params = dict(model.named_parameters())
+        self.reference = (
+            {n: params[n].detach().clone() for n in self.trainable_names} if config.beta > 0 else {}
+        )
+        if config.gradient_checkpointing:
+            # Non-reentrant checkpointing keeps gradients when the early layers are frozen
+            # (reentrant checkpointing drops them if no checkpoint input requires grad).
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(trainable_parameters(self.model), lr=self.lr, weight_decay=0.0)
+
+    def _logprobs(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, prompt_len: int, reference: bool = False
+    ) -> torch.Tensor:
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "position_ids": position_ids(mask),
+        }
+        if reference:
+            out = torch.func.functional_call(self.model, self.reference, (), kwargs, strict=False)
+        else:
+            out = self.model(**kwargs)
+        logits = out.logits[:, prompt_len - 1 : -1]
+        return rl.token_logprobs(logits, input_ids[:, prompt_len:], self.config.temperature)
+
+    def _rollout(self, batch: dict[str, list[Any]]) -> dict[str, Any]:
+        """Sample G completions per prompt and score them with the task's rewards."""
+        cfg = self.config
+        rows = repeat_rows(batch, cfg.num_generations)
+        self.model.eval()
+        prompt_ids, prompt_mask, completion_ids = generate_completions(
+            self.model,
+            self.tokenizer,
+            rows["prompt"],
+            self.task.max_completion_length,
+            do_sample=True,
+            temperature=cfg.temperature,
+        )
+        self.model.train()
+        completions = decode(self.tokenizer, completion_ids)
+        columns = {k: v for k, v in rows.items() if k != "prompt"}
+        rewards = torch.tensor(
+            score_completions(self.task, rows["prompt"], completions, columns),
+            dtype=torch.float32,
+            device=self.device,
+        )
+        mask = rl.completion_mask(completion_ids, self.tokenizer.eos_token_id)
+        return {
+            "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
+            "attention_mask": torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1),
+            "prompt_len": prompt_ids.shape[1],
+            "mask": mask,
+            "rewards": rewards,
+        }
+
+    def training_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
+        cfg = self.config
+        start = time.perf_counter()
+        roll = self._rollout(batch)
+        ids, attn, plen, mask = (
+            roll["input_ids"],
+            roll["attention_mask"],
+            roll["prompt_len"],
+            roll["mask"],
+        )
+        advantages = rl.group_advantages(roll["rewards"], cfg.num_generations, cfg.algorithm)
+        with torch.no_grad():
+            ref_logp = self._logprobs(ids, attn, plen, reference=True) if cfg.beta > 0 else None
+            old_logp = self._logprobs(ids, attn, plen) if cfg.num_iterations > 1 else None
+        optimizer = self.optimizers()
+        for _ in range(cfg.num_iterations):
+            logp = self._logprobs(ids, attn, plen)
+            out = rl.policy_loss(
+                logp,
+                logp.detach() if old_logp is None else old_logp,
+                advantages,
+                mask,
+                cfg.algorithm,
+                epsilon=cfg.epsilon,
+                beta=cfg.beta,
+                ref_logp=ref_logp,
+                max_completion_length=self.task.max_completion_length,
+            )
+            if not torch.isfinite(out.loss):
+                raise FloatingPointError(
+                    f"the loss became {out.loss.item()} at step {self.rollouts + 1}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(out.loss)
+            grad_norm = self._clip_gradients()
+            optimizer.step()
+        self.rollouts += 1
+        self._log_step(roll, out, grad_norm, time.perf_counter() - start)
+
+    def _clip_gradients(self) -> torch.Tensor:
+        params = trainable_parameters(self.model)
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def _log_step(
+        self, roll: dict[str, Any], out: rl.LossOutput, grad_norm: torch.Tensor, dt: float
+    ) -> None:
+        tokens = float(roll["mask"].sum())
+        metrics = {
+            "proxy/reward_mean": float(roll["rewards"].mean()),
+            "proxy/reward_std": float(roll["rewards"].std()),
+            "proxy/loss": float(out.loss.detach()),
+            "proxy/kl": float(out.kl),
+            "proxy/clip_fraction": float(out.clip_fraction),
+            "proxy/grad_norm": float(grad_norm),
+            "proxy/completion_length": tokens / roll["mask"].shape[0],
+            "proxy/tokens_per_second": (tokens + roll["input_ids"].numel() - roll["mask"].numel())
+            / dt,
+            "proxy/step_seconds": dt,
+        }
+        self.history.append({"step": float(self.rollouts), **metrics})
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=roll["mask"].shape[0])
+
+    def validation_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
+        pass  # the held-out evaluation runs once per validation epoch, below
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        evaluation = evaluate(self.model, self.tokenizer, self.task)
+        self.evals.append((self.rollouts, evaluation))
+        self.log("proxy/eval_score", evaluation.score, on_epoch=True)
+        if self.eval_hook is not None and self.eval_hook(self.rollouts, evaluation):
+            self.stopped_early = True
+            self.trainer.should_stop = True
+
+
+def make_trainer(
+    config: ProxyConfig,
+    logger: Any = None,
+    callbacks: list[Any] | None = None,
+    progress: bool = False,
+) -> L.Trainer:
+    """bf16 autocast on CUDA, fp32 on CPU; validation every `eval_every` optimizer steps."""
+    accelerator = (
+        "gpu" if config.device.startswith("cuda") else "cpu" if config.device == "cpu" else "auto"
+    )
+    cuda = torch.cuda.is_available() and accelerator != "cpu"
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision="bf16-mixed" if cuda else "32-true",
+        max_epochs=1,
+        val_check_interval=min(config.eval_every, config.steps),
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks or [],
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        deterministic=not cuda,  # CPU runs reproduce exactly for a seed
+    )
+
+
+def run_proxy(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    config: ProxyConfig,
+    layers: Sequence[int],
+    lr: float | None = None,
+    *,
+    eval_hook: EvalHook | None = None,
+    logger: Any = None,
+    progress: bool = False,
+) -> ProxyResult:
+    """Train `layers` of `model` in place for `config.steps` steps and score the result."""
+    quiet_lightning()
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    lr = config.lr if lr is None else lr
+    module = GRPOModule(model, tokenizer, task, config, layers, lr)
+    module.eval_hook = eval_hook
+    rows = training_rows(task, config.steps, config.prompts_per_step, config.seed)
+    train = DataLoader(
+        _Rows(rows), batch_size=config.prompts_per_step, shuffle=False, collate_fn=_collate
+    )
+    val = DataLoader(_Rows([{"prompt": ""}]), batch_size=1, collate_fn=_collate)
+    start = time.perf_counter()
+    trainer = make_trainer(config, logger=logger, progress=progress)
+    trainer.fit(module, train, val)
+    done = module.rollouts
+    final = next((e for step, e in module.evals if step == done), None)
+    if final is None:
+        final = evaluate(model, tokenizer, task)
+        module.evals.append((done, final))
+    model.eval()
+    return ProxyResult(
+        layers=tuple(sorted(layers)),
+        lr=lr,
+        final=final,
+        steps=done,
+        seconds=time.perf_counter() - start,
+        evals=[(s, e.score) for s, e in module.evals],
+        history=module.history,
+        stopped_early=module.stopped_early,
+    )
+
+
+def quiet_lightning() -> None:
+    """Lightning's info banners (GPU available, TPU available...) would drown the search output."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # The policy is deliberately in eval mode between rollouts (no dropout in these models).
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")

@@ -1,0 +1,217 @@
+"""What a person looks at: the results table (from storage, at any time) and the study's plots."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from autolayer.search import SearchContext
+
+
+@dataclass(frozen=True)
+class Row:
+    number: int
+    layers: tuple[int, ...]
+    lr: float | None
+    state: str
+    score: float | None
+    contribution: float | None
+    ci_low: float | None
+    ci_high: float | None
+    note: str
+
+    @property
+    def label(self) -> str:
+        if not self.layers:
+            return "-"
+        ls = self.layers
+        if len(ls) > 2 and ls == tuple(range(ls[0], ls[-1] + 1)):
+            return f"{ls[0]}-{ls[-1]}"
+        return ",".join(map(str, ls))
+
+
+def _note(trial: FrozenTrial) -> str:
+    attrs = trial.user_attrs
+    for key in ("fail_reason", "prune_reason"):
+        if key in attrs:
+            return str(attrs[key])
+    if attrs.get("infeasible"):
+        return "infeasible: violates the subset size limit"
+    if "retry_of" in attrs:
+        return f"retry of trial {attrs['retry_of']}"
+    return ""
+
+
+def trial_rows(study: optuna.Study) -> list[Row]:
+    """One row per trial, in trial order, from what the trials stored."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        rows.append(
+            Row(
+                number=t.number,
+                layers=tuple(a.get("layers", ())),
+                lr=a.get("lr"),
+                state=t.state.name,
+                score=a.get("score"),
+                contribution=a.get("contribution"),
+                ci_low=a.get("ci_low"),
+                ci_high=a.get("ci_high"),
+                note=_note(t),
+            )
+        )
+    return rows
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "score" in t.user_attrs
+    ]
+    return max(complete, key=lambda t: t.value if t.value is not None else -math.inf, default=None)
+
+
+def references(study: optuna.Study) -> dict[str, float | None]:
+    a = study.user_attrs
+    return {"base": a.get("reference_base_score"), "full": a.get("reference_full_score")}
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def results_table(study: optuna.Study) -> Table:
+    """Layer, score, contribution [CI] and state of every trial; the best is marked."""
+    from rich.table import Table
+
+    best = best_trial(study)
+    refs = references(study)
+    title = (
+        f"study {study.study_name}: base score {_fmt(refs['base'])}, "
+        f"all-layers score {_fmt(refs['full'])}"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("trial", "layers", "lr", "score", "C [95% CI]", "state", "note"):
+        table.add_column(column, justify="right" if column in ("trial", "score") else "left")
+    for row in trial_rows(study):
+        c = (
+            "-"
+            if row.contribution is None
+            else (f"{row.contribution:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}]")
+        )
+        if row.score is not None and row.contribution is None and refs["full"] is not None:
+            c = "undefined"
+        mark = " ★ best" if best is not None and row.number == best.number else ""
+        table.add_row(
+            str(row.number),
+            row.label + mark,
+            _fmt(row.lr, ".2g"),
+            _fmt(row.score),
+            c,
+            row.state,
+            row.note,
+            style="bold green" if mark else None,
+        )
+    return table
+
+
+def plot_contributions(study: optuna.Study, path: Path) -> Path | None:
+    """Bars of C per candidate (per layer for single-layer spaces) with 95% CIs; best marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in trial_rows(study) if r.state == "COMPLETE" and r.score is not None]
+    if not rows:
+        return None
+    by_label: dict[str, Row] = {}
+    for row in sorted(rows, key=lambda r: r.layers):
+        by_label.setdefault(row.label, row)  # a candidate repeated (other lr) keeps its first run
+    use_c = all(r.contribution is not None for r in by_label.values())
+    labels = list(by_label)
+    values = [(r.contribution if use_c else r.score) or 0.0 for r in by_label.values()]
+    best = best_trial(study)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(labels) + 2), 3.6))
+    colors = [
+        "tab:green" if best and r.number == best.number else "tab:blue" for r in by_label.values()
+    ]
+    errors = None
+    if use_c:
+        errors = [
+            [v - (r.ci_low or v) for v, r in zip(values, by_label.values(), strict=True)],
+            [(r.ci_high or v) - v for v, r in zip(values, by_label.values(), strict=True)],
+        ]
+    ax.bar(labels, values, color=colors, yerr=errors, capsize=3)
+    if use_c:
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="all layers (C = 1)")
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel("trained layer(s)")
+    ax.set_ylabel("contribution C" if use_c else "held-out score")
+    ax.set_title(f"{study.study_name}: best in green")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_history(study: optuna.Study, path: Path) -> Path | None:
+    """Optuna's optimisation history (objective per trial and best so far)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the matplotlib backend is marked experimental
+        ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+    fig = ax.get_figure()
+    fig.set_size_inches(6, 3.6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def study_dir(root: Path, study_name: str) -> Path:
+    return root / "studies" / study_name
+
+
+def finish_study(ctx: SearchContext, root: Path, seconds: float) -> list[Path]:
+    """Write the plots beside the store and log them, with a summary, to the study's parent run."""
+    out = study_dir(root, ctx.study.study_name)
+    paths = [
+        p
+        for p in (
+            plot_contributions(ctx.study, out / "contribution.png"),
+            plot_history(ctx.study, out / "history.png"),
+        )
+        if p is not None
+    ]
+    for path in paths:
+        ctx.tracker.log_artifact(ctx.parent_run, path)
+    best = best_trial(ctx.study)
+    summary: dict[str, Any] = {"search/seconds": seconds, "search/trials": len(ctx.study.trials)}
+    if best is not None:
+        summary["search/best"] = float(best.value or 0.0)
+        ctx.tracker.set_tags(
+            ctx.parent_run, {"best_layers": ",".join(map(str, best.user_attrs["layers"]))}
+        )
+    ctx.tracker.log_metrics(ctx.parent_run, summary)
+    return paths

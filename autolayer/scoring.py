@@ -1,0 +1,208 @@
+"""Held-out scoring and layer contributions.
+
+Every candidate is scored on the same fixed held-out prompts with greedy decoding, so scores are
+paired per prompt: `C = (S_subset - S_base) / (S_full - S_base)` (RESEARCH.md §1) gets a paired
+bootstrap confidence interval from the per-prompt outcomes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from autolayer.tasks import Task, score_completions
+
+Z95 = 1.959964  # two-sided 95% normal quantile
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A candidate's held-out result: the mean reward and the reward of every prompt, in order."""
+
+    score: float
+    outcomes: tuple[float, ...]
+
+    @property
+    def stderr(self) -> float:
+        """Standard error of the score (sample std / sqrt(n))."""
+        values = np.asarray(self.outcomes)
+        return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+
+    @classmethod
+    def from_outcomes(cls, outcomes: Any) -> Evaluation:
+        values = tuple(float(v) for v in outcomes)
+        return cls(score=float(np.mean(values)), outcomes=values)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """C with its paired-bootstrap CI; `value` is None when S_full - S_base is within noise."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+    gain: float  # S_subset - S_base
+    full_gain: float  # S_full - S_base
+    reason: str = ""
+
+    @property
+    def defined(self) -> bool:
+        return self.value is not None
+
+    def __str__(self) -> str:
+        if self.value is None:
+            return f"undefined ({self.reason})"
+        return f"{self.value:.2f} [{self.low:.2f}, {self.high:.2f}]"
+
+
+def batched(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@torch.no_grad()
+def generate_completions(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Generate from left-padded prompts; returns (prompt_ids, prompt_mask, completion_ids)."""
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    out = model.generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **(sampling if do_sample else {"do_sample": False}),
+    )
+    return enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1] :]
+
+
+def decode(tokenizer: Any, completion_ids: torch.Tensor) -> list[str]:
+    """Completion text up to (not including) the first EOS."""
+    eos = tokenizer.eos_token_id
+    texts = []
+    for row in completion_ids.tolist():
+        if eos in row:
+            row = row[: row.index(eos)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def evaluate(model: nn.Module, tokenizer: Any, task: Task, batch_size: int = 256) -> Evaluation:
+    """Greedy-decode every held-out prompt and score it with the task's verifiable rewards."""
+    was_training = model.training
+    model.eval()
+    outcomes: list[float] = []
+    rows = task.eval.to_dict()
+    prompts: list[str] = rows["prompt"]
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        _, _, completion_ids = generate_completions(
+            model, tokenizer, chunk, task.max_completion_length
+        )
+        columns = {k: v[start : start + batch_size] for k, v in rows.items() if k != "prompt"}
+        outcomes += score_completions(task, chunk, decode(tokenizer, completion_ids), columns)
+    model.train(was_training)
+    return Evaluation.from_outcomes(outcomes)
+
+
+def _mean_diff_ci(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Paired mean difference a - b and its standard error."""
+    diff = a - b
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
+
+
+def contribution(
+    subset: Evaluation,
+    base: Evaluation,
+    full: Evaluation,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> Contribution:
+    """C and a paired percentile-bootstrap CI over prompts.
+
+    C is undefined when the full run's gain is not significant (its 95% CI includes 0): a ratio
+    with a noise-level denominator would be meaningless. Percentile (not BCa) intervals, since the
+    ratio can take extreme values in resamples whose denominator nears 0.
+    """
+    s, b, f = (np.asarray(e.outcomes, dtype=float) for e in (subset, base, full))
+    if not len(s) == len(b) == len(f):
+        raise ValueError("contribution needs evaluations on the same prompts")
+    gain = subset.score - base.score
+    full_gain, full_se = _mean_diff_ci(f, b)
+    if abs(full_gain) <= Z95 * full_se or full_gain == 0:
+        reason = f"S_full - S_base = {full_gain:+.3f} is within noise (±{Z95 * full_se:.3f})"
+        return Contribution(None, None, None, gain, full_gain, reason)
+
+    def ratio(s_: np.ndarray, b_: np.ndarray, f_: np.ndarray, axis: int = -1) -> np.ndarray:
+        denominator = f_.mean(axis) - b_.mean(axis)
+        denominator = np.where(denominator == 0, np.finfo(float).tiny, denominator)
+        return (s_.mean(axis) - b_.mean(axis)) / denominator  # type: ignore[no-any-return]
+
+    result = stats.bootstrap(
+        (s, b, f),
+        ratio,
+        paired=True,
+        vectorized=True,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    low, high = result.confidence_interval
+    return Contribution(gain / full_gain, float(low), float(high), gain, full_gain)
+
+
+def eval_fingerprint(model_name: str, revision: str | None, dtype: str, task: Task) -> str:
+    """Identifies a (model, task, eval set) triple: a change in any prompt changes the key."""
+    digest = hashlib.sha256()
+    for part in (model_name, str(revision), dtype, task.name, str(task.max_completion_length)):
+        digest.update(part.encode() + b"\0")
+    for prompt in task.eval["prompt"]:
+        digest.update(prompt.encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+class ScoreCache:
+    """Per-prompt outcomes cached on disk as JSON, keyed by `eval_fingerprint` (plus a label)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def get(self, key: str) -> Evaluation | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            return Evaluation.from_outcomes(json.loads(path.read_text())["outcomes"])
+        except (ValueError, KeyError):
+            return None  # a corrupt cache entry is recomputed, not trusted
+
+    def put(self, key: str, evaluation: Evaluation) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps({"score": evaluation.score, "outcomes": evaluation.outcomes})
+        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(payload)
+        os.replace(tmp, self._path(key))  # atomic: readers never see half a file

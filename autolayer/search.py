@@ -1,0 +1,432 @@
+"""The layer search: an Optuna study whose trials are proxy RL runs over layer subsets.
+
+One process loads the model once; every trial trains its layers in place and the search puts the
+original values back afterwards (only the trained layers' values are kept aside, so the memory
+cost is one copy of those layers). The base model and the all-layers run are the references for
+`C`: the base score is cached on disk per (model, task, eval set), the full run once per study.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+
+from autolayer.config import Config
+from autolayer.measure import base_reference, proxy_and_restore
+from autolayer.models import find_layer_stack, load_model
+from autolayer.proxy import ProxyResult
+from autolayer.sampling import make_pruner, make_sampler
+from autolayer.scoring import Contribution, Evaluation, contribution
+from autolayer.spaces import (
+    Candidate,
+    Space,
+    bind,
+    grid_size,
+    load_space,
+    space_size,
+    suggest,
+    warm_start_params,
+)
+from autolayer.storage import DEFAULT_ROOT, make_storage, mark_worker, recover_stale_trials
+from autolayer.tasks import Task, load_task
+from autolayer.tracking import Tracker, make_tracker
+
+WILCOXON_BLOCK = 50  # eval prompts per Wilcoxon report: a report is a storage write (~3.5 ms on
+# the journal file), so per-prompt reports would add ~3.5 s to a 1,000-prompt evaluation
+ATTR_BASE, ATTR_FULL = "reference_base_outcomes", "reference_full_outcomes"
+
+
+@dataclass
+class References:
+    base: Evaluation
+    full: Evaluation
+    full_lr: float
+
+    @property
+    def full_gain_defined(self) -> bool:
+        return contribution(self.full, self.base, self.full, n_resamples=2).defined
+
+
+@dataclass
+class SearchHooks:
+    """Progress callbacks for a display; all optional."""
+
+    on_message: Callable[[str], None] = lambda message: None
+    on_trial_start: Callable[[int, Candidate], None] = lambda number, candidate: None
+    on_eval: Callable[[int, int, float], None] = lambda number, step, score: None
+    on_trial_end: Callable[[FrozenTrial], None] = lambda trial: None
+    on_total: Callable[[int | None], None] = lambda total: None
+
+
+@dataclass
+class SearchContext:
+    """Everything one worker needs to run trials of one study."""
+
+    config: Config
+    model: nn.Module
+    tokenizer: Any
+    task: Task
+    space: Space
+    study: optuna.Study
+    tracker: Tracker
+    parent_run: str
+    refs: References
+    hooks: SearchHooks = field(default_factory=SearchHooks)
+
+    def objective_value(self, score: float) -> float:
+        """The study maximises C when it is defined (an increasing map of the score), else S."""
+        if self.config.search.objective == "contribution" and self.refs.full_gain_defined:
+            return (score - self.refs.base.score) / (self.refs.full.score - self.refs.base.score)
+        return score
+
+
+def default_study_name(config: Config) -> str:
+    model = re.sub(r"[^A-Za-z0-9]+", "-", Path(config.model.name).name).strip("-").lower()
+    space = Path(config.search.space).stem
+    return f"{model}-{config.task.name}-{space}"
+
+
+def train_and_restore(
+    ctx: SearchContext, layers: Sequence[int], lr: float, **kwargs: Any
+) -> ProxyResult:
+    """One proxy run on the shared model, leaving the model as it found it."""
+    return proxy_and_restore(
+        ctx.model, ctx.tokenizer, ctx.task, ctx.config.proxy, layers, lr, **kwargs
+    )
+
+
+def full_reference(ctx: SearchContext) -> Evaluation:
+    """The all-layers run, measured once per study and stored in it (every worker reuses it)."""
+    stored = ctx.study.user_attrs.get(ATTR_FULL)
+    if stored is not None:
+        return Evaluation.from_outcomes(stored)
+    all_layers = list(range(len(find_layer_stack(ctx.model))))
+    lr = ctx.config.proxy.full_lr
+    ctx.hooks.on_message(f"reference: training all {len(all_layers)} layers (lr {lr:g})")
+    run_id = ctx.tracker.start_run(
+        "reference-all-layers", ctx.parent_run, {"autolayer.role": "reference"}
+    )
+    ctx.tracker.log_params(run_id, {"layers": "all", "lr": lr, **proxy_params(ctx.config)})
+    result = train_and_restore(ctx, all_layers, lr, logger=ctx.tracker.lightning_logger(run_id))
+    ctx.tracker.log_metrics(run_id, {"score": result.score, "stderr": result.final.stderr})
+    ctx.tracker.end_run(run_id)
+    ctx.study.set_user_attr(ATTR_FULL, list(result.final.outcomes))
+    ctx.study.set_user_attr("reference_full_score", result.score)
+    return result.final
+
+
+def proxy_params(config: Config) -> dict[str, Any]:
+    p = config.proxy
+    return {
+        "algorithm": p.algorithm,
+        "steps": p.steps,
+        "prompts_per_step": p.prompts_per_step,
+        "num_generations": p.num_generations,
+        "beta": p.beta,
+        "seed": p.seed,
+        "model": config.model.name,
+        "task": config.task.name,
+    }
+
+
+class TrialFailed(Exception):
+    """A trial that could not finish (NaN loss, out of memory, a reward function that raised)."""
+
+
+def _failure_reason(err: BaseException) -> str:
+    if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower():
+        return f"out of memory: {str(err).splitlines()[0][:200]}"
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+
+
+def _pruning_hook(ctx: SearchContext, trial: optuna.Trial) -> Callable[[int, Evaluation], bool]:
+    """Report each held-out score by global step (not by epoch, as optuna-integration's Lightning
+    callback would, collapsing every validation of our single epoch into one report)."""
+
+    def hook(step: int, evaluation: Evaluation) -> bool:
+        ctx.hooks.on_eval(trial.number, step, evaluation.score)
+        if ctx.config.search.pruner == "wilcoxon" or step >= ctx.config.proxy.steps:
+            return False
+        trial.report(ctx.objective_value(evaluation.score), step)
+        if trial.should_prune():
+            trial.set_user_attr("steps", step)
+            trial.set_user_attr(
+                "prune_reason",
+                f"pruned at step {step}: held-out score {evaluation.score:.3f} ranked below the "
+                f"{ctx.config.search.pruner} pruner's bar",
+            )
+            return True
+        return False
+
+    return hook
+
+
+def _wilcoxon_check(ctx: SearchContext, trial: optuna.Trial, final: Evaluation) -> None:
+    """Report paired blocks of eval prompts (same blocks for every trial) to the Wilcoxon pruner."""
+    outcomes = final.outcomes
+    for block, start in enumerate(range(0, len(outcomes), WILCOXON_BLOCK)):
+        chunk = outcomes[start : start + WILCOXON_BLOCK]
+        trial.report(ctx.objective_value(sum(chunk) / len(chunk)), block)
+    if trial.should_prune():
+        trial.set_user_attr(
+            "prune_reason", "pruned: Wilcoxon test on paired eval blocks says worse than the best"
+        )
+        raise optuna.TrialPruned()
+
+
+def _record(
+    ctx: SearchContext, trial: optuna.Trial, run_id: str, result: ProxyResult
+) -> Contribution:
+    c = contribution(result.final, ctx.refs.base, ctx.refs.full, seed=ctx.config.search.seed)
+    attrs = {
+        "score": result.score,
+        "stderr": result.final.stderr,
+        "steps": result.steps,
+        "seconds": round(result.seconds, 2),
+        "contribution": c.value,
+        "ci_low": c.low,
+        "ci_high": c.high,
+        "gain": c.gain,
+        "outcomes": list(result.final.outcomes),
+    }
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    metrics = {
+        "score": result.score,
+        "stderr": result.final.stderr,
+        "gain": c.gain,
+        "seconds": result.seconds,
+    }
+    if c.value is not None:
+        metrics.update(contribution=c.value, contribution_ci_low=c.low, contribution_ci_high=c.high)  # type: ignore[arg-type]
+    ctx.tracker.log_metrics(run_id, metrics, step=result.steps)
+    return c
+
+
+def run_trial(ctx: SearchContext, trial: optuna.Trial) -> float:
+    """The objective: one proxy run of the candidate the sampler proposes."""
+    mark_worker(trial)
+    candidate = suggest(trial, ctx.space)
+    if candidate is None:
+        trial.set_user_attr("infeasible", True)  # violates the subset-size constraint: not trained
+        return ctx.objective_value(ctx.refs.base.score)
+    lr = candidate.lr if candidate.lr is not None else ctx.config.proxy.lr
+    trial.set_user_attr("layers", list(candidate.layers))
+    trial.set_user_attr("lr", lr)
+    _check_budget(ctx, trial)
+    ctx.hooks.on_trial_start(trial.number, candidate)
+    name = f"trial-{trial.number} layers={','.join(map(str, candidate.layers))}"
+    run_id = ctx.tracker.start_run(name, ctx.parent_run, {"optuna.trial": str(trial.number)})
+    trial.set_user_attr("mlflow_run_id", run_id)
+    ctx.tracker.log_params(
+        run_id, {"layers": list(candidate.layers), "lr": lr, **proxy_params(ctx.config)}
+    )
+    try:
+        result = train_and_restore(
+            ctx,
+            candidate.layers,
+            lr,
+            eval_hook=_pruning_hook(ctx, trial),
+            logger=ctx.tracker.lightning_logger(run_id),
+        )
+        if result.stopped_early:
+            raise optuna.TrialPruned()
+        _record(ctx, trial, run_id, result)
+        if ctx.config.search.pruner == "wilcoxon":
+            _wilcoxon_check(ctx, trial, result.final)
+    except optuna.TrialPruned:
+        ctx.tracker.set_tags(run_id, {"trial_state": "PRUNED"})
+        ctx.tracker.end_run(run_id, "KILLED")
+        raise
+    except Exception as err:
+        reason = _failure_reason(err)
+        trial.set_user_attr("fail_reason", reason)
+        ctx.tracker.set_tags(run_id, {"trial_state": "FAIL", "fail_reason": reason})
+        ctx.tracker.end_run(run_id, "FAILED")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise TrialFailed(reason) from err
+    ctx.tracker.set_tags(run_id, {"trial_state": "COMPLETE"})
+    ctx.tracker.end_run(run_id)
+    return ctx.objective_value(result.score)
+
+
+def steps_used(study: optuna.Study) -> int:
+    """Proxy optimizer steps spent by the study's finished trials (the budget's unit)."""
+    return sum(
+        int(t.user_attrs.get("steps", 0))
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    )
+
+
+def _check_budget(ctx: SearchContext, trial: optuna.Trial) -> None:
+    budget = ctx.config.search.max_total_steps
+    if budget is not None and steps_used(ctx.study) + ctx.config.proxy.steps > budget:
+        ctx.study.stop()
+        trial.set_user_attr("prune_reason", f"not run: the budget of {budget} proxy steps is spent")
+        raise optuna.TrialPruned()
+
+
+def open_study(
+    config: Config, space: Space, root: Path = DEFAULT_ROOT, storage: Any = None
+) -> optuna.Study:
+    """Create the study or resume it by name; never repeats a finished trial."""
+    name = config.search.study_name or default_study_name(config)
+    storage = storage if storage is not None else make_storage(config.search.storage, root)
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=make_sampler(config.search.sampler, space, config.search.seed),
+        pruner=make_pruner(config.search.pruner, n_warmup_steps=config.proxy.eval_every),
+    )
+    recover_stale_trials(study)
+    return study
+
+
+def _enqueue_warm_start(ctx: SearchContext, num_layers: int) -> None:
+    if ctx.study.get_trials(deepcopy=False):
+        return  # a resumed study already had its warm start
+    lr = ctx.config.proxy.lr if ctx.space.lr is not None else None
+    for params in warm_start_params(ctx.space, ctx.config.search.warm_start, num_layers, lr):
+        ctx.study.enqueue_trial(params, skip_if_exists=True)
+
+
+def _parent_run(config: Config, study: optuna.Study, tracker: Tracker) -> str:
+    """One parent MLflow run per study, found again when the study resumes."""
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if run_id and getattr(tracker, "tracking_uri", None) == study.user_attrs.get(
+        "mlflow_tracking_uri"
+    ):
+        return str(run_id)
+    run_id = tracker.start_run(f"study-{study.study_name}", tags={"optuna.study": study.study_name})
+    tracker.log_dict(run_id, config.to_dict(), "config.yaml")
+    tracker.log_params(
+        run_id,
+        {
+            "space": config.search.space,
+            "objective": config.search.objective,
+            "sampler": config.search.sampler,
+            "pruner": config.search.pruner,
+            **proxy_params(config),
+        },
+    )
+    if run_id:
+        study.set_user_attr("mlflow_parent_run_id", run_id)
+        study.set_user_attr("mlflow_tracking_uri", getattr(tracker, "tracking_uri", ""))
+    return run_id
+
+
+def prepare(
+    config: Config, root: Path = DEFAULT_ROOT, hooks: SearchHooks | None = None
+) -> SearchContext:
+    """Load model, task and space, open the study and measure the references."""
+    hooks = hooks or SearchHooks()
+    # Everything a user can get wrong cheaply (space file, storage URL, tracking URI) is checked
+    # before the model loads, so a typo fails in a second and leaves no study behind.
+    unbound = load_space(config.search.space)
+    storage = make_storage(config.search.storage, root)
+    name = config.search.study_name or default_study_name(config)
+    tracker = make_tracker(
+        config.tracking.enabled,
+        config.tracking.tracking_uri,
+        config.tracking.experiment or name,
+        root,
+    )
+    model, tokenizer = load_model(
+        config.model.name,
+        revision=config.model.revision,
+        dtype=config.model.dtype,
+        device=config.proxy.device,
+    )
+    num_layers = len(find_layer_stack(model))
+    space = bind(unbound, num_layers)
+    task = load_task(config.task, tokenizer)
+    study = open_study(config, space, root, storage)
+    parent = _parent_run(config, study, tracker)
+    hooks.on_message(
+        f"study '{study.study_name}': {len(study.trials)} earlier trials, space "
+        f"{config.search.space} ({space_size(space) or 'continuous'} candidates)"
+    )
+    hooks.on_message(f"reference: scoring the base model on {len(task.eval)} held-out prompts")
+    base = base_reference(config, model, tokenizer, task, root)
+    study.set_user_attr(ATTR_BASE, list(base.outcomes))
+    study.set_user_attr("reference_base_score", base.score)
+    placeholder = References(base, base, config.proxy.full_lr)
+    ctx = SearchContext(
+        config, model, tokenizer, task, space, study, tracker, parent, placeholder, hooks
+    )
+    ctx.refs = References(base, full_reference(ctx), config.proxy.full_lr)
+    tracker.log_metrics(
+        parent, {"reference/base_score": base.score, "reference/full_score": ctx.refs.full.score}
+    )
+    if config.search.objective == "contribution" and not ctx.refs.full_gain_defined:
+        hooks.on_message(
+            "the full run's gain is within noise, so C is undefined: optimising the score"
+        )
+    _enqueue_warm_start(ctx, num_layers)
+    return ctx
+
+
+DEFAULT_TRIALS = 20  # for samplers that never exhaust their space, when --n-trials is not given
+
+
+def trials_to_run(ctx: SearchContext) -> int:
+    """How many trials this invocation runs: an exhaustive sampler only runs the candidates no
+    earlier invocation finished, so a rerun continues and never repeats a finished trial."""
+    requested = ctx.config.search.n_trials
+    size = grid_size(ctx.space)  # the points BruteForceSampler walks, infeasible subsets included
+    if isinstance(ctx.study.sampler, optuna.samplers.BruteForceSampler) and size is not None:
+        finished = ctx.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
+        )
+        remaining = size - len({tuple(sorted(t.params.items())) for t in finished})
+        return max(0, remaining if requested is None else min(requested, remaining))
+    return requested if requested is not None else DEFAULT_TRIALS
+
+
+def optimize(ctx: SearchContext) -> optuna.Study:
+    """Run trials until n_trials, the timeout, the step budget or the space runs out."""
+    search = ctx.config.search
+    n_trials = trials_to_run(ctx)
+    ctx.hooks.on_total(n_trials)
+    if n_trials == 0:
+        ctx.hooks.on_message("every candidate of this space is done; nothing left to run")
+        return ctx.study
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    logging.getLogger("optuna").setLevel(logging.ERROR)  # failed trials are reported by our table
+    ctx.study.optimize(
+        lambda trial: run_trial(ctx, trial),
+        n_trials=n_trials,
+        timeout=search.timeout,
+        catch=(TrialFailed,),  # a failing trial is recorded with its reason; the study goes on
+        callbacks=[lambda study, trial: ctx.hooks.on_trial_end(trial)],
+        gc_after_trial=True,
+    )
+    return ctx.study
+
+
+def run_search(
+    config: Config, root: Path = DEFAULT_ROOT, hooks: SearchHooks | None = None
+) -> SearchContext:
+    """Prepare, optimise and finish a study (plots and summary logged to the parent run)."""
+    start = time.perf_counter()
+    ctx = prepare(config, root, hooks)
+    optimize(ctx)
+    from autolayer.report import finish_study
+
+    finish_study(ctx, root, seconds=time.perf_counter() - start)
+    return ctx

@@ -1,0 +1,179 @@
+"""MLflow tracking: a parent run per study, a nested run per trial. Only module importing mlflow.
+
+The embedded default is SQLite under `mlruns/` with artifacts beside it (MLflow >= 3.13 refuses the
+old `./mlruns` file store). `--tracking-uri` or `MLFLOW_TRACKING_URI` selects a server instead.
+Everything goes through an explicit `MlflowClient`, never the fluent global run, so several trials
+and worker processes can log at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from lightning.pytorch.loggers import MLFlowLogger
+
+from autolayer.errors import AutolayerError
+
+DEFAULT_ROOT = Path("mlruns")
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests runs that carry it
+
+
+def default_tracking_uri(root: Path = DEFAULT_ROOT) -> str:
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def resolve_tracking_uri(uri: str | None, root: Path = DEFAULT_ROOT) -> str:
+    """Explicit URI, else $MLFLOW_TRACKING_URI, else SQLite under `root` (created if missing)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if uri.startswith("file:") or "://" not in uri and not uri.startswith("databricks"):
+            raise AutolayerError(
+                f"tracking URI {uri!r} is a file store, which MLflow >= 3.13 refuses; "
+                "use sqlite:///path/mlflow.db or an http(s):// server"
+            )
+        return uri
+    root.mkdir(parents=True, exist_ok=True)
+    return default_tracking_uri(root)
+
+
+class Tracker(Protocol):
+    """What the search and training need from a tracking backend."""
+
+    def start_run(
+        self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None
+    ) -> str: ...
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int | None = None
+    ) -> None: ...
+    def log_dict(self, run_id: str, data: Mapping[str, Any], name: str) -> None: ...
+    def log_artifact(self, run_id: str, path: Path) -> None: ...
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None: ...
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
+    def lightning_logger(self, run_id: str) -> Any: ...
+
+
+class NullTracker:
+    """Tracking switched off: every call is a no-op."""
+
+    def start_run(
+        self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None
+    ) -> str:
+        return ""
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int | None = None
+    ) -> None: ...
+    def log_dict(self, run_id: str, data: Mapping[str, Any], name: str) -> None: ...
+    def log_artifact(self, run_id: str, path: Path) -> None: ...
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None: ...
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
+
+    def lightning_logger(self, run_id: str) -> Any:
+        return None
+
+
+class MlflowTracker:
+    """A Tracker writing to one MLflow experiment."""
+
+    def __init__(self, tracking_uri: str, experiment: str, root: Path = DEFAULT_ROOT) -> None:
+        import mlflow
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # silence alembic/migration chatter
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        self.tracking_uri = tracking_uri
+        try:
+            self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+            found = self.client.get_experiment_by_name(experiment)
+            if found is not None:
+                self.experiment_id = found.experiment_id
+            else:
+                location = None
+                if tracking_uri.startswith("sqlite:"):
+                    location = (root / "artifacts").resolve().as_uri()  # artifacts under mlruns/
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=location
+                )
+        except Exception as err:  # mlflow raises many types for an unreachable store
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise AutolayerError(f"cannot use MLflow tracking at {tracking_uri}: {first}") from err
+        self.experiment = experiment
+
+    def start_run(
+        self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None
+    ) -> str:
+        all_tags = dict(tags or {})
+        if parent_id:
+            all_tags[PARENT_TAG] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return str(run.info.run_id)
+
+    def find_run(self, name: str, tag: str, value: str) -> str | None:
+        """A run of this experiment carrying the tag value (a study's parent run on resume)."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1
+        )
+        return runs[0].info.run_id if runs else None
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow's batch limit for params
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int | None = None
+    ) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step or 0) for k, v in metrics.items() if math.isfinite(v)
+        ]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    def log_dict(self, run_id: str, data: Mapping[str, Any], name: str) -> None:
+        self.client.log_dict(run_id, dict(data), name)
+
+    def log_artifact(self, run_id: str, path: Path) -> None:
+        self.client.log_artifact(run_id, str(path))
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def lightning_logger(self, run_id: str) -> Any:
+        """Lightning's MLFlowLogger bound to an existing run: it must be given the URI explicitly,
+        since its default is the `file:./mlruns` store that MLflow >= 3.13 refuses."""
+        return _OpenMLFlowLogger(
+            experiment_name=self.experiment, tracking_uri=self.tracking_uri, run_id=run_id
+        )
+
+
+class _OpenMLFlowLogger(MLFlowLogger):  # type: ignore[misc]
+    """MLFlowLogger that leaves the run open at the end of `fit`: the trial logs its final score,
+    contribution and state afterwards and closes the run itself."""
+
+    def finalize(self, status: str = "success") -> None:
+        pass
+
+
+def make_tracker(
+    enabled: bool, tracking_uri: str | None, experiment: str, root: Path = DEFAULT_ROOT
+) -> Tracker:
+    if not enabled:
+        return NullTracker()
+    return MlflowTracker(resolve_tracking_uri(tracking_uri, root), experiment, root)
