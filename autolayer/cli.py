@@ -286,12 +286,21 @@ def cmd_results(args: argparse.Namespace) -> int:
 # --- entry point -------------------------------------------------------------------------------
 
 
+def quiet_libraries() -> None:
+    """Our own progress display replaces the libraries' bars and banners."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; user errors become one sentence on stderr and exit code 2."""
     from autolayer.errors import AutolayerError
 
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
     try:
         return int(args.handler(args))
     except AutolayerError as err:

@@ -250,6 +250,10 @@ def restore(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
     for param in model.parameters():
         param.requires_grad_(False)
         param.grad = None
-    if getattr(model, "is_gradient_checkpointing", False):
+    # transformers 5 renamed these; the v4 names warn and go in v6
+    if hasattr(model, "is_activation_checkpointing"):
+        if model.is_activation_checkpointing:
+            model.activation_checkpointing_disable()
+    elif getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
     model.eval()

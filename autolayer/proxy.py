@@ -58,6 +58,15 @@ def training_rows(task: Task, steps: int, prompts_per_step: int, seed: int) -> l
     return [data[i] for i in order[:needed]]
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing (transformers 5 name, with the v4 one as fallback)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 @torch.no_grad()
 def upcast_trainable(model: nn.Module) -> None:
     """Keep trained parameters in fp32 while frozen ones may stay bf16.
@@ -130,9 +139,7 @@ class GRPOModule(L.LightningModule):
         if config.gradient_checkpointing:
             # Non-reentrant checkpointing keeps gradients when the early layers are frozen
             # (reentrant checkpointing drops them if no checkpoint input requires grad).
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable_checkpointing(model)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(trainable_parameters(self.model), lr=self.lr, weight_decay=0.0)
