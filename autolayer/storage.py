@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,12 @@ def _rdb_storage(url: str, dialect: str) -> RDBStorage:
             warnings.simplefilter("ignore", ExperimentalWarning)
             heartbeat = _heartbeat_kwargs() if dialect != "sqlite" else {}
             # The constructor connects (it creates the tables), which probes the database once.
-            return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+            try:
+                return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # Workers started together race to create the schema; the loser finds it made.
+                time.sleep(1.0)
+                return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except ImportError:
         raise AutolayerError(
             f"storage {shown} needs a database driver that is not installed (PostgreSQL: "
