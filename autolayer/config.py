@@ -66,7 +66,7 @@ class ProxyConfig:
     prompts_per_step: int = doc("Prompts per step; each gets `num_generations` samples.", 16)
     num_generations: int = doc("Group size G: completions sampled per prompt.", 8)
     lr: float = doc("Learning rate of a layer-subset run (searchable per space).", 3e-3)
-    full_lr: float = doc("Learning rate of the all-layers reference run (tuned separately).", 1e-3)
+    full_lr: float = doc("Learning rate of the all-layers reference run (tuned separately).", 1e-4)
     beta: float = doc("Weight of the k3 KL penalty to the reference (0: no reference).", 0.0)
     epsilon: float = doc("PPO clip range of the importance ratio.", 0.2)
     num_iterations: int = doc("Optimisation passes per sampled batch (TRL's num_iterations).", 1)
@@ -136,7 +136,7 @@ class TrainConfig:
     top_k: int = doc("How many of the study's best layers to train.", 1)
     steps: int = doc("GRPOTrainer max_steps.", 60)
     lr: float = doc("Learning rate of the chosen layers.", 3e-3)
-    boost_base_lr: float = doc("boost strategy: learning rate of the non-chosen layers.", 1e-3)
+    boost_base_lr: float = doc("boost strategy: learning rate of the other layers.", 1e-4)
     output_dir: str = doc(
         "Where the trained model and the layer delta are written.", "outputs/train"
     )

@@ -1,0 +1,499 @@
+"""The final RL run: train the chosen layers with TRL's GRPOTrainer and ship the result.
+
+The proxy search ranks layers with short runs; this trains the winners for real, with the same
+freezing code (`freeze_except`) and the same objective (TRL's `grpo` / `dr_grpo` losses, RESEARCH.md
+§3), scores the model before and after on the same held-out prompts, and writes a normal HF model
+directory plus a delta of the chosen layers (`autolayer.delta`). Strategies (RESEARCH.md §1):
+`only` trains the study's best k layers, `mid` the k middle layers, `boost` trains everything with
+the best k layers at a higher learning rate.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+from transformers import TrainerCallback
+
+from autolayer.config import Config
+from autolayer.delta import MANIFEST_FILE, atomic_dir, hash_parameters, save_delta
+from autolayer.errors import AutolayerError
+from autolayer.measure import base_reference
+from autolayer.models import (
+    find_layer_stack,
+    freeze_except,
+    layer_param_names,
+    load_model,
+    middle_layers,
+    resolve_device,
+    trainable_parameters,
+    validate_layers,
+)
+from autolayer.scoring import Contribution, Evaluation, contribution, evaluate
+from autolayer.tasks import Task, load_task
+from autolayer.tracking import DEFAULT_ROOT, Tracker, make_tracker
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerControl, TrainerState
+    from trl import GRPOConfig, GRPOTrainer
+
+STRATEGIES = ("only", "mid", "boost")
+SUMMARY_FILE = "train_summary.json"
+DEFAULT_EXPERIMENT = "autolayer-train"
+BOOST_NOTE = (
+    "boost trained every parameter (the chosen layers at the higher lr), so this delta holds "
+    "only the chosen layers and merging it into the base does NOT reproduce the trained model; "
+    "use model/"
+)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one final run did and where it wrote it."""
+
+    layers: tuple[int, ...]
+    strategy: str
+    lr: float
+    steps: int
+    before: Evaluation  # the base model on the held-out prompts
+    after: Evaluation  # the trained model on the same prompts
+    contribution: Contribution | None  # vs the study's all-layers reference, when comparable
+    contribution_note: str  # why C is missing or undefined ("" when defined)
+    trainable_params: int
+    seconds: float  # wall time of trainer.train()
+    out_dir: Path
+    run_id: str  # MLflow run id, "" with tracking off
+
+    @property
+    def model_dir(self) -> Path:
+        return self.out_dir / "model"
+
+    @property
+    def delta_dir(self) -> Path:
+        return self.out_dir / "delta"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.out_dir / SUMMARY_FILE
+
+
+# ---- which layers --------------------------------------------------------------------------------
+
+
+def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """COMPLETE trials that trained layers, best objective value first (ties: earlier trial)."""
+    trials = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None and t.user_attrs.get("layers") and not t.user_attrs.get("infeasible")
+    ]
+    return sorted(trials, key=lambda t: (-cast(float, t.value), t.number))
+
+
+def select_layers(
+    study: optuna.Study | None, strategy: str, top_k: int, num_layers: int
+) -> tuple[int, ...]:
+    """The layers a strategy trains, sorted.
+
+    only / boost: the top_k best distinct layers of the study: trials ranked by value, each
+    contributing its layers in that order, duplicates dropped. mid: the paper's Mid-k, no study.
+    """
+    if strategy not in STRATEGIES:
+        raise AutolayerError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    if not 1 <= top_k <= num_layers:
+        raise AutolayerError(f"top-k must be between 1 and the model's {num_layers} layers")
+    if strategy == "mid":
+        return middle_layers(num_layers, top_k)
+    if study is None:
+        raise AutolayerError(f"strategy {strategy} needs a study to rank layers or explicit layers")
+    ranked = ranked_trials(study)
+    if not ranked:
+        raise AutolayerError(f"study '{study.study_name}' has no complete trials to rank layers by")
+    chosen: list[int] = []
+    for trial in ranked:
+        chosen += [layer for layer in trial.user_attrs["layers"] if layer not in chosen]
+    if len(chosen) < top_k:
+        raise AutolayerError(
+            f"study '{study.study_name}' has complete trials for only {len(chosen)} distinct "
+            f"layers ({', '.join(map(str, sorted(chosen)))}); lower top-k to at most {len(chosen)}"
+        )
+    return validate_layers(chosen[:top_k], num_layers)
+
+
+def freeze_for_strategy(
+    model: nn.Module, strategy: str, layers: Sequence[int], lr: float, base_lr: float
+) -> list[dict[str, Any]]:
+    """Set `requires_grad` for a strategy and return the optimizer's parameter groups.
+
+    only / mid: exactly the chosen layers train (the proxy's `freeze_except`), one group at `lr`.
+    boost: every parameter trains; the chosen layers at `lr`, the rest at `base_lr` ("Boost Bk").
+    """
+    if strategy in ("only", "mid"):
+        freeze_except(model, layers)
+        return [{"params": trainable_parameters(model), "lr": lr, "name": "chosen"}]
+    if strategy != "boost":
+        raise AutolayerError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    chosen = set(layer_param_names(model, layers))
+    named = list(model.named_parameters())
+    for _, param in named:
+        param.requires_grad_(True)
+    return [
+        {"params": [p for n, p in named if n in chosen], "lr": lr, "name": "chosen"},
+        {"params": [p for n, p in named if n not in chosen], "lr": base_lr, "name": "rest"},
+    ]
+
+
+def check_trainable(model: nn.Module, expected: set[str], optimizer: torch.optim.Optimizer) -> None:
+    """The invariant: exactly `expected` requires grad and the optimizer holds exactly those."""
+    actual = {name for name, p in model.named_parameters() if p.requires_grad}
+    if actual != expected:
+        extra, missing = sorted(actual - expected)[:3], sorted(expected - actual)[:3]
+        raise RuntimeError(f"trainable set changed under the trainer: +{extra} -{missing}")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    wanted = {id(p) for name, p in model.named_parameters() if name in expected}
+    if held != wanted:
+        raise RuntimeError("the optimizer does not hold exactly the trainable parameters")
+
+
+# ---- TRL ---------------------------------------------------------------------------------------
+
+
+def grpo_args(config: Config, task: Task, output_dir: Path, base_dtype: torch.dtype) -> GRPOConfig:
+    """GRPOConfig equivalent to one proxy step: `prompts_per_step` prompts x G completions.
+
+    TRL's `per_device_train_batch_size` counts completions, not prompts, and one optimizer step
+    consumes `per_device_train_batch_size * processes * gradient_accumulation_steps` of them.
+    """
+    from trl import GRPOConfig
+
+    p = config.proxy
+    device = resolve_device(p.device)
+    init_kwargs: dict[str, Any] = {"dtype": str(base_dtype).removeprefix("torch.")}
+    if config.model.revision is not None:
+        init_kwargs["revision"] = config.model.revision
+    return GRPOConfig(
+        output_dir=str(output_dir),
+        loss_type=p.algorithm,  # our names are TRL's: "grpo" or "dr_grpo"
+        scale_rewards="none" if p.algorithm == "dr_grpo" else "group",  # Dr. GRPO: no std division
+        beta=p.beta,
+        epsilon=p.epsilon,
+        num_generations=p.num_generations,
+        per_device_train_batch_size=p.prompts_per_step * p.num_generations,
+        gradient_accumulation_steps=1,
+        num_iterations=p.num_iterations,
+        max_completion_length=task.max_completion_length,
+        max_steps=config.train.steps,
+        learning_rate=config.train.lr,
+        lr_scheduler_type="constant",  # as the proxy: a constant lr, no warmup
+        weight_decay=0.0,
+        max_grad_norm=p.max_grad_norm,
+        temperature=p.temperature,
+        top_p=1.0,
+        top_k=0,
+        disable_dropout=True,  # ratios of old and new log-probs must not differ by dropout noise
+        activation_checkpointing=p.gradient_checkpointing,
+        # reentrant checkpointing gives frozen early layers no grad-requiring input: no gradients
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        use_cpu=device.type == "cpu",
+        # mixed precision over fp32 trained weights; the Trainer refuses bf16 on CPU
+        bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
+        # with beta > 0 TRL reloads the reference from config._name_or_path with these kwargs
+        model_init_kwargs=init_kwargs if p.beta > 0 else None,
+        use_vllm=False,
+        report_to="none",  # we log to MLflow ourselves (TrackerCallback)
+        logging_steps=1,
+        save_strategy="no",
+        seed=p.seed,
+    )
+
+
+class TrackerCallback(TrainerCallback):
+    """Forwards the Trainer's numeric logs to the tracker as `train/<key>` at the global step."""
+
+    def __init__(self, tracker: Tracker, run_id: str) -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+
+    def on_log(
+        self, args: Any, state: TrainerState, control: TrainerControl,
+        logs: Mapping[str, Any] | None = None, **kwargs: Any,
+    ) -> None:
+        metrics = {
+            f"train/{key}": float(value)
+            for key, value in (logs or {}).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        if metrics:
+            self.tracker.log_metrics(self.run_id, metrics, step=state.global_step)
+
+
+def build_trainer(
+    model: nn.Module, tokenizer: Any, task: Task, args: GRPOConfig,
+    groups: list[dict[str, Any]], callbacks: list[TrainerCallback],
+) -> GRPOTrainer:
+    """A GRPOTrainer stepping our parameter groups (TRL would build one group of all trainables)."""
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=0.0)
+    # TRL logs that `model_init_kwargs` are ignored for an instantiated model, but it does load
+    # the reference model (beta > 0) with them
+    trl_logger = logging.getLogger("trl.trainer.grpo_trainer")
+    trl_logger.addFilter(_drop_init_kwargs_note)
+    try:
+        return _grpo_trainer(model, tokenizer, task, args, callbacks, optimizer)
+    finally:
+        trl_logger.removeFilter(_drop_init_kwargs_note)
+
+
+def _drop_init_kwargs_note(record: logging.LogRecord) -> bool:
+    return "model_init_kwargs" not in record.getMessage()
+
+
+def _grpo_trainer(
+    model: nn.Module, tokenizer: Any, task: Task, args: GRPOConfig,
+    callbacks: list[TrainerCallback], optimizer: torch.optim.Optimizer,
+) -> GRPOTrainer:
+    from trl import GRPOTrainer
+
+    reward_funcs: list[Any] = list(task.reward_funcs)
+    return GRPOTrainer(
+        model=cast("PreTrainedModel", model),
+        processing_class=tokenizer,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=task.train,
+        callbacks=callbacks,
+        optimizers=(optimizer, None),  # the Trainer adds the (constant) scheduler
+    )
+
+
+@torch.no_grad()
+def set_dtype(model: nn.Module, dtype: torch.dtype, only_trainable: bool) -> None:
+    """Cast parameters in place, keeping the Parameter objects (the optimizer holds them).
+
+    Trained parameters run in fp32 while frozen ones may stay bf16: an optimizer stepping bf16
+    weights drops every update below half a ULP (RESEARCH.md §2), as in the proxy.
+    """
+    for param in model.parameters():
+        if param.dtype != dtype and (param.requires_grad or not only_trainable):
+            param.data = param.data.to(dtype)
+
+
+# ---- references and tracking ---------------------------------------------------------------------
+
+
+def contribution_vs_study(
+    after: Evaluation, before: Evaluation, study: optuna.Study | None, seed: int
+) -> tuple[Contribution | None, str]:
+    """C against the study's all-layers reference, when it was measured on the same prompts."""
+    if study is None:
+        return None, "no study given, so there is no all-layers reference for C"
+    attrs = study.user_attrs
+    base, full = attrs.get("reference_base_outcomes"), attrs.get("reference_full_outcomes")
+    if base is None or full is None:
+        return None, f"study '{study.study_name}' has no all-layers reference yet"
+    if len(full) != len(after.outcomes) or tuple(float(v) for v in base) != before.outcomes:
+        return None, (
+            f"study '{study.study_name}' scored a different held-out set (task or eval settings "
+            "differ), so C would compare unlike things"
+        )
+    base_eval, full_eval = Evaluation.from_outcomes(base), Evaluation.from_outcomes(full)
+    c = contribution(after, base_eval, full_eval, seed=seed)
+    return c, c.reason
+
+
+def start_tracking(
+    config: Config, study: optuna.Study | None, root: Path, params: Mapping[str, Any]
+) -> tuple[Tracker, str]:
+    """A top-level run in the study's experiment, tagged with the study and its parent run.
+
+    Not nested under the study's parent run: the final model is a result of its own. Without an
+    explicit URI the run goes to the tracking store the study recorded.
+    """
+    experiment = config.tracking.experiment or (study.study_name if study else DEFAULT_EXPERIMENT)
+    uri = config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None and study is not None:
+        uri = study.user_attrs.get("mlflow_tracking_uri") or None
+    tracker = make_tracker(config.tracking.enabled, uri, experiment, root)
+    tags = {"autolayer.role": "train", "autolayer.strategy": str(params["strategy"])}
+    if study is not None:
+        tags["autolayer.study"] = study.study_name
+        parent = study.user_attrs.get("mlflow_parent_run_id")
+        if parent:
+            tags["autolayer.parent_run"] = str(parent)
+    name = f"train {params['strategy']} layers={params['layers']}"
+    run_id = tracker.start_run(name, tags=tags)
+    tracker.log_params(run_id, params)
+    tracker.log_dict(run_id, config.to_dict(), "config.yaml")
+    return tracker, run_id
+
+
+def run_params(
+    config: Config, layers: Sequence[int], strategy: str, study: optuna.Study | None
+) -> dict[str, Any]:
+    p = config.proxy
+    params: dict[str, Any] = {
+        "layers": ",".join(map(str, layers)), "strategy": strategy, "lr": config.train.lr,
+        "steps": config.train.steps, "model": config.model.name, "revision": config.model.revision,
+        "task": config.task.name, "algorithm": p.algorithm, "beta": p.beta,
+        "num_generations": p.num_generations, "prompts_per_step": p.prompts_per_step,
+        "seed": p.seed, "study": study.study_name if study else None,
+    }
+    if strategy == "boost":
+        params["boost_base_lr"] = config.train.boost_base_lr
+    return params
+
+
+def final_metrics(
+    before: Evaluation, after: Evaluation, c: Contribution | None
+) -> dict[str, float]:
+    metrics = {
+        "final/score_before": before.score, "final/score_after": after.score,
+        "final/gain": after.score - before.score, "final/stderr_after": after.stderr,
+    }
+    if c is not None and c.value is not None:
+        metrics["final/contribution"] = c.value
+        metrics["final/contribution_ci_low"] = cast(float, c.low)
+        metrics["final/contribution_ci_high"] = cast(float, c.high)
+    return metrics
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+
+def refuse_existing(out_dir: Path, overwrite: bool) -> None:
+    """Fail fast, before any work, on an output directory that would be refused at the end."""
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise AutolayerError(
+            f"output directory {out_dir} already exists and is not empty; choose another or "
+            "allow overwriting (--overwrite)"
+        )
+
+
+def _train(
+    model: nn.Module, tokenizer: Any, task: Task, config: Config, strategy: str,
+    layers: tuple[int, ...], work_dir: Path, callbacks: list[TrainerCallback],
+) -> tuple[int, float]:
+    """Freeze, train and cast back to the base dtype; returns (trainable params, seconds)."""
+    base_dtype = next(model.parameters()).dtype
+    lrs = config.train.lr, config.train.boost_base_lr
+    groups = freeze_for_strategy(model, strategy, layers, *lrs)
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    set_dtype(model, torch.float32, only_trainable=True)
+    use_cache = getattr(model.config, "use_cache", None)
+    trainer = build_trainer(model, tokenizer, task, grpo_args(config, task, work_dir, base_dtype),
+                            groups, callbacks)
+    optimizer = cast(torch.optim.Optimizer, trainer.optimizer)
+    check_trainable(model, expected, optimizer)
+    start = time.perf_counter()
+    with warnings.catch_warnings():  # TRL 1.16 still calls the renamed is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        trainer.train()
+    seconds = time.perf_counter() - start
+    check_trainable(model, expected, optimizer)
+    del trainer, optimizer, groups  # optimizer state and the reference model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    hf_model = cast("PreTrainedModel", model)
+    if getattr(hf_model, "is_activation_checkpointing", False):
+        hf_model.gradient_checkpointing_disable()
+    if use_cache is not None:
+        hf_model.config.use_cache = use_cache  # the Trainer turns the KV cache off for training
+    for param in model.parameters():
+        param.requires_grad_(False)
+    set_dtype(model, base_dtype, only_trainable=False)
+    return sum(p.numel() for n, p in model.named_parameters() if n in expected), seconds
+
+
+def _write_outputs(
+    tmp: Path, model: nn.Module, tokenizer: Any, config: Config, layers: tuple[int, ...],
+    strategy: str, base_hashes: Mapping[str, str], summary: Mapping[str, Any],
+) -> None:
+    cast("PreTrainedModel", model.eval()).save_pretrained(tmp / "model")
+    cast("PreTrainedTokenizerBase", tokenizer).save_pretrained(tmp / "model")
+    save_delta(model, layers, tmp / "delta", config.model.name, config.model.revision,
+               base_hashes=base_hashes)
+    if strategy == "boost":  # the manifest ignores unknown keys; say what the delta is not
+        manifest_path = tmp / "delta" / MANIFEST_FILE
+        manifest = json.loads(manifest_path.read_text())
+        manifest["note"] = BOOST_NOTE
+        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _summary(config: Config, result: TrainResult, study: optuna.Study | None) -> dict[str, Any]:
+    c = result.contribution  # an undefined C has value, low and high all None
+    value, low, high = (c.value, c.low, c.high) if c is not None else (None, None, None)
+    return {
+        "model": config.model.name, "revision": config.model.revision, "task": config.task.name,
+        "layers": list(result.layers), "strategy": result.strategy, "lr": result.lr,
+        "boost_base_lr": config.train.boost_base_lr if result.strategy == "boost" else None,
+        "steps": result.steps, "trainable_params": result.trainable_params,
+        "eval_prompts": len(result.after.outcomes),
+        "score_before": result.before.score, "score_after": result.after.score,
+        "stderr_before": result.before.stderr, "stderr_after": result.after.stderr,
+        "contribution": value, "contribution_ci_low": low, "contribution_ci_high": high,
+        "contribution_note": result.contribution_note,
+        "delta_reproduces_model": result.strategy != "boost",
+        "study": study.study_name if study else None, "mlflow_run_id": result.run_id or None,
+        "seconds": round(result.seconds, 2),
+    }
+
+
+def run_training(
+    config: Config,
+    layers: Sequence[int],
+    strategy: str,
+    *,
+    study: optuna.Study | None = None,
+    root: Path = DEFAULT_ROOT,
+    out_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Train `layers` by `strategy` with TRL's GRPOTrainer; write model/, delta/ and a summary.
+
+    `out_dir` (default `config.train.output_dir`) is built beside itself and renamed into place,
+    so a failed run leaves nothing half-written; an existing non-empty one needs `overwrite`.
+    """
+    if strategy not in STRATEGIES:
+        raise AutolayerError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    out = Path(out_dir if out_dir is not None else config.train.output_dir)
+    refuse_existing(out, overwrite)
+    model, tokenizer = load_model(config.model.name, revision=config.model.revision,
+                                  dtype=config.model.dtype, device=config.proxy.device)
+    chosen = validate_layers(layers, len(find_layer_stack(model)))
+    task = load_task(config.task, tokenizer)
+    before = base_reference(config, model, tokenizer, task, root)
+    base_hashes = hash_parameters(model, layer_param_names(model, chosen))
+    params = run_params(config, chosen, strategy, study)
+    tracker, run_id = start_tracking(config, study, root, params)
+    try:
+        with atomic_dir(out, overwrite) as tmp:
+            trained, seconds = _train(model, tokenizer, task, config, strategy, chosen,
+                                      tmp / "trainer", [TrackerCallback(tracker, run_id)])
+            shutil.rmtree(tmp / "trainer", ignore_errors=True)
+            after = evaluate(model, tokenizer, task)
+            c, note = contribution_vs_study(after, before, study, config.proxy.seed)
+            result = TrainResult(chosen, strategy, config.train.lr, config.train.steps, before,
+                                 after, c, note, trained, seconds, out, run_id)
+            _write_outputs(tmp, model, tokenizer, config, chosen, strategy, base_hashes,
+                           _summary(config, result, study))
+    except BaseException as err:
+        tracker.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.log_metrics(run_id, final_metrics(before, after, c), step=config.train.steps)
+    tracker.log_artifact(run_id, result.summary_path)
+    tracker.end_run(run_id)
+    return result

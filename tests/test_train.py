@@ -1,0 +1,314 @@
+"""The final TRL run: layer selection, freezing per strategy, and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState, create_trial
+from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+from autolayer import organism
+from autolayer.config import config_from_dict
+from autolayer.delta import load_delta, merge_to_dir
+from autolayer.errors import AutolayerError
+from autolayer.models import ORGANISM, layer_param_names, load_model
+from autolayer.scoring import Evaluation
+from autolayer.train import (
+    TrackerCallback,
+    check_trainable,
+    contribution_vs_study,
+    freeze_for_strategy,
+    run_training,
+    select_layers,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def organism_built() -> bool:
+    return (organism.organism_path() / "config.json").is_file()
+
+
+def save_tiny_model(path: Path, seed: int = 0) -> Path:
+    """A random 8-layer Qwen3 with the organism's shape and tokenizer, saved like the organism."""
+    torch.manual_seed(seed)
+    tokenizer = organism.build_tokenizer()
+    model = Qwen3ForCausalLM(organism.make_config(tokenizer))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, max_new_tokens=organism.MAX_COMPLETION_TOKENS,
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_name(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The bundled organism once it is built; until then a random model of the same shape."""
+    if organism_built():
+        return ORGANISM
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+# ---- select_layers -------------------------------------------------------------------------------
+
+
+def fake_study(trials: list[tuple[float, list[int]]]) -> optuna.Study:
+    """An in-memory study of COMPLETE trials (value, layers), plus a failed and a pruned one."""
+    study = optuna.create_study(study_name="fake", direction="maximize")
+    for value, layers in trials:
+        study.add_trial(create_trial(value=value, user_attrs={"layers": layers, "lr": 1e-3}))
+    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"layers": [0]}))
+    study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs={"layers": [7]}))
+    study.add_trial(create_trial(value=9.0, user_attrs={"infeasible": True}))  # no layers trained
+    return study
+
+
+RANKED = [(0.5, [1]), (0.9, [5]), (0.8, [2, 4]), (0.7, [5, 6])]
+
+
+@pytest.mark.parametrize("strategy", ["only", "boost"])
+@pytest.mark.parametrize(
+    ("top_k", "expected"),
+    [
+        (1, (5,)),  # the best trial
+        (2, (2, 5)),  # 5, then the 0.8 trial's first layer
+        (3, (2, 4, 5)),  # 5, then both layers of the 0.8 trial
+        (4, (2, 4, 5, 6)),  # the 0.7 trial adds 6 (its 5 is a duplicate)
+        (5, (1, 2, 4, 5, 6)),
+    ],
+)
+def test_select_layers_ranks_trials_by_value(
+    strategy: str, top_k: int, expected: tuple[int, ...]
+) -> None:
+    assert select_layers(fake_study(RANKED), strategy, top_k, num_layers=8) == expected
+
+
+def test_select_layers_mid_needs_no_study() -> None:
+    assert select_layers(None, "mid", 2, num_layers=8) == (3, 4)
+    assert select_layers(None, "mid", 3, num_layers=8) == (2, 3, 4)  # [floor(8/2-1.5), ...)
+    assert select_layers(fake_study(RANKED), "mid", 1, num_layers=7) == (3,)
+
+
+@pytest.mark.parametrize(
+    ("study", "strategy", "top_k", "message"),
+    [
+        (fake_study([]), "only", 1, "no complete trials"),
+        (fake_study(RANKED), "only", 6, "only 5 distinct layers"),
+        (None, "only", 1, "needs a study"),
+        (fake_study(RANKED), "best", 1, "unknown strategy"),
+        (fake_study(RANKED), "only", 9, "between 1 and"),
+        (fake_study([(1.0, [12])]), "only", 1, "out of range"),  # a study of another model
+    ],
+)
+def test_select_layers_errors(study: Any, strategy: str, top_k: int, message: str) -> None:
+    with pytest.raises(AutolayerError, match=message):
+        select_layers(study, strategy, top_k, num_layers=8)
+
+
+# ---- freeze_for_strategy -------------------------------------------------------------------------
+
+# hidden 32, 2 query heads and 1 KV head of dim 16, MLP 64, vocab 50, 4 layers, tied embeddings.
+# One layer: q 32*32=1024, k 32*16=512, v 512, o 1024, q_norm 16, k_norm 16,
+# gate/up/down 3*32*64=6144, two RMSNorms 2*32=64  ->  9312.
+# Whole model: embeddings 50*32=1600 (tied to the LM head) + 4*9312 + final norm 32  ->  38880.
+LAYER_PARAMS, TOTAL_PARAMS = 9312, 38880
+
+
+@pytest.fixture
+def small_qwen3() -> Qwen3ForCausalLM:
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
+    ))
+
+
+def numel(params: list[torch.nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+@pytest.mark.parametrize("strategy", ["only", "mid"])
+def test_freeze_only_and_mid_train_exactly_the_layers(
+    small_qwen3: Qwen3ForCausalLM, strategy: str
+) -> None:
+    groups = freeze_for_strategy(small_qwen3, strategy, [1, 2], lr=1e-2, base_lr=1e-4)
+    assert [(g["name"], g["lr"], numel(g["params"])) for g in groups] == [
+        ("chosen", 1e-2, 2 * LAYER_PARAMS)
+    ]
+    trainable = {n for n, p in small_qwen3.named_parameters() if p.requires_grad}
+    assert trainable == set(layer_param_names(small_qwen3, [1, 2]))
+    assert all(n.startswith(("model.layers.1.", "model.layers.2.")) for n in trainable)
+
+
+def test_freeze_boost_trains_everything_in_two_groups(small_qwen3: Qwen3ForCausalLM) -> None:
+    groups = freeze_for_strategy(small_qwen3, "boost", [1], lr=1e-2, base_lr=1e-4)
+    assert [(g["name"], g["lr"], numel(g["params"])) for g in groups] == [
+        ("chosen", 1e-2, LAYER_PARAMS),
+        ("rest", 1e-4, TOTAL_PARAMS - LAYER_PARAMS),
+    ]
+    assert all(p.requires_grad for p in small_qwen3.parameters())
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(small_qwen3.parameters()))  # each param once
+
+
+def test_check_trainable_catches_a_changed_set(small_qwen3: Qwen3ForCausalLM) -> None:
+    groups = freeze_for_strategy(small_qwen3, "only", [0], lr=1e-2, base_lr=1e-4)
+    expected = {n for n, p in small_qwen3.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(groups)
+    check_trainable(small_qwen3, expected, optimizer)
+    small_qwen3.model.embed_tokens.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="trainable set changed"):
+        check_trainable(small_qwen3, expected, optimizer)
+
+
+# ---- references and tracking ---------------------------------------------------------------------
+
+
+def study_with_refs(base: list[float], full: list[float]) -> optuna.Study:
+    study = optuna.create_study(study_name="refs")
+    study.set_user_attr("reference_base_outcomes", base)
+    study.set_user_attr("reference_full_outcomes", full)
+    return study
+
+
+BASE = [0.0] * 10 + [1.0] * 10  # S_base 0.5
+FULL = [1.0] * 20  # S_full 1.0: a gain of 0.5, far outside noise
+
+
+def test_contribution_against_the_study_reference() -> None:
+    after = Evaluation.from_outcomes([1.0] * 5 + [0.0] * 5 + [1.0] * 10)  # 0.75
+    base = Evaluation.from_outcomes(BASE)
+    c, note = contribution_vs_study(after, base, study_with_refs(BASE, FULL), 0)
+    assert c is not None and c.value == pytest.approx((0.75 - 0.5) / (1.0 - 0.5))
+    assert c.low is not None and c.high is not None and c.low <= 0.5 <= c.high
+    assert note == ""
+
+
+def test_contribution_needs_the_same_prompts() -> None:
+    after = Evaluation.from_outcomes([1.0] * 20)
+    other_base = Evaluation.from_outcomes([1.0] + BASE[1:])  # another eval set scores differently
+    c, note = contribution_vs_study(after, other_base, study_with_refs(BASE, FULL), 0)
+    assert c is None and "different held-out set" in note
+    c, note = contribution_vs_study(after, after, optuna.create_study(), 0)
+    assert c is None and "no all-layers reference" in note
+    c, note = contribution_vs_study(after, after, None, 0)
+    assert c is None and "no study" in note
+
+
+class RecordingTracker:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, float], int | None]] = []
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((run_id, dict(metrics), step))
+
+
+def test_tracker_callback_forwards_numeric_logs_by_global_step() -> None:
+    tracker = RecordingTracker()
+    callback = TrackerCallback(tracker, "run1")  # type: ignore[arg-type]
+    logs = {"loss": 0.5, "reward": 1, "completions/mean_length": 3.5, "flag": True, "text": "x"}
+    callback.on_log(None, SimpleNamespace(global_step=7), None, logs=logs)  # type: ignore[arg-type]
+    callback.on_log(None, SimpleNamespace(global_step=8), None, logs={"note": "only text"})  # type: ignore[arg-type]
+    assert tracker.calls == [
+        ("run1", {"train/loss": 0.5, "train/reward": 1.0, "train/completions/mean_length": 3.5}, 7)
+    ]
+
+
+# ---- one real run --------------------------------------------------------------------------------
+
+
+def tiny_config(model: str, tmp_path: Path) -> Any:
+    return config_from_dict({
+        "model": {"name": model, "dtype": "float32"},
+        "task": {"name": "organism", "train_size": 64, "eval_size": 100},
+        "proxy": {"prompts_per_step": 4, "num_generations": 4, "beta": 0.04, "device": "cpu",
+                  "seed": 0},
+        "train": {"steps": 2, "lr": 3e-2},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    })
+
+
+def test_run_training_end_to_end(model_name: str, tmp_path: Path) -> None:
+    import mlflow
+
+    config = tiny_config(model_name, tmp_path)
+    study = optuna.create_study(study_name="e2e-study")
+    study.set_user_attr("mlflow_parent_run_id", "parent-run-123")
+    out = tmp_path / "out"
+    result = run_training(config, [3], "only", study=study, root=tmp_path / "root", out_dir=out)
+
+    assert sorted(p.name for p in out.iterdir()) == ["delta", "model", "train_summary.json"]
+    trained = AutoModelForCausalLM.from_pretrained(out / "model")
+    base, _ = load_model(model_name, dtype="float32", device="cpu")
+    chosen = set(layer_param_names(base, [3]))
+    trained_params = dict(trained.named_parameters())
+    assert trained_params.keys() == dict(base.named_parameters()).keys()
+    for name, param in base.named_parameters():
+        assert trained_params[name].dtype == torch.float32
+        if name not in chosen:
+            assert torch.equal(trained_params[name], param), name  # frozen stays frozen
+    base_params = dict(base.named_parameters())
+    changed = [n for n in chosen if not torch.equal(trained_params[n], base_params[n])]
+    if model_name == ORGANISM:  # a random model earns no reward, so no gradient and no change
+        assert changed, "training changed none of the chosen layer's parameters"
+
+    merged = merge_to_dir(model_name, out / "delta", tmp_path / "merged")
+    merged_params = dict(AutoModelForCausalLM.from_pretrained(merged).named_parameters())
+    for name, param in trained_params.items():
+        assert torch.equal(merged_params[name], param), name
+    manifest, tensors = load_delta(out / "delta")
+    assert manifest["layers"] == [3] and set(tensors) == chosen
+
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["layers"] == [3] and summary["strategy"] == "only" and summary["steps"] == 2
+    assert summary["score_before"] == result.before.score and summary["eval_prompts"] == 100
+    assert summary["contribution"] is None
+    assert "no all-layers reference" in summary["contribution_note"]
+    assert result.trainable_params == sum(base_params[n].numel() for n in chosen)
+
+    client = mlflow.MlflowClient(config.tracking.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "e2e-study"
+    assert run.data.params["layers"] == "3" and run.data.params["strategy"] == "only"
+    assert run.data.params["model"] == model_name and run.data.params["steps"] == "2"
+    assert run.data.tags["autolayer.study"] == "e2e-study"
+    assert run.data.tags["autolayer.parent_run"] == "parent-run-123"
+    assert "mlflow.parentRunId" not in run.data.tags  # its own top-level run, not nested
+    assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [1, 2]
+    assert run.data.metrics["final/score_after"] == pytest.approx(result.after.score)
+
+    with pytest.raises(AutolayerError, match="already exists"):
+        run_training(config, [3], "only", root=tmp_path / "root", out_dir=out)
+
+
+def test_boost_trains_everything_and_says_the_delta_is_partial(tmp_path: Path) -> None:
+    if not organism_built():
+        pytest.skip("needs the bundled organism (a random model earns no reward to learn from)")
+    config = tiny_config(ORGANISM, tmp_path)
+    config.proxy.beta = 0.0
+    config.tracking.enabled = False
+    config.train.steps, config.train.boost_base_lr = 2, 1e-2  # step 1 draws only zero-std groups
+    out = tmp_path / "out"
+    result = run_training(config, [3], "boost", root=tmp_path / "root", out_dir=out)
+    assert result.run_id == "" and result.trainable_params == TOTAL_ORGANISM_PARAMS
+    trained = dict(AutoModelForCausalLM.from_pretrained(out / "model").named_parameters())
+    base, _ = load_model(ORGANISM, dtype="float32", device="cpu")
+    outside = [n for n, p in base.named_parameters()
+               if not n.startswith("model.layers.3.") and not torch.equal(trained[n], p)]
+    assert outside  # layers other than the chosen one moved too
+    manifest = json.loads((out / "delta" / "manifest.json").read_text())
+    assert "does NOT reproduce" in manifest["note"] and manifest["layers"] == [3]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["delta_reproduces_model"] is False and summary["boost_base_lr"] == 1e-2
+
+
+TOTAL_ORGANISM_PARAMS = 494_144  # organism.make_config: 8 layers, hidden 64, tied embeddings
