@@ -25,6 +25,13 @@ EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 Handler = Callable[[argparse.Namespace], int]
 
 
+def console() -> Any:
+    """A rich console, 120 columns wide when output is not a terminal (logs, CI): whole tables."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 120, log_path=False)
+
+
 def _help(cls: type, name: str) -> str:
     return field_help(cls)[name]
 
@@ -153,7 +160,6 @@ def cmd_layers(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(
@@ -169,7 +175,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
             "middle third" if info.middle_third else "",
         )
     table.add_row("-", "everything else (frozen)", f"{rest:,}", "embeddings, final norm, LM head")
-    Console().print(table)
+    console().print(table)
     return 0
 
 
@@ -207,28 +213,26 @@ def _demo_parser(sub: Any) -> None:
 
 
 def _run_search(config: Config, root: Path) -> int:
-    from rich.console import Console
-
     from autolayer.progress import SearchDisplay
     from autolayer.report import results_table, study_dir
     from autolayer.search import run_search
     from autolayer.tracking import resolve_tracking_uri
 
-    console = Console()
-    with SearchDisplay(console, config) as display:
+    out = console()
+    with SearchDisplay(out, config) as display:
         ctx = run_search(config, root, display.hooks())
-    console.print(results_table(ctx.study))
+    out.print(results_table(ctx.study))
     plots = study_dir(root, ctx.study.study_name)
-    console.print(f"plots: {plots / 'contribution.png'}, {plots / 'history.png'}")
+    out.print(f"plots: {plots / 'contribution.png'}, {plots / 'history.png'}")
     storage = config.search.storage or f"{root}/optuna/journal.log"
-    console.print("\nbrowse the results:")
+    out.print("\nbrowse the results:")
     if config.tracking.enabled:
         uri = resolve_tracking_uri(config.tracking.tracking_uri, root)
-        console.print(f"  mlflow ui --backend-store-uri {uri}", highlight=False, soft_wrap=True)
+        out.print(f"  mlflow ui --backend-store-uri {uri}", highlight=False, soft_wrap=True)
     journal = storage.removeprefix("journal:")
     dashboard = storage if "://" in storage else f"--storage-class JournalFileBackend {journal}"
-    console.print(f"  optuna-dashboard {dashboard}", highlight=False, soft_wrap=True)
-    console.print(
+    out.print(f"  optuna-dashboard {dashboard}", highlight=False, soft_wrap=True)
+    out.print(
         f"  autolayer results --study-name {ctx.study.study_name}"
         + (f" --storage {config.search.storage}" if config.search.storage else ""),
         highlight=False,
@@ -277,9 +281,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([vars(r) for r in trial_rows(study)], indent=2))
         return 0
-    from rich.console import Console
-
-    Console().print(results_table(study))
+    console().print(results_table(study))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,41 +125,67 @@ def results_table(study: optuna.Study) -> Table:
     return table
 
 
+def _bars(study: optuna.Study) -> list[tuple[str, float, float, float, str]]:
+    """(label, value, err_low, err_high, kind) per candidate: completed trials with their C and CI,
+    pruned ones at the last objective value they reported (kind "pruned")."""
+    refs_defined = all(
+        r.contribution is not None for r in trial_rows(study) if r.state == "COMPLETE"
+    )
+    bars: dict[str, tuple[str, float, float, float, str]] = {}
+    for trial, row in zip(study.get_trials(deepcopy=False), trial_rows(study), strict=True):
+        if row.state == "COMPLETE" and row.score is not None:
+            value = row.contribution if refs_defined else row.score
+            low = row.ci_low if refs_defined and row.ci_low is not None else value
+            high = row.ci_high if refs_defined and row.ci_high is not None else value
+            bars[row.label] = (row.label, value, value - low, high - value, "complete")  # type: ignore[operator]
+        elif row.state == "PRUNED" and trial.intermediate_values and row.label not in bars:
+            last = trial.intermediate_values[max(trial.intermediate_values)]
+            bars[row.label] = (row.label, last, 0.0, 0.0, "pruned")
+    return sorted(bars.values(), key=lambda b: [int(x) for x in re.findall(r"\d+", b[0])])
+
+
 def plot_contributions(study: optuna.Study, path: Path) -> Path | None:
-    """Bars of C per candidate (per layer for single-layer spaces) with 95% CIs; best marked."""
+    """Bars of C per candidate (per layer for single-layer spaces) with 95% CIs; best marked.
+
+    Pruned candidates are grey, at the value they had when stopped.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in trial_rows(study) if r.state == "COMPLETE" and r.score is not None]
-    if not rows:
+    bars = _bars(study)
+    if not bars:
         return None
-    by_label: dict[str, Row] = {}
-    for row in sorted(rows, key=lambda r: r.layers):
-        by_label.setdefault(row.label, row)  # a candidate repeated (other lr) keeps its first run
-    use_c = all(r.contribution is not None for r in by_label.values())
-    labels = list(by_label)
-    values = [(r.contribution if use_c else r.score) or 0.0 for r in by_label.values()]
+    use_c = all(r.contribution is not None for r in trial_rows(study) if r.state == "COMPLETE")
     best = best_trial(study)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(labels) + 2), 3.6))
+    best_label = (
+        Row(0, tuple(best.user_attrs["layers"]), None, "", None, None, None, None, "").label
+        if best
+        else None
+    )
     colors = [
-        "tab:green" if best and r.number == best.number else "tab:blue" for r in by_label.values()
+        "lightgray" if kind == "pruned" else "tab:green" if label == best_label else "tab:blue"
+        for label, _, _, _, kind in bars
     ]
-    errors = None
-    if use_c:
-        errors = [
-            [v - (r.ci_low or v) for v, r in zip(values, by_label.values(), strict=True)],
-            [(r.ci_high or v) - v for v, r in zip(values, by_label.values(), strict=True)],
-        ]
-    ax.bar(labels, values, color=colors, yerr=errors, capsize=3)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(bars) + 2), 3.6))
+    ax.bar(
+        [b[0] for b in bars],
+        [b[1] for b in bars],
+        color=colors,
+        capsize=3,
+        yerr=[[b[2] for b in bars], [b[3] for b in bars]],
+    )
     if use_c:
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="all layers (C = 1)")
         ax.axhline(0.0, color="black", linewidth=0.8)
-        ax.legend(loc="best", fontsize=8)
+    if any(b[4] == "pruned" for b in bars):
+        ax.bar([], [], color="lightgray", label="pruned (value when stopped)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel("trained layer(s)")
-    ax.set_ylabel("contribution C" if use_c else "held-out score")
-    ax.set_title(f"{study.study_name}: best in green")
+    ax.set_ylabel("contribution C (95% CI)" if use_c else "held-out score")
+    ax.set_title(f"{study.study_name}: best in green", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -180,6 +207,8 @@ def plot_history(study: optuna.Study, path: Path) -> Path | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the matplotlib backend is marked experimental
         ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+    ax.set_ylabel(f"objective ({study.user_attrs.get('objective', 'C or score')})")
+    ax.legend(loc="lower right", fontsize=8)
     fig = ax.get_figure()
     fig.set_size_inches(6, 3.6)
     fig.tight_layout()

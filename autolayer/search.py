@@ -161,11 +161,9 @@ def _pruning_hook(ctx: SearchContext, trial: optuna.Trial) -> Callable[[int, Eva
         trial.report(ctx.objective_value(evaluation.score), step)
         if trial.should_prune():
             trial.set_user_attr("steps", step)
-            trial.set_user_attr(
-                "prune_reason",
-                f"pruned at step {step}: held-out score {evaluation.score:.3f} ranked below the "
-                f"{ctx.config.search.pruner} pruner's bar",
-            )
+            pruner = ctx.config.search.pruner
+            reason = f"step {step}: score {evaluation.score:.3f} under the {pruner} pruner's bar"
+            trial.set_user_attr("prune_reason", reason)
             return True
         return False
 
@@ -375,7 +373,9 @@ def prepare(
     tracker.log_metrics(
         parent, {"reference/base_score": base.score, "reference/full_score": ctx.refs.full.score}
     )
-    if config.search.objective == "contribution" and not ctx.refs.full_gain_defined:
+    uses_c = config.search.objective == "contribution" and ctx.refs.full_gain_defined
+    study.set_user_attr("objective", "contribution C" if uses_c else "held-out score")
+    if config.search.objective == "contribution" and not uses_c:
         hooks.on_message(
             "the full run's gain is within noise, so C is undefined: optimising the score"
         )
