@@ -213,6 +213,13 @@ def _demo_parser(sub: Any) -> None:
 
 
 def _run_search(config: Config, root: Path) -> int:
+    from autolayer.spaces import load_space
+    from autolayer.storage import make_storage
+
+    # Fail on a bad space or storage URL in a second, before torch and Lightning load.
+    load_space(config.search.space)
+    make_storage(config.search.storage, root)
+
     from autolayer.progress import SearchDisplay
     from autolayer.report import results_table, study_dir
     from autolayer.search import run_search

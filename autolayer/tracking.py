@@ -15,8 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from lightning.pytorch.loggers import MLFlowLogger
-
 from autolayer.errors import AutolayerError
 
 DEFAULT_ROOT = Path("mlruns")
@@ -158,17 +156,18 @@ class MlflowTracker:
     def lightning_logger(self, run_id: str) -> Any:
         """Lightning's MLFlowLogger bound to an existing run: it must be given the URI explicitly,
         since its default is the `file:./mlruns` store that MLflow >= 3.13 refuses."""
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        class _OpenMLFlowLogger(MLFlowLogger):  # type: ignore[misc]
+            """Leaves the run open at the end of `fit`: the trial logs its final score,
+            contribution and state afterwards and closes the run itself."""
+
+            def finalize(self, status: str = "success") -> None:
+                pass
+
         return _OpenMLFlowLogger(
             experiment_name=self.experiment, tracking_uri=self.tracking_uri, run_id=run_id
         )
-
-
-class _OpenMLFlowLogger(MLFlowLogger):  # type: ignore[misc]
-    """MLFlowLogger that leaves the run open at the end of `fit`: the trial logs its final score,
-    contribution and state afterwards and closes the run itself."""
-
-    def finalize(self, status: str = "success") -> None:
-        pass
 
 
 def make_tracker(

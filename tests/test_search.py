@@ -128,7 +128,7 @@ def _write_config(tmp_path: Path, data: dict) -> Path:
 def test_sigkill_mid_trial_then_rerun_loses_no_finished_trial(tmp_path: Path) -> None:
     space = write_space(tmp_path, layers=[2, 5])
     data = tiny_config(tmp_path, space)
-    data["proxy"]["steps"] = 8  # long enough to be killed inside a trial
+    data["proxy"]["steps"] = 40  # a few seconds: the kill lands inside a trial
     data["tracking"] = {"enabled": False}
     config = _write_config(tmp_path, data)
     args = ("search", "--config", str(config), "--root", str(tmp_path / "mlruns"))
@@ -144,11 +144,12 @@ def test_sigkill_mid_trial_then_rerun_loses_no_finished_trial(tmp_path: Path) ->
         done = study.get_trials(states=(TrialState.COMPLETE,))
         running = study.get_trials(states=(TrialState.RUNNING,))
         if done and running and running[0].user_attrs.get("layers"):
-            time.sleep(1.0)
-            os.kill(worker.pid, signal.SIGKILL)
+            os.kill(worker.pid, signal.SIGKILL)  # `layers` is set just before training starts
             killed_number = running[0].number
     worker.wait(timeout=30)
     assert killed_number is not None, "the search never reached a second trial"
+    at_kill = load_study("tiny", None, tmp_path / "mlruns").trials[killed_number]
+    assert at_kill.state == TrialState.RUNNING  # killed mid-trial, not between trials
     finished_before = {
         t.number: t.params
         for t in load_study("tiny", None, tmp_path / "mlruns").get_trials(
