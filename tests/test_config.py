@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from autolayer.config import Config, config_from_dict, load_config
@@ -40,3 +42,20 @@ def test_load_config_errors_are_one_sentence(tmp_path) -> None:
     bad.write_text("proxy: [unclosed\n")
     with pytest.raises(AutolayerError, match="not valid YAML at line"):
         load_config(bad)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    load_config(path)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_space_loads(path: Path) -> None:
+    from autolayer.spaces import load_space
+
+    assert load_space(str(path)).kind == path.stem

@@ -227,3 +227,20 @@ def test_bad_storage_is_one_sentence_and_exit_2(tmp_path: Path, bad: str) -> Non
     assert output.strip().startswith("autolayer: error:")
     assert "Traceback" not in output
     assert len(output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("pruner", ["wilcoxon", "hyperband"])
+def test_pruners_run_on_real_trials(tmp_path: Path, pruner: str) -> None:
+    space = write_space(tmp_path, layers=[2, 5])
+    data = tiny_config(tmp_path, space, pruner=pruner)
+    data["tracking"] = {"enabled": False}
+    study = run_search(config_from_dict(data), root=tmp_path / "mlruns").study
+    assert len(study.trials) == 4
+    for trial in study.trials:
+        assert trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        if trial.state == TrialState.PRUNED:
+            assert trial.user_attrs["prune_reason"]
+        if pruner == "wilcoxon":  # paired blocks of the 64 eval prompts: 50 + 14
+            assert sorted(trial.intermediate_values) == [0, 1]
+        else:  # held-out score by rollout step (eval_every 2, 4 steps: only step 2 is reported)
+            assert sorted(trial.intermediate_values) == [2]
