@@ -22,12 +22,18 @@ if TYPE_CHECKING:
 
 STRATEGIES = ("only", "mid", "boost")
 EXPORT_FORMATS = ("json", "axolotl", "peft", "llamafactory", "swift", "trl", "all")
-ROOT_HELP = ("Directory of the embedded stores (Optuna journal, MLflow SQLite, artifacts, score "
-             "cache). Default: mlruns")
-STORAGE_HELP = ("Optuna storage URL of the study (journal:PATH, sqlite:///PATH, postgresql://...). "
-                "Default: search.storage of the config, else the journal file under --root.")
-LAYERS_HELP = ("Explicit layers, e.g. '3', '3,7', '10-12' or 'all'; bypasses the study. Mutually "
-               "exclusive with --study-name.")
+ROOT_HELP = (
+    "Directory of the embedded stores (Optuna journal, MLflow SQLite, artifacts, score "
+    "cache). Default: mlruns"
+)
+STORAGE_HELP = (
+    "Optuna storage URL of the study (journal:PATH, sqlite:///PATH, postgresql://...). "
+    "Default: search.storage of the config, else the journal file under --root."
+)
+LAYERS_HELP = (
+    "Explicit layers, e.g. '3', '3,7', '10-12' or 'all'; bypasses the study. Mutually "
+    "exclusive with --study-name."
+)
 
 
 def register_train_commands(sub: Any) -> None:
@@ -41,8 +47,11 @@ def register_train_commands(sub: Any) -> None:
 
 
 def _selector_options(p: argparse.ArgumentParser, top_k_help: str) -> None:
-    p.add_argument("--study-name", metavar="NAME",
-                   help="Take the layers from this study's best complete trials.")
+    p.add_argument(
+        "--study-name",
+        metavar="NAME",
+        help="Take the layers from this study's best complete trials.",
+    )
     p.add_argument("--layers", metavar="LAYERS", help=LAYERS_HELP)
     p.add_argument("--top-k", type=int, metavar="K", help=top_k_help)
     p.add_argument("--storage", metavar="URL", help=STORAGE_HELP)
@@ -91,7 +100,10 @@ def num_layers_of(name: str, revision: str | None = None) -> int:
 
 
 def _choose(
-    args: argparse.Namespace, study: optuna.Study | None, strategy: str, top_k: int,
+    args: argparse.Namespace,
+    study: optuna.Study | None,
+    strategy: str,
+    top_k: int,
     num_layers: int,
 ) -> tuple[int, ...]:
     from autolayer.models import parse_layers
@@ -108,31 +120,53 @@ def _choose(
 def _train_parser(sub: Any) -> None:
     train_help = field_help(TrainConfig)
     p = sub.add_parser(
-        "train", help="Train the chosen layers with TRL's GRPOTrainer and save the model.",
+        "train",
+        help="Train the chosen layers with TRL's GRPOTrainer and save the model.",
         description="Run GRPO (TRL) on the layers a study found best (--study-name), on explicit "
-                    "layers (--layers), or on the k middle layers (--strategy mid). Scores the "
-                    "model before and after on the held-out prompts and writes OUT/model (a "
-                    "Hugging Face model directory), OUT/delta (the chosen layers alone, for "
-                    "`autolayer merge`) and OUT/train_summary.json.",
+        "layers (--layers), or on the k middle layers (--strategy mid). Scores the "
+        "model before and after on the held-out prompts and writes OUT/model (a "
+        "Hugging Face model directory), OUT/delta (the chosen layers alone, for "
+        "`autolayer merge`) and OUT/train_summary.json.",
     )
-    p.add_argument("--config", required=True, metavar="FILE.yaml",
-                   help="YAML config: model, task, proxy (RL settings) and train sections.")
-    _selector_options(p, "How many of the study's best layers to train (overrides train.top_k; "
-                         "with --strategy mid: how many middle layers).")
-    p.add_argument("--strategy", metavar="{only,mid,boost}",
-                   help=train_help["strategy"] + " Overrides train.strategy.")
-    p.add_argument("--steps", type=int, metavar="N",
-                   help="Optimizer steps (overrides train.steps).")
-    p.add_argument("--lr", type=float, metavar="LR",
-                   help="Learning rate of the chosen layers (overrides train.lr).")
-    p.add_argument("--out", metavar="DIR", help=train_help["output_dir"] + " Overrides "
-                   "train.output_dir.")
-    p.add_argument("--overwrite", action="store_true",
-                   help="Replace an existing non-empty output directory (only once the new one "
-                        "is complete).")
-    p.add_argument("--tracking-uri", metavar="URI",
-                   help="MLflow tracking URI (default: the config's, $MLFLOW_TRACKING_URI, the "
-                        "study's recorded one, else SQLite under --root).")
+    p.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE.yaml",
+        help="YAML config: model, task, proxy (RL settings) and train sections.",
+    )
+    _selector_options(
+        p,
+        "How many of the study's best layers to train (overrides train.top_k; "
+        "with --strategy mid: how many middle layers).",
+    )
+    p.add_argument(
+        "--strategy",
+        metavar="{only,mid,boost}",
+        help=train_help["strategy"] + " Overrides train.strategy.",
+    )
+    p.add_argument(
+        "--steps", type=int, metavar="N", help="Optimizer steps (overrides train.steps)."
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        metavar="LR",
+        help="Learning rate of the chosen layers (overrides train.lr).",
+    )
+    p.add_argument(
+        "--out", metavar="DIR", help=train_help["output_dir"] + " Overrides train.output_dir."
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an existing non-empty output directory (only once the new one is complete).",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking URI (default: the config's, $MLFLOW_TRACKING_URI, the "
+        "study's recorded one, else SQLite under --root).",
+    )
     p.add_argument("--no-tracking", action="store_true", help="Do not log to MLflow.")
     p.add_argument("--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
     p.set_defaults(handler=cmd_train)
@@ -141,8 +175,13 @@ def _train_parser(sub: Any) -> None:
 def apply_train_overrides(config: Config, args: argparse.Namespace) -> Config:
     """Command-line options win over the YAML file; returns the validated config."""
     train = config.train
-    for option, key in (("strategy", "strategy"), ("top_k", "top_k"), ("steps", "steps"),
-                        ("lr", "lr"), ("out", "output_dir")):
+    for option, key in (
+        ("strategy", "strategy"),
+        ("top_k", "top_k"),
+        ("steps", "steps"),
+        ("lr", "lr"),
+        ("out", "output_dir"),
+    ):
         value = getattr(args, option, None)
         if value is not None:
             setattr(train, key, value)
@@ -176,8 +215,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     study = open_study(args.study_name, config.search.storage, root) if args.study_name else None
     num_layers = num_layers_of(config.model.name, config.model.revision)
     layers = _choose(args, study, strategy, config.train.top_k, num_layers)
-    result = run_training(config, layers, strategy, study=study, root=root,
-                          out_dir=config.train.output_dir, overwrite=args.overwrite)
+    result = run_training(
+        config,
+        layers,
+        strategy,
+        study=study,
+        root=root,
+        out_dir=config.train.output_dir,
+        overwrite=args.overwrite,
+    )
     _print_train(result, config)
     return 0
 
@@ -188,10 +234,14 @@ def _print_train(result: TrainResult, config: Config) -> None:
     console = Console()
     before, after = result.before.score, result.after.score
     layers = ",".join(map(str, result.layers))
-    console.print(f"[bold]trained layers {layers}[/] ({result.strategy}, {result.steps} steps, "
-                  f"{result.trainable_params:,} trainable parameters) in {result.seconds:.1f} s")
-    console.print(f"held-out score {before:.3f} → {after:.3f} ({after - before:+.3f}) on "
-                  f"{len(result.after.outcomes)} prompts")
+    console.print(
+        f"[bold]trained layers {layers}[/] ({result.strategy}, {result.steps} steps, "
+        f"{result.trainable_params:,} trainable parameters) in {result.seconds:.1f} s"
+    )
+    console.print(
+        f"held-out score {before:.3f} → {after:.3f} ({after - before:+.3f}) on "
+        f"{len(result.after.outcomes)} prompts"
+    )
     c = result.contribution
     if c is not None and c.value is not None:
         console.print(f"contribution C = {c}")
@@ -203,8 +253,12 @@ def _print_train(result: TrainResult, config: Config) -> None:
     console.print(f"summary: {result.summary_path}", highlight=False, soft_wrap=True)
     if result.run_id:
         console.print(f"MLflow run: {result.run_id}", highlight=False)
-    console.print(f"merge the delta into the base: autolayer merge --base {config.model.name} "
-                  f"--delta {result.delta_dir} --out DIR", highlight=False, soft_wrap=True)
+    console.print(
+        f"merge the delta into the base: autolayer merge --base {config.model.name} "
+        f"--delta {result.delta_dir} --out DIR",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 # ---- export --------------------------------------------------------------------------------------
@@ -212,27 +266,44 @@ def _print_train(result: TrainResult, config: Config) -> None:
 
 def _export_parser(sub: Any) -> None:
     p = sub.add_parser(
-        "export", help="Write a layer choice as configs for Axolotl, PEFT, LLaMA-Factory, "
-                       "ms-swift or a TRL script.",
+        "export",
+        help="Write a layer choice as configs for Axolotl, PEFT, LLaMA-Factory, "
+        "ms-swift or a TRL script.",
         description="Turn the study's best layers (--study-name) or explicit layers (--layers) "
-                    "into each trainer's own config, using the exact parameter names of the "
-                    "model. Formats that cannot express the set refuse with the reason.",
+        "into each trainer's own config, using the exact parameter names of the "
+        "model. Formats that cannot express the set refuse with the reason.",
     )
-    p.add_argument("--format", required=True, metavar="{" + ",".join(EXPORT_FORMATS) + "}",
-                   help="json: the canonical record; axolotl: unfrozen_parameters YAML; peft: a "
-                        "LoraConfig on the chosen layers; llamafactory: freeze-tuning keys (only "
-                        "first/last N layers); swift: a `swift rlhf` command; trl: a runnable "
-                        "GRPO script; all: every format that can express the set.")
-    _selector_options(p, "How many of the study's best layers to export (default: train.top_k "
-                         "of --config, else 1).")
-    p.add_argument("--model", metavar="NAME",
-                   help="HF hub id, local path or `organism` (default: the config's model, else "
-                        "the model the study recorded).")
+    p.add_argument(
+        "--format",
+        required=True,
+        metavar="{" + ",".join(EXPORT_FORMATS) + "}",
+        help="json: the canonical record; axolotl: unfrozen_parameters YAML; peft: a "
+        "LoraConfig on the chosen layers; llamafactory: freeze-tuning keys (only "
+        "first/last N layers); swift: a `swift rlhf` command; trl: a runnable "
+        "GRPO script; all: every format that can express the set.",
+    )
+    _selector_options(
+        p,
+        "How many of the study's best layers to export (default: train.top_k of --config, else 1).",
+    )
+    p.add_argument(
+        "--model",
+        metavar="NAME",
+        help="HF hub id, local path or `organism` (default: the config's model, else "
+        "the model the study recorded).",
+    )
     p.add_argument("--revision", metavar="REV", help="Hub revision of --model to pin.")
-    p.add_argument("--config", metavar="FILE.yaml",
-                   help="YAML config supplying the model, learning rate and RL objective.")
-    p.add_argument("--out", metavar="DIR", default="exports",
-                   help="Directory to write the files into. Default: exports")
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="YAML config supplying the model, learning rate and RL objective.",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default="exports",
+        help="Directory to write the files into. Default: exports",
+    )
     p.set_defaults(handler=cmd_export)
 
 
@@ -265,13 +336,23 @@ def study_evidence(
         seen.add(trained)
         if trained == layers and lr is None:
             lr = a.get("lr")
-        trials.append({"trial": trial.number, "layers": list(trained), "objective": trial.value,
-                       **{k: a.get(k) for k in ("lr", "score", "contribution", "ci_low",
-                                                "ci_high")}})
+        trials.append(
+            {
+                "trial": trial.number,
+                "layers": list(trained),
+                "objective": trial.value,
+                **{k: a.get(k) for k in ("lr", "score", "contribution", "ci_low", "ci_high")},
+            }
+        )
     refs = references(study)
-    evidence = {"source": "autolayer search", "study": study.study_name, "storage": storage,
-                "reference_base_score": refs["base"], "reference_full_score": refs["full"],
-                "trials": trials}
+    evidence = {
+        "source": "autolayer search",
+        "study": study.study_name,
+        "storage": storage,
+        "reference_base_score": refs["base"],
+        "reference_full_score": refs["full"],
+        "trials": trials,
+    }
     return evidence, lr
 
 
@@ -298,8 +379,15 @@ def build_choice(args: argparse.Namespace) -> LayerChoice:
     algorithm: str = config.proxy.algorithm if config else "grpo"
     if config is None and study is not None:
         algorithm = str(study.user_attrs.get("algorithm", algorithm))
-    return choice_from_model(model, name, layers, revision=revision, evidence=evidence,
-                             learning_rate=lr, algorithm=algorithm)
+    return choice_from_model(
+        model,
+        name,
+        layers,
+        revision=revision,
+        evidence=evidence,
+        learning_rate=lr,
+        algorithm=algorithm,
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -328,18 +416,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _merge_parser(sub: Any) -> None:
     p = sub.add_parser(
-        "merge", help="Merge a trained-layers delta into its base model.",
+        "merge",
+        help="Merge a trained-layers delta into its base model.",
         description="Load the base model, check it is the one the delta was trained from "
-                    "(hashes of the replaced parameters), copy the trained layers in, and save a "
-                    "full Hugging Face model directory.",
+        "(hashes of the replaced parameters), copy the trained layers in, and save a "
+        "full Hugging Face model directory.",
     )
-    p.add_argument("--base", required=True, metavar="MODEL",
-                   help="The base model: HF hub id, local path or `organism`.")
-    p.add_argument("--delta", required=True, metavar="DIR",
-                   help="A delta directory written by `autolayer train` (OUT/delta).")
+    p.add_argument(
+        "--base",
+        required=True,
+        metavar="MODEL",
+        help="The base model: HF hub id, local path or `organism`.",
+    )
+    p.add_argument(
+        "--delta",
+        required=True,
+        metavar="DIR",
+        help="A delta directory written by `autolayer train` (OUT/delta).",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="Where to save the merged model.")
-    p.add_argument("--overwrite", action="store_true",
-                   help="Replace an existing non-empty output directory.")
+    p.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing non-empty output directory."
+    )
     p.set_defaults(handler=cmd_merge)
 
 

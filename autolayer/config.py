@@ -218,7 +218,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for name, value in data.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value or {}, name)
+            kwargs[name] = _build(tp, value or {}, name)  # type: ignore[arg-type]
         else:
             kwargs[name] = _coerce(value, tp, f"{prefix}.{name}" if prefix else name)
     return cls(**kwargs)
@@ -236,7 +236,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
             f"unknown config section '{unknown[0]}'; valid sections: model, task, proxy, search, "
             "tracking, train"
         )
-    return _build(Config, data, "")  # type: ignore[no-any-return]
+    return _build(Config, data, "")
 
 
 def load_config(path: str | Path) -> Config:

@@ -1,6 +1,7 @@
-"""The one exception type for mistakes a user can make (bad path, layer index, YAML key, storage URL).
+"""The one exception type for mistakes a user can make (a path, layer index, YAML key, URL).
 
-The CLI turns it into a single sentence and a non-zero exit; everything else is a bug and keeps its traceback.
+The CLI turns it into a single sentence and a non-zero exit; everything else is a bug and keeps
+its traceback.
 """
 
 

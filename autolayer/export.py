@@ -340,8 +340,11 @@ def swift_command(choice: LayerChoice) -> str:
         ("--tuner_type", "full"),
         ("--freeze_parameters_ratio", "1"),
         ("--trainable_parameters_regex", swift_regex(choice)),
-        *([("--learning_rate", repr(choice.learning_rate))] if choice.learning_rate is not None
-          else []),
+        *(
+            [("--learning_rate", repr(choice.learning_rate))]
+            if choice.learning_rate is not None
+            else []
+        ),
         ("--loss_type", choice.algorithm),
         ("--scale_rewards", _scale_rewards(choice.algorithm)),
         ("--gradient_checkpointing_kwargs", '{"use_reentrant": false}'),

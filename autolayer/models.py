@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,7 +88,7 @@ def validate_layers(layers: Iterable[object], num_layers: int) -> tuple[int, ...
         if not 0 <= layer < num_layers:
             raise AutolayerError(f"layer {layer} is out of range; {valid}")
     if len(set(selection)) != len(selection):
-        dupes = sorted({layer for layer in selection if selection.count(layer) > 1})
+        dupes = sorted({int(str(x)) for x in selection if selection.count(x) > 1})
         raise AutolayerError(f"layers {dupes} are selected more than once; {valid}")
     return tuple(sorted(selection))  # type: ignore[arg-type]
 
@@ -197,7 +198,7 @@ def load_model(
     if getattr(tokenizer, "pad_token", None) is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # batched generation continues from the right edge
-    return model.to(target).eval(), tokenizer
+    return model.to(target).eval(), tokenizer  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -251,9 +252,10 @@ def restore(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
         param.requires_grad_(False)
         param.grad = None
     # transformers 5 renamed these; the v4 names warn and go in v6
-    if hasattr(model, "is_activation_checkpointing"):
-        if model.is_activation_checkpointing:
-            model.activation_checkpointing_disable()
-    elif getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+    hf: Any = model  # transformers' PreTrainedModel API, untyped from an nn.Module
+    if hasattr(hf, "is_activation_checkpointing"):
+        if hf.is_activation_checkpointing:
+            hf.activation_checkpointing_disable()
+    elif getattr(hf, "is_gradient_checkpointing", False):
+        hf.gradient_checkpointing_disable()
     model.eval()

@@ -29,7 +29,7 @@ from autolayer.tasks import Task, repeat_rows, score_completions
 EvalHook = Callable[[int, Evaluation], bool]  # (global_step, evaluation) -> stop the run?
 
 
-class _Rows(Dataset):  # type: ignore[type-arg]
+class _Rows(Dataset):
     """A list of row dicts as a map-style dataset."""
 
     def __init__(self, rows: list[dict[str, Any]]) -> None:
@@ -61,10 +61,11 @@ def training_rows(task: Task, steps: int, prompts_per_step: int, seed: int) -> l
 def enable_checkpointing(model: nn.Module) -> None:
     """Non-reentrant activation checkpointing (transformers 5 name, with the v4 one as fallback)."""
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    hf: Any = model  # transformers' PreTrainedModel API, untyped from an nn.Module
+    if hasattr(hf, "activation_checkpointing_enable"):
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 @torch.no_grad()
@@ -203,7 +204,7 @@ class GRPOModule(L.LightningModule):
         with torch.no_grad():
             ref_logp = self._logprobs(ids, attn, plen, reference=True) if cfg.beta > 0 else None
             old_logp = self._logprobs(ids, attn, plen) if cfg.num_iterations > 1 else None
-        optimizer = self.optimizers()
+        optimizer: Any = self.optimizers()  # one optimizer, configured below
         for _ in range(cfg.num_iterations):
             logp = self._logprobs(ids, attn, plen)
             out = rl.policy_loss(

@@ -137,7 +137,8 @@ def _bars(study: optuna.Study) -> list[tuple[str, float, float, float, str]]:
             value = row.contribution if refs_defined else row.score
             low = row.ci_low if refs_defined and row.ci_low is not None else value
             high = row.ci_high if refs_defined and row.ci_high is not None else value
-            bars[row.label] = (row.label, value, value - low, high - value, "complete")  # type: ignore[operator]
+            assert value is not None and low is not None and high is not None
+            bars[row.label] = (row.label, value, value - low, high - value, "complete")
         elif row.state == "PRUNED" and trial.intermediate_values and row.label not in bars:
             last = trial.intermediate_values[max(trial.intermediate_values)]
             bars[row.label] = (row.label, last, 0.0, 0.0, "pruned")
@@ -209,7 +210,7 @@ def plot_history(study: optuna.Study, path: Path) -> Path | None:
         ax = optuna.visualization.matplotlib.plot_optimization_history(study)
     ax.set_ylabel(f"objective ({study.user_attrs.get('objective', 'C or score')})")
     ax.legend(loc="lower right", fontsize=8)
-    fig = ax.get_figure()
+    fig: Any = ax.get_figure()
     fig.set_size_inches(6, 3.6)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,7 @@ def generate_completions(
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-    out = model.generate(
+    out = model.generate(  # type: ignore[operator]
         **enc,
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
@@ -155,7 +155,7 @@ def contribution(
     def ratio(s_: np.ndarray, b_: np.ndarray, f_: np.ndarray, axis: int = -1) -> np.ndarray:
         denominator = f_.mean(axis) - b_.mean(axis)
         denominator = np.where(denominator == 0, np.finfo(float).tiny, denominator)
-        return (s_.mean(axis) - b_.mean(axis)) / denominator  # type: ignore[no-any-return]
+        return (s_.mean(axis) - b_.mean(axis)) / denominator
 
     result = stats.bootstrap(
         (s, b, f),

@@ -353,8 +353,12 @@ def prepare(
     space = bind(unbound, num_layers)
     task = load_task(config.task, tokenizer)
     study = open_study(config, space, root, storage)
-    for key, value in (("model", config.model.name), ("model_revision", config.model.revision),
-                       ("algorithm", config.proxy.algorithm), ("space", config.search.space)):
+    for key, value in (
+        ("model", config.model.name),
+        ("model_revision", config.model.revision),
+        ("algorithm", config.proxy.algorithm),
+        ("space", config.search.space),
+    ):
         study.set_user_attr(key, value)  # lets `autolayer export/train --study-name` stand alone
     parent = _parent_run(config, study, tracker)
     hooks.on_message(

@@ -158,7 +158,7 @@ class MlflowTracker:
         since its default is the `file:./mlruns` store that MLflow >= 3.13 refuses."""
         from lightning.pytorch.loggers import MLFlowLogger
 
-        class _OpenMLFlowLogger(MLFlowLogger):  # type: ignore[misc]
+        class _OpenMLFlowLogger(MLFlowLogger):
             """Leaves the run open at the end of `fit`: the trial logs its final score,
             contribution and state afterwards and closes the run itself."""
 

@@ -228,8 +228,12 @@ class TrackerCallback(TrainerCallback):
         self.run_id = run_id
 
     def on_log(
-        self, args: Any, state: TrainerState, control: TrainerControl,
-        logs: Mapping[str, Any] | None = None, **kwargs: Any,
+        self,
+        args: Any,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
         metrics = {
             f"train/{key}": float(value)
@@ -241,8 +245,12 @@ class TrackerCallback(TrainerCallback):
 
 
 def build_trainer(
-    model: nn.Module, tokenizer: Any, task: Task, args: GRPOConfig,
-    groups: list[dict[str, Any]], callbacks: list[TrainerCallback],
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    args: GRPOConfig,
+    groups: list[dict[str, Any]],
+    callbacks: list[TrainerCallback],
 ) -> GRPOTrainer:
     """A GRPOTrainer stepping our parameter groups (TRL would build one group of all trainables)."""
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=0.0)
@@ -261,8 +269,12 @@ def _drop_init_kwargs_note(record: logging.LogRecord) -> bool:
 
 
 def _grpo_trainer(
-    model: nn.Module, tokenizer: Any, task: Task, args: GRPOConfig,
-    callbacks: list[TrainerCallback], optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    args: GRPOConfig,
+    callbacks: list[TrainerCallback],
+    optimizer: torch.optim.Optimizer,
 ) -> GRPOTrainer:
     from trl import GRPOTrainer
 
@@ -344,11 +356,19 @@ def run_params(
 ) -> dict[str, Any]:
     p = config.proxy
     params: dict[str, Any] = {
-        "layers": ",".join(map(str, layers)), "strategy": strategy, "lr": config.train.lr,
-        "steps": config.train.steps, "model": config.model.name, "revision": config.model.revision,
-        "task": config.task.name, "algorithm": p.algorithm, "beta": p.beta,
-        "num_generations": p.num_generations, "prompts_per_step": p.prompts_per_step,
-        "seed": p.seed, "study": study.study_name if study else None,
+        "layers": ",".join(map(str, layers)),
+        "strategy": strategy,
+        "lr": config.train.lr,
+        "steps": config.train.steps,
+        "model": config.model.name,
+        "revision": config.model.revision,
+        "task": config.task.name,
+        "algorithm": p.algorithm,
+        "beta": p.beta,
+        "num_generations": p.num_generations,
+        "prompts_per_step": p.prompts_per_step,
+        "seed": p.seed,
+        "study": study.study_name if study else None,
     }
     if strategy == "boost":
         params["boost_base_lr"] = config.train.boost_base_lr
@@ -359,8 +379,10 @@ def final_metrics(
     before: Evaluation, after: Evaluation, c: Contribution | None
 ) -> dict[str, float]:
     metrics = {
-        "final/score_before": before.score, "final/score_after": after.score,
-        "final/gain": after.score - before.score, "final/stderr_after": after.stderr,
+        "final/score_before": before.score,
+        "final/score_after": after.score,
+        "final/gain": after.score - before.score,
+        "final/stderr_after": after.stderr,
     }
     if c is not None and c.value is not None:
         metrics["final/contribution"] = c.value
@@ -382,8 +404,14 @@ def refuse_existing(out_dir: Path, overwrite: bool) -> None:
 
 
 def _train(
-    model: nn.Module, tokenizer: Any, task: Task, config: Config, strategy: str,
-    layers: tuple[int, ...], work_dir: Path, callbacks: list[TrainerCallback],
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    config: Config,
+    strategy: str,
+    layers: tuple[int, ...],
+    work_dir: Path,
+    callbacks: list[TrainerCallback],
 ) -> tuple[int, float]:
     """Freeze, train and cast back to the base dtype; returns (trainable params, seconds)."""
     base_dtype = next(model.parameters()).dtype
@@ -392,8 +420,9 @@ def _train(
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     set_dtype(model, torch.float32, only_trainable=True)
     use_cache = getattr(model.config, "use_cache", None)
-    trainer = build_trainer(model, tokenizer, task, grpo_args(config, task, work_dir, base_dtype),
-                            groups, callbacks)
+    trainer = build_trainer(
+        model, tokenizer, task, grpo_args(config, task, work_dir, base_dtype), groups, callbacks
+    )
     optimizer = cast(torch.optim.Optimizer, trainer.optimizer)
     check_trainable(model, expected, optimizer)
     start = time.perf_counter()
@@ -418,13 +447,25 @@ def _train(
 
 
 def _write_outputs(
-    tmp: Path, model: nn.Module, tokenizer: Any, config: Config, layers: tuple[int, ...],
-    strategy: str, base_hashes: Mapping[str, str], summary: Mapping[str, Any],
+    tmp: Path,
+    model: nn.Module,
+    tokenizer: Any,
+    config: Config,
+    layers: tuple[int, ...],
+    strategy: str,
+    base_hashes: Mapping[str, str],
+    summary: Mapping[str, Any],
 ) -> None:
     cast("PreTrainedModel", model.eval()).save_pretrained(tmp / "model")
     cast("PreTrainedTokenizerBase", tokenizer).save_pretrained(tmp / "model")
-    save_delta(model, layers, tmp / "delta", config.model.name, config.model.revision,
-               base_hashes=base_hashes)
+    save_delta(
+        model,
+        layers,
+        tmp / "delta",
+        config.model.name,
+        config.model.revision,
+        base_hashes=base_hashes,
+    )
     if strategy == "boost":  # the manifest ignores unknown keys; say what the delta is not
         manifest_path = tmp / "delta" / MANIFEST_FILE
         manifest = json.loads(manifest_path.read_text())
@@ -437,17 +478,27 @@ def _summary(config: Config, result: TrainResult, study: optuna.Study | None) ->
     c = result.contribution  # an undefined C has value, low and high all None
     value, low, high = (c.value, c.low, c.high) if c is not None else (None, None, None)
     return {
-        "model": config.model.name, "revision": config.model.revision, "task": config.task.name,
-        "layers": list(result.layers), "strategy": result.strategy, "lr": result.lr,
+        "model": config.model.name,
+        "revision": config.model.revision,
+        "task": config.task.name,
+        "layers": list(result.layers),
+        "strategy": result.strategy,
+        "lr": result.lr,
         "boost_base_lr": config.train.boost_base_lr if result.strategy == "boost" else None,
-        "steps": result.steps, "trainable_params": result.trainable_params,
+        "steps": result.steps,
+        "trainable_params": result.trainable_params,
         "eval_prompts": len(result.after.outcomes),
-        "score_before": result.before.score, "score_after": result.after.score,
-        "stderr_before": result.before.stderr, "stderr_after": result.after.stderr,
-        "contribution": value, "contribution_ci_low": low, "contribution_ci_high": high,
+        "score_before": result.before.score,
+        "score_after": result.after.score,
+        "stderr_before": result.before.stderr,
+        "stderr_after": result.after.stderr,
+        "contribution": value,
+        "contribution_ci_low": low,
+        "contribution_ci_high": high,
         "contribution_note": result.contribution_note,
         "delta_reproduces_model": result.strategy != "boost",
-        "study": study.study_name if study else None, "mlflow_run_id": result.run_id or None,
+        "study": study.study_name if study else None,
+        "mlflow_run_id": result.run_id or None,
         "seconds": round(result.seconds, 2),
     }
 
@@ -471,8 +522,12 @@ def run_training(
         raise AutolayerError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     out = Path(out_dir if out_dir is not None else config.train.output_dir)
     refuse_existing(out, overwrite)
-    model, tokenizer = load_model(config.model.name, revision=config.model.revision,
-                                  dtype=config.model.dtype, device=config.proxy.device)
+    model, tokenizer = load_model(
+        config.model.name,
+        revision=config.model.revision,
+        dtype=config.model.dtype,
+        device=config.proxy.device,
+    )
     chosen = validate_layers(layers, len(find_layer_stack(model)))
     task = load_task(config.task, tokenizer)
     before = base_reference(config, model, tokenizer, task, root)
@@ -481,15 +536,43 @@ def run_training(
     tracker, run_id = start_tracking(config, study, root, params)
     try:
         with atomic_dir(out, overwrite) as tmp:
-            trained, seconds = _train(model, tokenizer, task, config, strategy, chosen,
-                                      tmp / "trainer", [TrackerCallback(tracker, run_id)])
+            trained, seconds = _train(
+                model,
+                tokenizer,
+                task,
+                config,
+                strategy,
+                chosen,
+                tmp / "trainer",
+                [TrackerCallback(tracker, run_id)],
+            )
             shutil.rmtree(tmp / "trainer", ignore_errors=True)
             after = evaluate(model, tokenizer, task)
             c, note = contribution_vs_study(after, before, study, config.proxy.seed)
-            result = TrainResult(chosen, strategy, config.train.lr, config.train.steps, before,
-                                 after, c, note, trained, seconds, out, run_id)
-            _write_outputs(tmp, model, tokenizer, config, chosen, strategy, base_hashes,
-                           _summary(config, result, study))
+            result = TrainResult(
+                chosen,
+                strategy,
+                config.train.lr,
+                config.train.steps,
+                before,
+                after,
+                c,
+                note,
+                trained,
+                seconds,
+                out,
+                run_id,
+            )
+            _write_outputs(
+                tmp,
+                model,
+                tokenizer,
+                config,
+                chosen,
+                strategy,
+                base_hashes,
+                _summary(config, result, study),
+            )
     except BaseException as err:
         tracker.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise

@@ -29,7 +29,8 @@ def save_tiny_model(path: Path, seed: int = 0) -> Path:
     tokenizer = organism.build_tokenizer()
     model = Qwen3ForCausalLM(organism.make_config(tokenizer))
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     model.save_pretrained(path)
@@ -65,10 +66,19 @@ def storage(tmp_path: Path) -> str:
     study.set_user_attr("reference_base_score", 0.4)
     study.set_user_attr("reference_full_score", 0.6)
     for value, layers in [(0.9, [5]), (0.8, [2, 4]), (0.1, [0])]:
-        study.add_trial(create_trial(value=value, user_attrs={
-            "layers": layers, "lr": 2e-3, "score": 0.4 + value / 5, "contribution": value,
-            "ci_low": value - 0.1, "ci_high": value + 0.1,
-        }))
+        study.add_trial(
+            create_trial(
+                value=value,
+                user_attrs={
+                    "layers": layers,
+                    "lr": 2e-3,
+                    "score": 0.4 + value / 5,
+                    "contribution": value,
+                    "ci_low": value - 0.1,
+                    "ci_high": value + 0.1,
+                },
+            )
+        )
     return url
 
 
@@ -98,11 +108,27 @@ def one_error_line(capsys: pytest.CaptureFixture[str], code: int) -> str:
     ],
 )
 def test_train_user_errors(
-    extra: list[str], message: str, config_file: Path, storage: str, tmp_path: Path,
+    extra: list[str],
+    message: str,
+    config_file: Path,
+    storage: str,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    code = main(["train", "--config", str(config_file), "--storage", storage,
-                 "--root", str(tmp_path / "root"), "--out", str(tmp_path / "out"), *extra])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(config_file),
+            "--storage",
+            storage,
+            "--root",
+            str(tmp_path / "root"),
+            "--out",
+            str(tmp_path / "out"),
+            *extra,
+        ]
+    )
     assert re.search(message, one_error_line(capsys, code))
     assert not (tmp_path / "out").exists()
 
@@ -113,8 +139,20 @@ def test_train_refuses_an_existing_output_dir(
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code = main(["train", "--config", str(config_file), "--layers", "3", "--out", str(out),
-                 "--root", str(tmp_path / "root"), "--no-tracking"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(config_file),
+            "--layers",
+            "3",
+            "--out",
+            str(out),
+            "--root",
+            str(tmp_path / "root"),
+            "--no-tracking",
+        ]
+    )
     assert "--overwrite" in one_error_line(capsys, code)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
@@ -123,8 +161,22 @@ def test_train_from_a_study(
     config_file: Path, storage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    code = main(["train", "--config", str(config_file), "--study-name", "found", "--storage",
-                 storage, "--root", str(tmp_path / "root"), "--out", str(out), "--no-tracking"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(config_file),
+            "--study-name",
+            "found",
+            "--storage",
+            storage,
+            "--root",
+            str(tmp_path / "root"),
+            "--out",
+            str(out),
+            "--no-tracking",
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["layers"] == [5] and summary["study"] == "found" and summary["steps"] == 1
@@ -139,8 +191,22 @@ def test_export_axolotl_for_explicit_layers(
     model_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "exports"
-    assert main(["export", "--format", "axolotl", "--layers", "3", "--model", model_name,
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--format",
+                "axolotl",
+                "--layers",
+                "3",
+                "--model",
+                model_name,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = (out / FILENAMES["axolotl"]).read_text()
     assert "- ^model.layers.3.\n" in text and "model.layers.4" not in text
     assert capsys.readouterr().out.strip() == str(out / FILENAMES["axolotl"])
@@ -150,8 +216,19 @@ def test_export_llamafactory_refuses_a_gap_and_writes_nothing(
     model_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "exports"
-    code = main(["export", "--format", "llamafactory", "--layers", "3,5", "--model", model_name,
-                 "--out", str(out)])
+    code = main(
+        [
+            "export",
+            "--format",
+            "llamafactory",
+            "--layers",
+            "3,5",
+            "--model",
+            model_name,
+            "--out",
+            str(out),
+        ]
+    )
     assert "cannot be expressed in LLaMA-Factory" in one_error_line(capsys, code)
     assert not out.exists() or not any(out.iterdir())
 
@@ -160,8 +237,22 @@ def test_export_all_reports_the_refusal_and_writes_the_rest(
     model_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "exports"
-    assert main(["export", "--format", "all", "--layers", "3,5", "--model", model_name,
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--format",
+                "all",
+                "--layers",
+                "3,5",
+                "--model",
+                model_name,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     written = {fmt for fmt, name in FILENAMES.items() if (out / name).is_file()}
     assert written == set(FILENAMES) - {"llamafactory"}
     assert "skipped llamafactory: layers [3, 5] cannot be expressed" in capsys.readouterr().out
@@ -171,8 +262,26 @@ def test_export_from_a_study_records_the_evidence(
     model_name: str, storage: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "exports"
-    assert main(["export", "--format", "json", "--study-name", "found", "--top-k", "2",
-                 "--model", model_name, "--storage", storage, "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--format",
+                "json",
+                "--study-name",
+                "found",
+                "--top-k",
+                "2",
+                "--model",
+                model_name,
+                "--storage",
+                storage,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / FILENAMES["json"]).read_text())
     assert record["layers"] == [2, 5]  # 5 (best), then 2 from the trial of layers 2 and 4
     evidence = record["evidence"]
@@ -219,20 +328,34 @@ def test_merge_into_the_wrong_base_exits_2(
     two_bases: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, base_b, delta = two_bases
-    code = main(["merge", "--base", str(base_b), "--delta", str(delta),
-                 "--out", str(tmp_path / "merged")])
+    code = main(
+        ["merge", "--base", str(base_b), "--delta", str(delta), "--out", str(tmp_path / "merged")]
+    )
     assert "differs from the base the delta was trained from" in one_error_line(capsys, code)
     assert not (tmp_path / "merged").exists()
 
 
 def test_merge_into_the_right_base(two_bases: tuple[Path, Path, Path], tmp_path: Path) -> None:
     base_a, _, delta = two_bases
-    assert main(["merge", "--base", str(base_a), "--delta", str(delta),
-                 "--out", str(tmp_path / "merged")]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(base_a),
+                "--delta",
+                str(delta),
+                "--out",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 0
+    )
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     base = AutoModelForCausalLM.from_pretrained(base_a)
-    assert torch.equal(merged.model.layers[1].mlp.down_proj.weight,
-                       base.model.layers[1].mlp.down_proj.weight + 0.5)
+    assert torch.equal(
+        merged.model.layers[1].mlp.down_proj.weight, base.model.layers[1].mlp.down_proj.weight + 0.5
+    )
 
 
 # ---- help ----------------------------------------------------------------------------------------

@@ -24,9 +24,16 @@ LAYERS = (1, 3)
 
 def qwen3(seed: int, num_layers: int = 4) -> tf.PreTrainedModel:
     torch.manual_seed(seed)
-    config = tf.Qwen3Config(vocab_size=20, hidden_size=16, intermediate_size=32,
-                            num_hidden_layers=num_layers, num_attention_heads=2,
-                            num_key_value_heads=1, head_dim=8, max_position_embeddings=32)
+    config = tf.Qwen3Config(
+        vocab_size=20,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=32,
+    )
     return tf.AutoModelForCausalLM.from_config(config)
 
 
@@ -45,8 +52,9 @@ def trained(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
     model = qwen3(seed=0)
     base_hashes = hash_parameters(model, layer_param_names(model, LAYERS))
     perturb(model, LAYERS)
-    delta = save_delta(model, LAYERS, tmp_path / "delta", "tiny/qwen3", "rev1",
-                       base_hashes=base_hashes)
+    delta = save_delta(
+        model, LAYERS, tmp_path / "delta", "tiny/qwen3", "rev1", base_hashes=base_hashes
+    )
     return model, delta
 
 
@@ -80,8 +88,9 @@ def test_merge_into_a_fresh_base_is_bit_identical(trained) -> None:
 
 def test_base_hashes_from_a_base_model_equal_precomputed_ones(trained, tmp_path) -> None:
     model, delta = trained
-    again = save_delta(model, LAYERS, tmp_path / "again", "tiny/qwen3", "rev1",
-                       base_model_for_hash=qwen3(seed=0))
+    again = save_delta(
+        model, LAYERS, tmp_path / "again", "tiny/qwen3", "rev1", base_model_for_hash=qwen3(seed=0)
+    )
     assert (again / MANIFEST_FILE).read_text() == (delta / MANIFEST_FILE).read_text()
     with pytest.raises(ValueError, match="exactly one"):
         save_delta(model, LAYERS, tmp_path / "x", "tiny/qwen3", None)
@@ -136,8 +145,15 @@ def test_save_is_atomic_and_refuses_to_clobber(trained, tmp_path, monkeypatch) -
     hashes = hash_parameters(qwen3(seed=0), layer_param_names(model, LAYERS))
     with pytest.raises(AutolayerError, match="already exists"):
         save_delta(model, LAYERS, delta, "tiny/qwen3", "rev1", base_hashes=hashes)
-    save_delta(model, [2], delta, "tiny/qwen3", "rev1", base_hashes=hash_parameters(
-        qwen3(seed=0), layer_param_names(model, [2])), overwrite=True)
+    save_delta(
+        model,
+        [2],
+        delta,
+        "tiny/qwen3",
+        "rev1",
+        base_hashes=hash_parameters(qwen3(seed=0), layer_param_names(model, [2])),
+        overwrite=True,
+    )
     assert load_delta(delta)[0]["layers"] == [2]
 
     def fail(*args: object, **kwargs: object) -> None:

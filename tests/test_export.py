@@ -39,16 +39,30 @@ QWEN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def qwen3(num_layers: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = tf.Qwen3Config(vocab_size=32, hidden_size=16, intermediate_size=32,
-                            num_hidden_layers=num_layers, num_attention_heads=2,
-                            num_key_value_heads=1, head_dim=8, max_position_embeddings=32)
+    config = tf.Qwen3Config(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=32,
+    )
     return tf.AutoModelForCausalLM.from_config(config)
 
 
 def gpt2() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = tf.GPT2Config(vocab_size=32, n_embd=16, n_layer=4, n_head=2, n_positions=32,
-                           bos_token_id=0, eos_token_id=0)
+    config = tf.GPT2Config(
+        vocab_size=32,
+        n_embd=16,
+        n_layer=4,
+        n_head=2,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return tf.AutoModelForCausalLM.from_config(config)
 
 
@@ -195,8 +209,9 @@ def llamafactory_trainable(names: list[str], freeze_trainable_layers: int, num_l
     return {name for name in names if any(f".{i:d}." in name for i in ids)}
 
 
-@pytest.mark.parametrize(("layers", "expected"), [((5, 6, 7), 3), ((0, 1), -2), ((7,), 1),
-                                                  (tuple(range(8)), 8)])
+@pytest.mark.parametrize(
+    ("layers", "expected"), [((5, 6, 7), 3), ((0, 1), -2), ((7,), 1), (tuple(range(8)), 8)]
+)
 def test_llamafactory_writes_last_n_positive_and_first_n_negative(qwen8, layers, expected):
     choice = choice_from_model(qwen8, "org/model", layers)
     data = yaml.safe_load(llamafactory_config(choice))
@@ -241,9 +256,15 @@ def test_nearest_llamafactory_set(layers, num_layers, nearest) -> None:
 def test_llamafactory_refuses_when_nested_indices_would_train_other_layers() -> None:
     # an MoE block: '.3.' in experts.3 would make LLaMA-Factory train expert 3 of every layer
     choice = LayerChoice(
-        model="m", revision=None, num_layers=4, stack_path="model.layers", layers=(2, 3),
+        model="m",
+        revision=None,
+        num_layers=4,
+        stack_path="model.layers",
+        layers=(2, 3),
         param_names=("model.layers.2.mlp.experts.3.up.weight", "model.layers.3.attn.q.weight"),
-        param_count=2, total_params=10, evidence={},
+        param_count=2,
+        total_params=10,
+        evidence={},
     )
     with pytest.raises(AutolayerError, match="every layer"):
         llamafactory_config(choice)

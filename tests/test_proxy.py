@@ -1,4 +1,4 @@
-"""The proxy RL run: exactly the chosen layers train, deterministically, and RL helps the organism."""
+"""The proxy RL run: exactly the chosen layers train, deterministically; RL helps the organism."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from autolayer.proxy import GRPOModule, run_proxy
 from autolayer.scoring import evaluate
 from autolayer.tasks import load_task
 
-FAST = ProxyConfig(steps=3, prompts_per_step=4, num_generations=4, eval_every=3, lr=1e-2,
-                   device="cpu")
+FAST = ProxyConfig(
+    steps=3, prompts_per_step=4, num_generations=4, eval_every=3, lr=1e-2, device="cpu"
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +87,11 @@ def test_checkpointing_keeps_gradients_when_early_layers_are_frozen(
     config = ProxyConfig(**{**FAST.__dict__, "gradient_checkpointing": True})
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     run_proxy(model, tokenizer, task, config, [6])
-    changed = [n for n in layer_param_names(model, [6])
-               if not torch.equal(dict(model.named_parameters())[n], before[n])]
+    changed = [
+        n
+        for n in layer_param_names(model, [6])
+        if not torch.equal(dict(model.named_parameters())[n], before[n])
+    ]
     assert changed, "no gradient reached layer 6 under activation checkpointing"
 
 
@@ -118,8 +122,17 @@ def test_per_step_metrics_reach_lightning_loggers(organism: tuple[Any, Any, Any]
     recorder = _Recorder()
     run_proxy(fresh(organism), tokenizer, task, FAST, [4], logger=recorder)
     keys = set().union(*recorder.metrics)
-    expected = {"reward_mean", "reward_std", "kl", "loss", "grad_norm", "completion_length",
-                "tokens_per_second", "step_seconds", "eval_score"}
+    expected = {
+        "reward_mean",
+        "reward_std",
+        "kl",
+        "loss",
+        "grad_norm",
+        "completion_length",
+        "tokens_per_second",
+        "step_seconds",
+        "eval_score",
+    }
     assert {f"proxy/{k}" for k in expected} <= keys
     steps = [m for m in recorder.metrics if "proxy/loss" in m]
     assert len(steps) == FAST.steps and all(math.isfinite(m["proxy/loss"]) for m in steps)
@@ -129,8 +142,14 @@ def test_eval_hook_can_stop_a_run_early(organism: tuple[Any, Any, Any]) -> None:
     _, tokenizer, task = organism
     config = ProxyConfig(**{**FAST.__dict__, "steps": 6, "eval_every": 2})
     seen: list[int] = []
-    result = run_proxy(fresh(organism), tokenizer, task, config, [4],
-                       eval_hook=lambda step, e: seen.append(step) or step >= 2)
+    result = run_proxy(
+        fresh(organism),
+        tokenizer,
+        task,
+        config,
+        [4],
+        eval_hook=lambda step, e: seen.append(step) or step >= 2,
+    )
     assert seen == [2] and result.stopped_early and result.steps == 2
 
 
@@ -143,7 +162,8 @@ def test_single_middle_layer_grpo_beats_base_by_three_standard_errors(
     model = fresh(organism)
     base = evaluate(model, tokenizer, task)
     assert 0.2 <= base.score <= 0.7  # headroom for RL, and something to keep
-    config = ProxyConfig(steps=30, prompts_per_step=16, num_generations=8, lr=3e-3,
-                         eval_every=30, device="cpu")
+    config = ProxyConfig(
+        steps=30, prompts_per_step=16, num_generations=8, lr=3e-3, eval_every=30, device="cpu"
+    )
     result = run_proxy(model, tokenizer, task, config, [4])
     assert result.score - base.score >= 3 * base.stderr, (base.score, result.score)

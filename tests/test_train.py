@@ -41,8 +41,10 @@ def save_tiny_model(path: Path, seed: int = 0) -> Path:
     tokenizer = organism.build_tokenizer()
     model = Qwen3ForCausalLM(organism.make_config(tokenizer))
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, max_new_tokens=organism.MAX_COMPLETION_TOKENS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=organism.MAX_COMPLETION_TOKENS,
     )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -125,10 +127,18 @@ LAYER_PARAMS, TOTAL_PARAMS = 9312, 38880
 @pytest.fixture
 def small_qwen3() -> Qwen3ForCausalLM:
     torch.manual_seed(0)
-    return Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
-    ))
+    return Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def numel(params: list[torch.nn.Parameter]) -> int:
@@ -226,14 +236,21 @@ def test_tracker_callback_forwards_numeric_logs_by_global_step() -> None:
 
 
 def tiny_config(model: str, tmp_path: Path) -> Any:
-    return config_from_dict({
-        "model": {"name": model, "dtype": "float32"},
-        "task": {"name": "organism", "train_size": 64, "eval_size": 100},
-        "proxy": {"prompts_per_step": 4, "num_generations": 4, "beta": 0.04, "device": "cpu",
-                  "seed": 0},
-        "train": {"steps": 2, "lr": 3e-2},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-    })
+    return config_from_dict(
+        {
+            "model": {"name": model, "dtype": "float32"},
+            "task": {"name": "organism", "train_size": 64, "eval_size": 100},
+            "proxy": {
+                "prompts_per_step": 4,
+                "num_generations": 4,
+                "beta": 0.04,
+                "device": "cpu",
+                "seed": 0,
+            },
+            "train": {"steps": 2, "lr": 3e-2},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        }
+    )
 
 
 def test_run_training_end_to_end(model_name: str, tmp_path: Path) -> None:
@@ -302,8 +319,11 @@ def test_boost_trains_everything_and_says_the_delta_is_partial(tmp_path: Path) -
     assert result.run_id == "" and result.trainable_params == TOTAL_ORGANISM_PARAMS
     trained = dict(AutoModelForCausalLM.from_pretrained(out / "model").named_parameters())
     base, _ = load_model(ORGANISM, dtype="float32", device="cpu")
-    outside = [n for n, p in base.named_parameters()
-               if not n.startswith("model.layers.3.") and not torch.equal(trained[n], p)]
+    outside = [
+        n
+        for n, p in base.named_parameters()
+        if not n.startswith("model.layers.3.") and not torch.equal(trained[n], p)
+    ]
     assert outside  # layers other than the chosen one moved too
     manifest = json.loads((out / "delta" / "manifest.json").read_text())
     assert "does NOT reproduce" in manifest["note"] and manifest["layers"] == [3]
