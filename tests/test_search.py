@@ -244,3 +244,16 @@ def test_pruners_run_on_real_trials(tmp_path: Path, pruner: str) -> None:
             assert sorted(trial.intermediate_values) == [0, 1]
         else:  # held-out score by rollout step (eval_every 2, 4 steps: only step 2 is reported)
             assert sorted(trial.intermediate_values) == [2]
+
+
+def test_demo_command_prints_the_table_and_how_to_browse(tmp_path: Path) -> None:
+    """`make demo` end to end: the bundled model, its task, the single-layer space."""
+    proc = _cli("demo", "--root", str(tmp_path / "mlruns"), cwd=tmp_path)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    assert "★ best" in output
+    table = [line for line in output.splitlines() if line.startswith("│")]
+    assert len(table) == 8  # one row per layer of the organism
+    assert "mlflow ui --backend-store-uri sqlite:///" in output
+    assert "optuna-dashboard --storage-class JournalFileBackend" in output
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()

@@ -1,0 +1,48 @@
+"""Held-out score of the all-layers proxy run for several learning rates (tunes `proxy.full_lr`).
+
+    python benchmarks/full_lr_sweep.py [--config examples/organism.yaml] [--lrs 3e-5,1e-4,3e-4,1e-3]
+
+The paper tunes the full-parameter lr separately from the single-layer one; C is only meaningful
+against a well-tuned reference. Prints one JSON line per lr with the held-out score at each eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from autolayer.config import load_config
+from autolayer.measure import base_reference, proxy_and_restore
+from autolayer.models import find_layer_stack, load_model
+from autolayer.tasks import load_task
+from autolayer.tracking import DEFAULT_ROOT
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="examples/organism.yaml")
+    parser.add_argument("--lrs", default="3e-5,1e-4,3e-4,1e-3")
+    args = parser.parse_args()
+    config = load_config(args.config)
+    model, tokenizer = load_model(
+        config.model.name,
+        revision=config.model.revision,
+        dtype=config.model.dtype,
+        device=config.proxy.device,
+    )
+    task = load_task(config.task, tokenizer)
+    base = base_reference(config, model, tokenizer, task, DEFAULT_ROOT)
+    print(json.dumps({"base_score": base.score, "stderr": round(base.stderr, 4)}))
+    every_layer = range(len(find_layer_stack(model)))
+    for lr in (float(x) for x in args.lrs.split(",")):
+        start = time.perf_counter()
+        result = proxy_and_restore(model, tokenizer, task, config.proxy, every_layer, lr)
+        seconds = round(time.perf_counter() - start, 1)
+        print(json.dumps({"full_lr": lr, "evals": result.evals, "seconds": seconds}))
+
+
+if __name__ == "__main__":
+    main()
