@@ -276,10 +276,11 @@ def _grpo_trainer(
     callbacks: list[TrainerCallback],
     optimizer: torch.optim.Optimizer,
 ) -> GRPOTrainer:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import GRPOTrainer
 
     reward_funcs: list[Any] = list(task.reward_funcs)
-    return GRPOTrainer(
+    trainer = GRPOTrainer(
         model=cast("PreTrainedModel", model),
         processing_class=tokenizer,
         reward_funcs=reward_funcs,
@@ -288,6 +289,30 @@ def _grpo_trainer(
         callbacks=callbacks,
         optimizers=(optimizer, None),  # the Trainer adds the (constant) scheduler
     )
+    # With logging_steps=1 the stock callbacks print every step's log dict; the metrics go to
+    # MLflow, so keep the step bar and drop the dumps.
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_QuietProgress)
+    return trainer
+
+
+class _QuietProgress(TrainerCallback):
+    """transformers' step progress bar without its per-step log printing."""
+
+    def __init__(self) -> None:
+        from transformers.trainer_callback import ProgressCallback
+
+        self._bar = ProgressCallback()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._bar.on_train_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._bar.on_step_end(args, state, control, **kwargs)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._bar.on_train_end(args, state, control, **kwargs)
 
 
 @torch.no_grad()
