@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "candidate layers and is scored on held-out verifiable rewards.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in (_layers_parser, _search_parser, _demo_parser, _results_parser):
+    for register in (_layers_parser, _search_parser, _demo_parser, _results_parser, _config_parser):
         register(sub)
     try:
         from autolayer.cli_train import register_train_commands
@@ -203,7 +203,7 @@ def _search_parser(sub: Any) -> None:
 def _demo_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
-        help="A real single-layer search on the bundled model (~minutes on CPU).",
+        help="A real single-layer search on the bundled model (~40 s on 2 CPU cores).",
         description="Search the bundled tiny model's layers with its arithmetic "
         "task and the single-layer space, then print the table and "
         "the commands that open MLflow and optuna-dashboard.",
@@ -292,6 +292,33 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- config ------------------------------------------------------------------------------------
+
+
+def _config_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "config",
+        help="Print every config field with its default and meaning.",
+        description="The YAML schema: sections, fields, defaults and what each "
+        "does. `--config FILE` shows FILE's resolved values instead.",
+    )
+    p.add_argument("--config", metavar="FILE.yaml", help="Show this file's resolved values.")
+    p.set_defaults(handler=cmd_config)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    config = load_config(args.config) if args.config else Config()
+    for section in dataclasses.fields(Config):
+        print(f"{section.name}:")
+        values = getattr(config, section.name)
+        for f in dataclasses.fields(values):
+            value = json.dumps(getattr(values, f.name))
+            print(f"  {f.name + ':':<24}{value:<14} # {f.metadata.get('help', '')}")
+    return 0
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 
@@ -315,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AutolayerError as err:
         print(f"autolayer: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # output piped into `head` and closed early
+        return 0
     except KeyboardInterrupt:
         print(
             "autolayer: interrupted; finished trials are saved, rerun the command to resume",

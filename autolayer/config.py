@@ -62,10 +62,10 @@ class TaskConfig:
 @dataclass
 class ProxyConfig:
     algorithm: Algorithm = doc("RL objective: grpo or dr_grpo (RESEARCH.md §3).", "grpo")
-    steps: int = doc("Optimizer steps of one proxy run.", 40)
+    steps: int = doc("Steps (sampled batches) of one proxy run.", 30)
     prompts_per_step: int = doc("Prompts per step; each gets `num_generations` samples.", 16)
     num_generations: int = doc("Group size G: completions sampled per prompt.", 8)
-    lr: float = doc("Learning rate of a layer-subset run (searchable per space).", 3e-3)
+    lr: float = doc("Learning rate of a layer-subset run (searchable per space).", 1e-3)
     full_lr: float = doc("Learning rate of the all-layers reference run (tuned separately).", 1e-4)
     beta: float = doc("Weight of the k3 KL penalty to the reference (0: no reference).", 0.0)
     epsilon: float = doc("PPO clip range of the importance ratio.", 0.2)
@@ -95,11 +95,12 @@ class SearchConfig:
     )
     objective: Objective = doc("What trials maximise: contribution C or raw score.", "contribution")
     n_trials: int | None = doc(
-        "Trials to run in this invocation (None: until the space or budget ends).", None
+        "Trials to run in this invocation (default: the rest of an exhaustive space, else 20).",
+        None,
     )
     timeout: float | None = doc("Stop starting new trials after this many seconds.", None)
     max_total_steps: int | None = doc(
-        "Budget of proxy optimizer steps summed over the study.", None
+        "Budget of proxy steps (sampled batches) summed over the study.", None
     )
     sampler: SamplerName = doc("auto: grid for spaces under 64 points, else TPE.", "auto")
     pruner: PrunerName = doc(
