@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,3 +102,44 @@ def _create_database(port: int) -> None:
             cursor.execute(f"CREATE DATABASE {PG_DATABASE}")
     finally:
         conn.close()
+
+
+def tiny_qwen3(num_layers: int = 4, seed: int = 0, vocab_size: int = 32) -> Any:
+    """A random-weight Qwen3 small enough to build in milliseconds (no download)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=32,
+    )
+    return tf.AutoModelForCausalLM.from_config(config)
+
+
+def save_organism_shaped(path: Path, seed: int = 0) -> Path:
+    """A random 8-layer Qwen3 with the organism's shape and tokenizer, saved like the organism
+    (a base that a delta trained on the organism must refuse to merge into)."""
+    import torch
+    from transformers import GenerationConfig, Qwen3ForCausalLM
+
+    from autolayer import organism
+
+    torch.manual_seed(seed)
+    tokenizer = organism.build_tokenizer()
+    model = Qwen3ForCausalLM(organism.make_config(tokenizer))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=organism.MAX_COMPLETION_TOKENS,
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

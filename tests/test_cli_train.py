@@ -11,39 +11,21 @@ import optuna
 import pytest
 import torch
 from optuna.trial import create_trial
-from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM
 
-from autolayer import organism
 from autolayer.cli import build_parser, main
 from autolayer.delta import save_delta
 from autolayer.export import FILENAMES
 from autolayer.models import ORGANISM, load_model
 from autolayer.storage import make_storage
+from tests.conftest import save_organism_shaped
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def save_tiny_model(path: Path, seed: int = 0) -> Path:
-    """A random 8-layer Qwen3 with the organism's shape and tokenizer, saved like the organism."""
-    torch.manual_seed(seed)
-    tokenizer = organism.build_tokenizer()
-    model = Qwen3ForCausalLM(organism.make_config(tokenizer))
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def model_name(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The bundled organism once it is built; until then a random model of the same shape."""
-    if (organism.organism_path() / "config.json").is_file():
-        return ORGANISM
-    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+def model_name() -> str:
+    return ORGANISM
 
 
 @pytest.fixture
@@ -315,7 +297,10 @@ def test_export_user_errors(
 def two_bases(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """Two different random bases and a delta of layer 1 taken from the first."""
     root = tmp_path_factory.mktemp("merge")
-    base_a, base_b = save_tiny_model(root / "a", seed=0), save_tiny_model(root / "b", seed=1)
+    base_a, base_b = (
+        save_organism_shaped(root / "a", seed=0),
+        save_organism_shaped(root / "b", seed=1),
+    )
     model, _ = load_model(str(base_a), dtype="float32", device="cpu")
     hashed_base, _ = load_model(str(base_a), dtype="float32", device="cpu")
     with torch.no_grad():

@@ -18,23 +18,13 @@ from autolayer.delta import (
 from autolayer.errors import AutolayerError
 from autolayer.models import layer_param_names
 from autolayer.organism import build_tokenizer
+from tests.conftest import tiny_qwen3
 
 LAYERS = (1, 3)
 
 
 def qwen3(seed: int, num_layers: int = 4) -> tf.PreTrainedModel:
-    torch.manual_seed(seed)
-    config = tf.Qwen3Config(
-        vocab_size=20,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        max_position_embeddings=32,
-    )
-    return tf.AutoModelForCausalLM.from_config(config)
+    return tiny_qwen3(num_layers, seed, vocab_size=20)
 
 
 def perturb(model: torch.nn.Module, layers: tuple[int, ...]) -> None:

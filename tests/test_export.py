@@ -33,23 +33,13 @@ from autolayer.export import (
     trl_script,
     write_export,
 )
+from tests.conftest import tiny_qwen3
 
 QWEN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def qwen3(num_layers: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = tf.Qwen3Config(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        max_position_embeddings=32,
-    )
-    return tf.AutoModelForCausalLM.from_config(config)
+    return tiny_qwen3(num_layers)
 
 
 def gpt2() -> torch.nn.Module:

@@ -11,9 +11,8 @@ import optuna
 import pytest
 import torch
 from optuna.trial import TrialState, create_trial
-from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from autolayer import organism
 from autolayer.config import config_from_dict
 from autolayer.delta import load_delta, merge_to_dir
 from autolayer.errors import AutolayerError
@@ -31,32 +30,9 @@ from autolayer.train import (
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def organism_built() -> bool:
-    return (organism.organism_path() / "config.json").is_file()
-
-
-def save_tiny_model(path: Path, seed: int = 0) -> Path:
-    """A random 8-layer Qwen3 with the organism's shape and tokenizer, saved like the organism."""
-    torch.manual_seed(seed)
-    tokenizer = organism.build_tokenizer()
-    model = Qwen3ForCausalLM(organism.make_config(tokenizer))
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=organism.MAX_COMPLETION_TOKENS,
-    )
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def model_name(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The bundled organism once it is built; until then a random model of the same shape."""
-    if organism_built():
-        return ORGANISM
-    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+def model_name() -> str:
+    return ORGANISM
 
 
 # ---- select_layers -------------------------------------------------------------------------------
@@ -274,8 +250,7 @@ def test_run_training_end_to_end(model_name: str, tmp_path: Path) -> None:
             assert torch.equal(trained_params[name], param), name  # frozen stays frozen
     base_params = dict(base.named_parameters())
     changed = [n for n in chosen if not torch.equal(trained_params[n], base_params[n])]
-    if model_name == ORGANISM:  # a random model earns no reward, so no gradient and no change
-        assert changed, "training changed none of the chosen layer's parameters"
+    assert changed, "training changed none of the chosen layer's parameters"
 
     merged = merge_to_dir(model_name, out / "delta", tmp_path / "merged")
     merged_params = dict(AutoModelForCausalLM.from_pretrained(merged).named_parameters())
@@ -308,8 +283,6 @@ def test_run_training_end_to_end(model_name: str, tmp_path: Path) -> None:
 
 
 def test_boost_trains_everything_and_says_the_delta_is_partial(tmp_path: Path) -> None:
-    if not organism_built():
-        pytest.skip("needs the bundled organism (a random model earns no reward to learn from)")
     config = tiny_config(ORGANISM, tmp_path)
     config.proxy.beta = 0.0
     config.tracking.enabled = False
