@@ -28,6 +28,17 @@ from autolayer.tasks import Task, load_task
 from autolayer.tracking import DEFAULT_ROOT
 
 
+def load_for(config: Config) -> tuple[nn.Module, Any, Task]:
+    """The model (on the proxy's device), its tokenizer and the task that `config` names."""
+    model, tokenizer = load_model(
+        config.model.name,
+        revision=config.model.revision,
+        dtype=config.model.dtype,
+        device=config.proxy.device,
+    )
+    return model, tokenizer, load_task(config.task, tokenizer)
+
+
 def base_reference(
     config: Config, model: nn.Module, tokenizer: Any, task: Task, root: Path
 ) -> Evaluation:
@@ -84,14 +95,8 @@ def measure(
     root: Path = DEFAULT_ROOT,
 ) -> Measurement:
     """Train `layers` for one proxy run and report it against the base and the all-layers run."""
-    model, tokenizer = load_model(
-        config.model.name,
-        revision=config.model.revision,
-        dtype=config.model.dtype,
-        device=config.proxy.device,
-    )
+    model, tokenizer, task = load_for(config)
     num_layers = len(find_layer_stack(model))
-    task = load_task(config.task, tokenizer)
     base = base_reference(config, model, tokenizer, task, root)
     full_run = None
     if with_full:

@@ -23,8 +23,8 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from autolayer.config import Config
-from autolayer.measure import base_reference, proxy_and_restore
-from autolayer.models import find_layer_stack, load_model
+from autolayer.measure import base_reference, load_for, proxy_and_restore
+from autolayer.models import find_layer_stack
 from autolayer.proxy import ProxyResult
 from autolayer.sampling import make_pruner, make_sampler
 from autolayer.scoring import Contribution, Evaluation, contribution
@@ -39,7 +39,7 @@ from autolayer.spaces import (
     warm_start_params,
 )
 from autolayer.storage import DEFAULT_ROOT, make_storage, mark_worker, recover_stale_trials
-from autolayer.tasks import Task, load_task
+from autolayer.tasks import Task
 from autolayer.tracking import Tracker, make_tracker
 
 WILCOXON_BLOCK = 50  # eval prompts per Wilcoxon report: a report is a storage write (~3.5 ms on
@@ -343,15 +343,9 @@ def prepare(
         config.tracking.experiment or name,
         root,
     )
-    model, tokenizer = load_model(
-        config.model.name,
-        revision=config.model.revision,
-        dtype=config.model.dtype,
-        device=config.proxy.device,
-    )
+    model, tokenizer, task = load_for(config)
     num_layers = len(find_layer_stack(model))
     space = bind(unbound, num_layers)
-    task = load_task(config.task, tokenizer)
     study = open_study(config, space, root, storage)
     for key, value in (
         ("model", config.model.name),

@@ -165,6 +165,20 @@ class MlflowTracker:
             def finalize(self, status: str = "success") -> None:
                 pass
 
+            @property
+            def experiment(self) -> Any:
+                # MLFlowLogger calls mlflow.set_tracking_uri, which also exports
+                # MLFLOW_TRACKING_URI: a later search in this process (or a child process)
+                # would then log to this store instead of its own. Undo that.
+                before = os.environ.get("MLFLOW_TRACKING_URI")
+                try:
+                    return super().experiment
+                finally:
+                    if before is None:
+                        os.environ.pop("MLFLOW_TRACKING_URI", None)
+                    else:
+                        os.environ["MLFLOW_TRACKING_URI"] = before
+
         return _OpenMLFlowLogger(
             experiment_name=self.experiment, tracking_uri=self.tracking_uri, run_id=run_id
         )

@@ -31,19 +31,18 @@ from transformers import TrainerCallback
 from autolayer.config import Config
 from autolayer.delta import MANIFEST_FILE, atomic_dir, hash_parameters, save_delta
 from autolayer.errors import AutolayerError
-from autolayer.measure import base_reference
+from autolayer.measure import base_reference, load_for
 from autolayer.models import (
     find_layer_stack,
     freeze_except,
     layer_param_names,
-    load_model,
     middle_layers,
     resolve_device,
     trainable_parameters,
     validate_layers,
 )
 from autolayer.scoring import Contribution, Evaluation, contribution, evaluate
-from autolayer.tasks import Task, load_task
+from autolayer.tasks import Task
 from autolayer.tracking import DEFAULT_ROOT, Tracker, make_tracker
 
 if TYPE_CHECKING:
@@ -547,14 +546,8 @@ def run_training(
         raise AutolayerError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     out = Path(out_dir if out_dir is not None else config.train.output_dir)
     refuse_existing(out, overwrite)
-    model, tokenizer = load_model(
-        config.model.name,
-        revision=config.model.revision,
-        dtype=config.model.dtype,
-        device=config.proxy.device,
-    )
+    model, tokenizer, task = load_for(config)
     chosen = validate_layers(layers, len(find_layer_stack(model)))
-    task = load_task(config.task, tokenizer)
     before = base_reference(config, model, tokenizer, task, root)
     base_hashes = hash_parameters(model, layer_param_names(model, chosen))
     params = run_params(config, chosen, strategy, study)

@@ -13,9 +13,8 @@ import json
 import time
 
 from autolayer.config import load_config
-from autolayer.measure import base_reference, proxy_and_restore
-from autolayer.models import find_layer_stack, load_model
-from autolayer.tasks import load_task
+from autolayer.measure import base_reference, load_for, proxy_and_restore
+from autolayer.models import find_layer_stack
 from autolayer.tracking import DEFAULT_ROOT
 
 
@@ -27,13 +26,7 @@ def main() -> None:
     parser.add_argument("--lrs", default="3e-5,1e-4,3e-4,1e-3")
     args = parser.parse_args()
     config = load_config(args.config)
-    model, tokenizer = load_model(
-        config.model.name,
-        revision=config.model.revision,
-        dtype=config.model.dtype,
-        device=config.proxy.device,
-    )
-    task = load_task(config.task, tokenizer)
+    model, tokenizer, task = load_for(config)
     base = base_reference(config, model, tokenizer, task, DEFAULT_ROOT)
     print(json.dumps({"base_score": base.score, "stderr": round(base.stderr, 4)}))
     every_layer = range(len(find_layer_stack(model)))

@@ -18,10 +18,10 @@ import time
 import torch
 
 from autolayer.config import load_config
-from autolayer.models import find_layer_stack, load_model, parse_layers
+from autolayer.measure import load_for
+from autolayer.models import find_layer_stack, parse_layers
 from autolayer.proxy import run_proxy
 from autolayer.scoring import evaluate
-from autolayer.tasks import load_task
 
 
 def main() -> None:
@@ -35,15 +35,9 @@ def main() -> None:
     config = load_config(args.config)
     config.proxy.steps = args.steps
     config.proxy.eval_every = args.steps  # a single evaluation, at the end
-    model, tokenizer = load_model(
-        config.model.name,
-        revision=config.model.revision,
-        dtype=config.model.dtype,
-        device=config.proxy.device,
-    )
+    model, tokenizer, task = load_for(config)
     num_layers = len(find_layer_stack(model))
     layers = parse_layers(args.layers, num_layers) if args.layers else (num_layers // 2,)
-    task = load_task(config.task, tokenizer)
     start = time.perf_counter()
     evaluate(model, tokenizer, task)
     eval_seconds = time.perf_counter() - start

@@ -257,3 +257,11 @@ def test_demo_command_prints_the_table_and_how_to_browse(tmp_path: Path) -> None
     assert "mlflow ui --backend-store-uri sqlite:///" in output
     assert "optuna-dashboard --storage-class JournalFileBackend" in output
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+
+
+def test_tracking_leaves_the_environment_alone(tmp_path: Path) -> None:
+    """Lightning's MLFlowLogger exports MLFLOW_TRACKING_URI; a search must not leak it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    space = write_space(tmp_path, layers=[4, 4])
+    run_search(config_from_dict(tiny_config(tmp_path, space)), root=tmp_path / "mlruns")
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
