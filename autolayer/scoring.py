@@ -128,6 +128,16 @@ def _mean_diff_ci(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
+def full_gain_noise(base: Evaluation, full: Evaluation) -> str:
+    """Why C is undefined for these references, or "" when S_full - S_base is significant
+    (its paired 95% CI excludes 0): a ratio over a noise-level denominator is meaningless."""
+    b, f = (np.asarray(e.outcomes, dtype=float) for e in (base, full))
+    full_gain, full_se = _mean_diff_ci(f, b)
+    if full_gain == 0 or abs(full_gain) <= Z95 * full_se:
+        return f"S_full - S_base = {full_gain:+.3f} is within noise (±{Z95 * full_se:.3f})"
+    return ""
+
+
 def contribution(
     subset: Evaluation,
     base: Evaluation,
@@ -147,9 +157,9 @@ def contribution(
     if not len(s) == len(b) == len(f):
         raise ValueError("contribution needs evaluations on the same prompts")
     gain = subset.score - base.score
-    full_gain, full_se = _mean_diff_ci(f, b)
-    if abs(full_gain) <= Z95 * full_se or full_gain == 0:
-        reason = f"S_full - S_base = {full_gain:+.3f} is within noise (±{Z95 * full_se:.3f})"
+    full_gain = full.score - base.score
+    reason = full_gain_noise(base, full)
+    if reason:
         return Contribution(None, None, None, gain, full_gain, reason)
 
     def ratio(s_: np.ndarray, b_: np.ndarray, f_: np.ndarray, axis: int = -1) -> np.ndarray:

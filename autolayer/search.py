@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from autolayer.measure import base_reference, load_for, proxy_and_restore
 from autolayer.models import find_layer_stack
 from autolayer.proxy import ProxyResult
 from autolayer.sampling import make_pruner, make_sampler
-from autolayer.scoring import Contribution, Evaluation, contribution
+from autolayer.scoring import Contribution, Evaluation, contribution, full_gain_noise
 from autolayer.spaces import (
     Candidate,
     Space,
@@ -53,9 +54,10 @@ class References:
     full: Evaluation
     full_lr: float
 
-    @property
+    @cached_property
     def full_gain_defined(self) -> bool:
-        return contribution(self.full, self.base, self.full, n_resamples=2).defined
+        """Whether C is defined; asked on every pruning report, so computed once."""
+        return not full_gain_noise(self.base, self.full)
 
 
 @dataclass
