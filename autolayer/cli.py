@@ -237,7 +237,7 @@ def _run_search(config: Config, root: Path) -> int:
         uri = resolve_tracking_uri(config.tracking.tracking_uri, root)
         out.print(f"  mlflow ui --backend-store-uri {uri}", highlight=False, soft_wrap=True)
     journal = storage.removeprefix("journal:")
-    dashboard = storage if "://" in storage else f"--storage-class JournalFileBackend {journal}"
+    dashboard = storage if "://" in storage else journal  # a file path: read as a journal
     out.print(f"  optuna-dashboard {dashboard}", highlight=False, soft_wrap=True)
     out.print(
         f"  autolayer results --study-name {ctx.study.study_name}"
