@@ -245,13 +245,17 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise AutolayerError(f"config file {path} does not exist")
+    return config_from_dict(read_yaml(path, "config file"))
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """Parse a YAML file; a syntax error is one sentence naming the file and line."""
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise AutolayerError(f"config file {path} is not valid YAML{where}") from None
-    return config_from_dict(data)
+        raise AutolayerError(f"{what} {path} is not valid YAML{where}") from None
 
 
 def field_help(cls: type) -> dict[str, str]:

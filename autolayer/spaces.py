@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import optuna
-import yaml
 
+from autolayer.config import read_yaml
 from autolayer.errors import AutolayerError
 from autolayer.models import middle_layers, validate_layers
 
@@ -152,12 +152,7 @@ def _find_space_file(name_or_path: str, spaces_dir: Path | None) -> Path:
 def load_space(name_or_path: str, spaces_dir: Path | None = None) -> Space:
     """Read a space by name (`search_spaces/<name>.yaml`) or path; errors name the file and key."""
     path = _find_space_file(name_or_path, spaces_dir)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise AutolayerError(f"search space {path} is not valid YAML{where}") from None
+    data = read_yaml(path, "search space")
     try:
         return space_from_dict(data)
     except AutolayerError as err:
