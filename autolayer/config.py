@@ -72,6 +72,11 @@ class ProxyConfig:
     num_iterations: int = doc("Optimisation passes per sampled batch (TRL's num_iterations).", 1)
     temperature: float = doc("Sampling temperature during training.", 1.0)
     max_grad_norm: float = doc("Gradient clipping norm (0: off).", 1.0)
+    micro_batch_size: int | None = doc(
+        "Completions per forward/backward pass (None: a step's all at once); a divisor of "
+        "prompts_per_step x num_generations. Lower it when a real model runs out of memory.",
+        None,
+    )
     eval_every: int = doc("Score on the held-out set every this many steps (for pruning).", 10)
     gradient_checkpointing: bool = doc(
         "Non-reentrant activation checkpointing (saves memory).", False
@@ -83,6 +88,12 @@ class ProxyConfig:
         for key in ("steps", "prompts_per_step", "num_iterations", "eval_every"):
             _require(getattr(self, key) >= 1, f"proxy.{key} must be at least 1")
         _require(self.num_generations >= 2, "proxy.num_generations must be at least 2")
+        batch = self.prompts_per_step * self.num_generations
+        _require(
+            self.micro_batch_size is None
+            or (self.micro_batch_size >= 1 and batch % self.micro_batch_size == 0),
+            f"proxy.micro_batch_size must divide prompts_per_step x num_generations = {batch}",
+        )
         for key in ("lr", "full_lr", "temperature"):
             _require(getattr(self, key) > 0, f"proxy.{key} must be positive")
         _require(self.beta >= 0 and self.epsilon > 0, "proxy.beta must be >= 0 and epsilon > 0")

@@ -68,6 +68,15 @@ def enable_checkpointing(model: nn.Module) -> None:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def _weighted(parts: list[tuple[float, rl.LossOutput]]) -> rl.LossOutput:
+    """The batch's loss and metrics from its micro-batches' (weight, output) pairs."""
+
+    def total(key: str) -> torch.Tensor:
+        return sum(w * getattr(o, key).detach() for w, o in parts)
+
+    return rl.LossOutput(loss=total("loss"), kl=total("kl"), clip_fraction=total("clip_fraction"))
+
+
 @torch.no_grad()
 def upcast_trainable(model: nn.Module) -> None:
     """Keep trained parameters in fp32 while frozen ones may stay bf16.
@@ -201,33 +210,60 @@ class GRPOModule(L.LightningModule):
             roll["mask"],
         )
         advantages = rl.group_advantages(roll["rewards"], cfg.num_generations, cfg.algorithm)
+        chunks = self._micro_batches(ids.shape[0])
         with torch.no_grad():
-            ref_logp = self._logprobs(ids, attn, plen, reference=True) if cfg.beta > 0 else None
-            old_logp = self._logprobs(ids, attn, plen) if cfg.num_iterations > 1 else None
+            ref_logp = (
+                self._chunked_logprobs(ids, attn, plen, chunks, True) if cfg.beta > 0 else None
+            )
+            old_logp = (
+                self._chunked_logprobs(ids, attn, plen, chunks) if cfg.num_iterations > 1 else None
+            )
         optimizer: Any = self.optimizers()  # one optimizer, configured below
         for _ in range(cfg.num_iterations):
-            logp = self._logprobs(ids, attn, plen)
-            out = rl.policy_loss(
-                logp,
-                logp.detach() if old_logp is None else old_logp,
-                advantages,
-                mask,
-                cfg.algorithm,
-                epsilon=cfg.epsilon,
-                beta=cfg.beta,
-                ref_logp=ref_logp,
-                max_completion_length=self.task.max_completion_length,
-            )
-            if not torch.isfinite(out.loss):
-                raise FloatingPointError(
-                    f"the loss became {out.loss.item()} at step {self.rollouts + 1}"
-                )
             optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(out.loss)
+            parts = []
+            for rows in chunks:
+                logp = self._logprobs(ids[rows], attn[rows], plen)
+                out = rl.policy_loss(
+                    logp,
+                    logp.detach() if old_logp is None else old_logp[rows],
+                    advantages[rows],
+                    mask[rows],
+                    cfg.algorithm,
+                    epsilon=cfg.epsilon,
+                    beta=cfg.beta,
+                    ref_logp=None if ref_logp is None else ref_logp[rows],
+                    max_completion_length=self.task.max_completion_length,
+                )
+                if not torch.isfinite(out.loss):
+                    raise FloatingPointError(
+                        f"the loss became {out.loss.item()} at step {self.rollouts + 1}"
+                    )
+                # Both losses are means over sequences (grpo) or over N x L_max (dr_grpo), so a
+                # micro-batch of n rows weighs n / N: the summed gradient is the full batch's.
+                weight = (rows.stop - rows.start) / ids.shape[0]
+                self.manual_backward(out.loss * weight)
+                parts.append((weight, out))
+            out = _weighted(parts)
             grad_norm = self._clip_gradients()
             optimizer.step()
         self.rollouts += 1
         self._log_step(roll, out, grad_norm, time.perf_counter() - start)
+
+    def _micro_batches(self, n: int) -> list[slice]:
+        """Row slices of at most `micro_batch_size` completions (all of them when unset)."""
+        size = self.config.micro_batch_size or n
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def _chunked_logprobs(
+        self,
+        ids: torch.Tensor,
+        attn: torch.Tensor,
+        plen: int,
+        chunks: list[slice],
+        reference: bool = False,
+    ) -> torch.Tensor:
+        return torch.cat([self._logprobs(ids[r], attn[r], plen, reference) for r in chunks])
 
     def _clip_gradients(self) -> torch.Tensor:
         params = trainable_parameters(self.model)

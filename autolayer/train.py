@@ -190,8 +190,11 @@ def grpo_args(config: Config, task: Task, output_dir: Path, base_dtype: torch.dt
         beta=p.beta,
         epsilon=p.epsilon,
         num_generations=p.num_generations,
-        per_device_train_batch_size=p.prompts_per_step * p.num_generations,
-        gradient_accumulation_steps=1,
+        # micro-batches accumulate to one step of prompts_per_step x G completions, so TRL still
+        # generates once per optimizer step (steps_per_generation defaults to the accumulation)
+        per_device_train_batch_size=p.micro_batch_size or p.prompts_per_step * p.num_generations,
+        gradient_accumulation_steps=(p.prompts_per_step * p.num_generations)
+        // (p.micro_batch_size or p.prompts_per_step * p.num_generations),
         num_iterations=p.num_iterations,
         max_completion_length=task.max_completion_length,
         max_steps=config.train.steps,

@@ -59,3 +59,11 @@ def test_every_shipped_space_loads(path: Path) -> None:
     from autolayer.spaces import load_space
 
     assert load_space(str(path)).kind == path.stem
+
+
+def test_micro_batch_must_divide_the_step() -> None:
+    with pytest.raises(
+        AutolayerError, match="must divide prompts_per_step x num_generations = 128"
+    ):
+        config_from_dict({"proxy": {"micro_batch_size": 48}})
+    assert config_from_dict({"proxy": {"micro_batch_size": 32}}).proxy.micro_batch_size == 32

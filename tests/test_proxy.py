@@ -167,3 +167,20 @@ def test_single_middle_layer_grpo_beats_base_by_three_standard_errors(
     )
     result = run_proxy(model, tokenizer, task, config, [4])
     assert result.score - base.score >= 3 * base.stderr, (base.score, result.score)
+
+
+def test_micro_batches_give_the_full_batch_update(organism: tuple[Any, Any, Any]) -> None:
+    """Gradient accumulation over micro-batches of 4 completions equals one pass over all 16."""
+    _, tokenizer, task = organism
+    whole, split = fresh(organism), fresh(organism)
+    one = ProxyConfig(**{**FAST.__dict__, "steps": 1, "eval_every": 1, "beta": 0.1})
+    four = ProxyConfig(**{**one.__dict__, "micro_batch_size": 4})
+    a = run_proxy(whole, tokenizer, task, one, [3])
+    b = run_proxy(split, tokenizer, task, four, [3])
+    assert a.history[0]["proxy/grad_norm"] > 0  # a real update, not two zero gradients
+    assert a.history[0]["proxy/loss"] == pytest.approx(b.history[0]["proxy/loss"], abs=1e-6)
+    assert a.history[0]["proxy/grad_norm"] == pytest.approx(
+        b.history[0]["proxy/grad_norm"], rel=1e-4
+    )
+    for (name, p), (_, q) in zip(whole.named_parameters(), split.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)

@@ -18,11 +18,13 @@ from autolayer.delta import load_delta, merge_to_dir
 from autolayer.errors import AutolayerError
 from autolayer.models import ORGANISM, layer_param_names, load_model
 from autolayer.scoring import Evaluation
+from autolayer.tasks import load_task
 from autolayer.train import (
     TrackerCallback,
     check_trainable,
     contribution_vs_study,
     freeze_for_strategy,
+    grpo_args,
     run_training,
     select_layers,
 )
@@ -305,3 +307,17 @@ def test_boost_trains_everything_and_says_the_delta_is_partial(tmp_path: Path) -
 
 
 TOTAL_ORGANISM_PARAMS = 494_144  # organism.make_config: 8 layers, hidden 64, tied embeddings
+
+
+@pytest.mark.parametrize(("micro", "per_device", "accumulation"), [(None, 16, 1), (4, 4, 4)])
+def test_grpo_args_keep_one_generation_per_step(
+    tmp_path: Path, micro: int | None, per_device: int, accumulation: int
+) -> None:
+    # 4 prompts x G=4 = 16 completions per optimizer step, whatever the micro-batch
+    config = tiny_config(ORGANISM, tmp_path)
+    config.proxy.micro_batch_size = micro
+    task = load_task(config.task)
+    args = grpo_args(config, task, tmp_path, torch.float32)
+    assert args.per_device_train_batch_size == per_device
+    assert args.gradient_accumulation_steps == accumulation
+    assert args.generation_batch_size == 16 and args.steps_per_generation == accumulation
