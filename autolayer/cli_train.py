@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autolayer.config import Config, TrainConfig, field_help, load_config
+from autolayer.config import Config, ProxyConfig, TrainConfig, field_help, load_config
 from autolayer.errors import AutolayerError
 
 if TYPE_CHECKING:
@@ -63,13 +63,6 @@ def _check_selectors(args: argparse.Namespace, needs_one: bool = True) -> None:
         raise AutolayerError("give either --layers or --study-name, not both")
     if needs_one and args.layers is None and args.study_name is None:
         raise AutolayerError("say which layers: --study-name NAME (the study's best) or --layers")
-
-
-def open_study(name: str, storage: str | None, root: Path) -> optuna.Study:
-    """An existing study; an unknown name lists the stored ones."""
-    from autolayer.storage import load_study
-
-    return load_study(name, storage, root)
 
 
 def model_skeleton(name: str, revision: str | None = None) -> nn.Module:
@@ -168,7 +161,7 @@ def _train_parser(sub: Any) -> None:
         "study's recorded one, else SQLite under --root).",
     )
     p.add_argument("--no-tracking", action="store_true", help="Do not log to MLflow.")
-    p.add_argument("--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    p.add_argument("--device", help=field_help(ProxyConfig)["device"])
     p.set_defaults(handler=cmd_train)
 
 
@@ -204,6 +197,7 @@ def apply_train_overrides(config: Config, args: argparse.Namespace) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from autolayer.storage import load_study
     from autolayer.train import run_training
 
     config = apply_train_overrides(load_config(args.config), args)
@@ -212,7 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if strategy == "mid" and args.layers is not None:
         raise AutolayerError("--strategy mid picks the middle layers itself; drop --layers")
     root = Path(args.root)
-    study = open_study(args.study_name, config.search.storage, root) if args.study_name else None
+    study = load_study(args.study_name, config.search.storage, root) if args.study_name else None
     num_layers = num_layers_of(config.model.name, config.model.revision)
     layers = _choose(args, study, strategy, config.train.top_k, num_layers)
     result = run_training(
@@ -360,13 +354,13 @@ def build_choice(args: argparse.Namespace) -> LayerChoice:
     """The LayerChoice the export options describe."""
     from autolayer.export import choice_from_model
     from autolayer.models import find_layer_stack
-    from autolayer.storage import default_storage_url
+    from autolayer.storage import default_storage_url, load_study
 
     _check_selectors(args)
     config = load_config(args.config) if args.config else None
     root = Path(args.root)
     storage = args.storage or (config.search.storage if config else None)
-    study = open_study(args.study_name, storage, root) if args.study_name else None
+    study = load_study(args.study_name, storage, root) if args.study_name else None
     name, revision = _export_model(args, config, study)
     model = model_skeleton(name, revision)
     top_k = args.top_k or (config.train.top_k if config else 1)

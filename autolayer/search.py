@@ -52,7 +52,6 @@ ATTR_BASE, ATTR_FULL = "reference_base_outcomes", "reference_full_outcomes"
 class References:
     base: Evaluation
     full: Evaluation
-    full_lr: float
 
     @cached_property
     def full_gain_defined(self) -> bool:
@@ -365,11 +364,11 @@ def prepare(
     base = base_reference(config, model, tokenizer, task, root)
     study.set_user_attr(ATTR_BASE, list(base.outcomes))
     study.set_user_attr("reference_base_score", base.score)
-    placeholder = References(base, base, config.proxy.full_lr)
+    placeholder = References(base, base)
     ctx = SearchContext(
         config, model, tokenizer, task, space, study, tracker, parent, placeholder, hooks
     )
-    ctx.refs = References(base, full_reference(ctx), config.proxy.full_lr)
+    ctx.refs = References(base, full_reference(ctx))
     tracker.log_metrics(
         parent, {"reference/base_score": base.score, "reference/full_score": ctx.refs.full.score}
     )
