@@ -135,7 +135,9 @@ def _layers_parser(sub: Any) -> None:
         "count, the frozen rest, and mark the middle third (where "
         "RL-heavy layers usually sit).",
     )
-    p.add_argument("model", help="HF hub id, local path, or `organism` (the bundled tiny model).")
+    p.add_argument(
+        "model", help="HF hub id, local path, or a bundled model (organism, code_organism)."
+    )
     p.add_argument("--revision", help="Hub revision to pin.")
     p.add_argument("--json", action="store_true", help="Machine-readable output.")
     p.set_defaults(handler=cmd_layers)
@@ -324,10 +326,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def quiet_libraries() -> None:
     """Our own progress display replaces the libraries' bars and banners."""
+    import datasets
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()  # "Generating train split" bars for every local file
+    datasets.utils.logging.set_verbosity_error()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

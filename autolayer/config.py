@@ -34,34 +34,96 @@ def doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = doc("HF hub id, local path, or `organism` (the bundled tiny model).", "organism")
+    name: str = doc(
+        "HF hub id, local path, or a bundled model: `organism` (arithmetic), `code_organism`.",
+        "organism",
+    )
     revision: str | None = doc("Hub revision (branch, tag or commit) to pin.", None)
     dtype: str = doc("Weight dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.", "auto")
 
 
 @dataclass
 class TaskConfig:
-    name: str = doc("Task: `organism` (the bundled model's arithmetic) or `gsm8k`.", "organism")
-    path: str | None = doc(
-        "gsm8k only: a local .jsonl/.parquet file or an HF dataset id (needs network).", None
+    """A single-turn task in TRL's conventions: a dataset, a prompt and reward functions.
+
+    Built-in tasks (`organism`, `gsm8k`, `humaneval`, `code_organism`) are presets of these same
+    fields; any field set here overrides the preset. Any other name is your own task: set
+    `dataset` or `data_files`, and `reward_funcs`.
+    """
+
+    name: str = doc(
+        "A built-in task (organism, code_organism, gsm8k, humaneval) or a name for your own.",
+        "organism",
+    )
+    dataset: str | None = doc(
+        "HF hub id, local directory or file, or a loader (json, csv, parquet, arrow) for "
+        "data_files. A path that looks local is never sent to the hub.",
+        None,
+    )
+    dataset_config: str | None = doc("HF dataset configuration name (e.g. `main`).", None)
+    data_files: str | list[str] | dict[str, str | list[str]] | None = doc(
+        "Local files (jsonl, json, csv, parquet, arrow), or a mapping split -> file(s).", None
+    )
+    train_split: str | None = doc("Split to train on (default: train).", None)
+    eval_split: str | None = doc(
+        "Held-out split (default: `test` when present, else eval_fraction of train).", None
+    )
+    prompt_column: str | None = doc(
+        "Column holding the prompt: text, or a list of chat messages (default: prompt).", None
+    )
+    prompt_template: str | None = doc(
+        "Format string over columns that builds the prompt, e.g. 'Q: {question}\nA:'.", None
+    )
+    chat_template: Literal["auto", "always", "never"] | None = doc(
+        "Wrap text prompts as a user turn in the tokenizer's chat template: auto (when it has "
+        "one), always, never (default; message-list prompts always use it).",
+        None,
+    )
+    reward_funcs: list[str] | None = doc(
+        "Reward functions with TRL's signature f(prompts, completions, **columns) -> "
+        "list[float | None], as dotted paths (pkg.module.func) or path/to/file.py:func.",
+        None,
+    )
+    reward_weights: list[float] | None = doc(
+        "Weight of each reward function (default: 1 each), as TRL's reward_weights.", None
+    )
+    max_completion_length: int | None = doc(
+        "Tokens generated per completion (default: the built-in task's, else 256).", None
+    )
+    stop_strings: list[str] | None = doc(
+        "Generation stops at any of these strings (the text keeps it, as in transformers).", None
     )
     train_size: int | None = doc("Training prompts to use (None: all available).", None)
     eval_size: int | None = doc("Held-out prompts every candidate is scored on.", None)
-    eval_fraction: float = doc("For a single-file dataset: the share held out for eval.", 0.2)
-    max_completion_length: int | None = doc(
-        "Tokens generated per completion (None: task default).", None
-    )
+    eval_fraction: float = doc("For a dataset without an eval split: the share held out.", 0.2)
     seed: int = doc("Seed of the train/eval split.", 0)
 
     def __post_init__(self) -> None:
+        _require(bool(self.name), "task.name must not be empty")
         _require(self.train_size is None or self.train_size > 0, "task.train_size must be positive")
         _require(self.eval_size is None or self.eval_size > 0, "task.eval_size must be positive")
         _require(0 < self.eval_fraction < 1, "task.eval_fraction must be between 0 and 1")
+        _require(
+            self.max_completion_length is None or self.max_completion_length > 0,
+            "task.max_completion_length must be positive",
+        )
+        _require(
+            self.reward_weights is None
+            or self.reward_funcs is None
+            or len(self.reward_weights) == len(self.reward_funcs),
+            "task.reward_weights needs one weight per reward function",
+        )
+        _require(
+            not self.stop_strings or all(self.stop_strings),
+            "task.stop_strings must not contain an empty string",
+        )
 
 
 @dataclass
 class ProxyConfig:
-    algorithm: Algorithm = doc("RL objective: grpo or dr_grpo (RESEARCH.md §3).", "grpo")
+    algorithm: Algorithm = doc(
+        "RL objective: grpo or dr_grpo (Dr. GRPO: arXiv 2503.20783).", "grpo"
+    )
     steps: int = doc("Steps (sampled batches) of one proxy run.", 30)
     prompts_per_step: int = doc("Prompts per step; each gets `num_generations` samples.", 16)
     num_generations: int = doc("Group size G: completions sampled per prompt.", 8)
@@ -183,6 +245,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
     names = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
     return names.get(tp, "null" if tp is type(None) else str(tp))
 
@@ -202,6 +266,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif origin is list:
         if isinstance(value, list):
             return [_coerce(v, typing.get_args(tp)[0], key) for v in value]
+    elif origin is dict:
+        if isinstance(value, dict):
+            key_type, value_type = typing.get_args(tp)
+            return {
+                _coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}")
+                for k, v in value.items()
+            }
     elif tp is type(None):
         if value is None:
             return None
@@ -256,7 +327,37 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise AutolayerError(f"config file {path} does not exist")
-    return config_from_dict(read_yaml(path, "config file"))
+    config = config_from_dict(read_yaml(path, "config file"))
+    anchor_task_paths(config.task, path.parent)
+    return config
+
+
+def anchor_task_paths(task: TaskConfig, base: Path) -> None:
+    """Relative data and reward-file paths that do not exist from the working directory are read
+    relative to the config file, so `autolayer search --config examples/x/task.yaml` works from
+    anywhere."""
+
+    def anchor(value: str) -> str:
+        if Path(value).is_absolute() or Path(value).exists() or not (base / value).exists():
+            return value
+        return str(base / value)
+
+    if task.dataset is not None:
+        task.dataset = anchor(task.dataset)
+    files = task.data_files
+    if isinstance(files, str):
+        task.data_files = anchor(files)
+    elif isinstance(files, list):
+        task.data_files = [anchor(f) for f in files]
+    elif isinstance(files, dict):
+        task.data_files = {
+            k: anchor(v) if isinstance(v, str) else [anchor(f) for f in v] for k, v in files.items()
+        }
+    if task.reward_funcs is not None:
+        task.reward_funcs = [
+            anchor(f.rpartition(":")[0]) + ":" + f.rpartition(":")[2] if ".py:" in f else f
+            for f in task.reward_funcs
+        ]
 
 
 def read_yaml(path: Path, what: str) -> Any:

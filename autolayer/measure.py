@@ -24,19 +24,33 @@ from autolayer.scoring import (
     eval_fingerprint,
     evaluate,
 )
-from autolayer.tasks import Task, load_task
+from autolayer.tasks import Task, check_rewards, for_tokenizer, load_task
 from autolayer.tracking import DEFAULT_ROOT
 
 
-def load_for(config: Config) -> tuple[nn.Module, Any, Task]:
-    """The model (on the proxy's device), its tokenizer and the task that `config` names."""
+def prepare_task(config: Config, task: Task | None = None) -> Task:
+    """`task`, or the one `config.task` describes, with its reward functions tried on real rows.
+
+    Runs before the model loads, so bad data or a broken reward fails in seconds.
+    """
+    task = task if task is not None else load_task(config.task)
+    check_rewards(task)
+    return task
+
+
+def load_for(config: Config, task: Task | None = None) -> tuple[nn.Module, Any, Task]:
+    """The model (on the proxy's device), its tokenizer and the task bound to that tokenizer.
+
+    `task` is one `prepare_task` returned; without it, `config.task` is loaded and checked first.
+    """
+    task = task if task is not None else prepare_task(config)
     model, tokenizer = load_model(
         config.model.name,
         revision=config.model.revision,
         dtype=config.model.dtype,
         device=config.proxy.device,
     )
-    return model, tokenizer, load_task(config.task, tokenizer)
+    return model, tokenizer, for_tokenizer(task, tokenizer)
 
 
 def base_reference(
@@ -45,7 +59,7 @@ def base_reference(
     """The base model's held-out outcomes, cached on disk per (model, task, eval set)."""
     cache = ScoreCache(root / "cache")
     key = "base-" + eval_fingerprint(
-        config.model.name, config.model.revision, config.model.dtype, task
+        config.model.name, config.model.revision, model, tokenizer, task
     )
     cached = cache.get(key)
     if cached is not None and len(cached.outcomes) == len(task.eval):
@@ -93,9 +107,13 @@ def measure(
     *,
     with_full: bool = True,
     root: Path = DEFAULT_ROOT,
+    task: Task | None = None,
 ) -> Measurement:
-    """Train `layers` for one proxy run and report it against the base and the all-layers run."""
-    model, tokenizer, task = load_for(config)
+    """Train `layers` for one proxy run and report it against the base and the all-layers run.
+
+    `task` replaces the one `config.task` describes (the Python way to bring your own task).
+    """
+    model, tokenizer, task = load_for(config, prepare_task(config, task))
     num_layers = len(find_layer_stack(model))
     base = base_reference(config, model, tokenizer, task, root)
     full_run = None

@@ -23,8 +23,15 @@ from torch.utils.data import DataLoader, Dataset
 from autolayer import rl
 from autolayer.config import ProxyConfig
 from autolayer.models import freeze_except, trainable_parameters
-from autolayer.scoring import Evaluation, decode, evaluate, generate_completions
-from autolayer.tasks import Task, repeat_rows, score_completions
+from autolayer.scoring import (
+    Evaluation,
+    completion_mask,
+    decode,
+    evaluate,
+    generate_completions,
+    masked_ids,
+)
+from autolayer.tasks import Task, prompt_text, repeat_rows, score_completions
 
 EvalHook = Callable[[int, Evaluation], bool]  # (global_step, evaluation) -> stop the run?
 
@@ -82,8 +89,9 @@ def upcast_trainable(model: nn.Module) -> None:
     """Keep trained parameters in fp32 while frozen ones may stay bf16.
 
     An optimizer stepping bf16 weights drops every update below half a ULP (~0.2-0.4% of the
-    weight, RESEARCH.md §2 Gate III), which would understate what a layer can learn. Autocast runs
-    the matmuls in bf16 either way; the extra memory is one fp32 copy of the trained layers.
+    weight, Gate III of arXiv 2511.08567), which would understate what a layer can learn.
+    Autocast runs the matmuls in bf16 either way; the extra memory is one fp32 copy of the
+    trained layers.
     """
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
@@ -177,20 +185,23 @@ class GRPOModule(L.LightningModule):
         prompt_ids, prompt_mask, completion_ids = generate_completions(
             self.model,
             self.tokenizer,
-            rows["prompt"],
+            [prompt_text(p, self.tokenizer) for p in rows["prompt"]],
             self.task.max_completion_length,
             do_sample=True,
             temperature=cfg.temperature,
+            stop_strings=self.task.stop_strings,
         )
         self.model.train()
-        completions = decode(self.tokenizer, completion_ids)
+        mask = completion_mask(self.model, self.tokenizer, completion_ids)
+        ids = masked_ids(completion_ids, mask)
         columns = {k: v for k, v in rows.items() if k != "prompt"}
         rewards = torch.tensor(
-            score_completions(self.task, rows["prompt"], completions, columns),
+            score_completions(
+                self.task, rows["prompt"], decode(self.tokenizer, ids), columns, ids
+            ),
             dtype=torch.float32,
             device=self.device,
         )
-        mask = rl.completion_mask(completion_ids, self.tokenizer.eos_token_id)
         return {
             "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
             "attention_mask": torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1),

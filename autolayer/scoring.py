@@ -1,16 +1,18 @@
 """Held-out scoring and layer contributions.
 
 Every candidate is scored on the same fixed held-out prompts with greedy decoding, so scores are
-paired per prompt: `C = (S_subset - S_base) / (S_full - S_base)` (RESEARCH.md §1) gets a paired
+paired per prompt: `C = (S_subset - S_base) / (S_full - S_base)` (arXiv 2607.01232) gets a paired
 bootstrap confidence interval from the per-prompt outcomes.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,10 @@ import numpy as np
 import torch
 from scipy import stats
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
-from autolayer.tasks import Task, score_completions
+from autolayer import rl
+from autolayer.tasks import Task, prompt_text, score_completions, task_fingerprint
 
 Z95 = 1.959964  # two-sided 95% normal quantile
 
@@ -65,8 +69,17 @@ class Contribution:
         return f"{self.value:.2f} [{self.low:.2f}, {self.high:.2f}]"
 
 
-def batched(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """Every id that ends a completion: the generation config's list plus the tokenizer's EOS.
+
+    Chat models often list two (e.g. `<|im_end|>` and `<|endoftext|>`); TRL stops at any of them.
+    """
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids = [tokenizer.eos_token_id, *ids]
+    return ids
 
 
 @torch.no_grad()
@@ -78,8 +91,13 @@ def generate_completions(
     *,
     do_sample: bool = False,
     temperature: float = 1.0,
+    stop_strings: Sequence[str] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Generate from left-padded prompts; returns (prompt_ids, prompt_mask, completion_ids)."""
+    """Generate from left-padded prompts; returns (prompt_ids, prompt_mask, completion_ids).
+
+    Stops at any EOS id and after any stop string, as TRL's generation does; rows that stopped
+    early are padded with the pad id.
+    """
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
@@ -87,21 +105,63 @@ def generate_completions(
         **enc,
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=eos_token_ids(model, tokenizer),
+        stopping_criteria=stop_criteria(tokenizer, tuple(stop_strings)),
         **(sampling if do_sample else {"do_sample": False}),
     )
     return enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1] :]
 
 
-def decode(tokenizer: Any, completion_ids: torch.Tensor) -> list[str]:
-    """Completion text up to (not including) the first EOS."""
-    eos = tokenizer.eos_token_id
-    texts = []
-    for row in completion_ids.tolist():
-        if eos in row:
-            row = row[: row.index(eos)]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    return texts
+class TailStop(StoppingCriteria):
+    """Stops a row once its decoded tail ends with a stop string.
+
+    transformers' StopStringCriteria (used when it can be built) indexes the vocabulary by
+    tokenizing the letters `abcdef`, which a character tokenizer without letters cannot; this
+    decodes the last few tokens instead, with the same "ends with" rule.
+    """
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.window = max(len(s) for s in stops)  # every token decodes to at least one character
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        tails = self.tokenizer.batch_decode(input_ids[:, -self.window :])
+        done = [any(t.endswith(s) for s in self.stops) for t in tails]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+@functools.lru_cache(maxsize=16)
+def stop_criteria(tokenizer: Any, stops: tuple[str, ...]) -> StoppingCriteriaList:
+    """Criteria that end a row after any of `stops`, as `generate(stop_strings=...)` would.
+
+    Built once per tokenizer and stops: transformers' criteria precomputes a table over the
+    whole vocabulary, which takes seconds for a 150k-token vocabulary.
+    """
+    if not stops:
+        return StoppingCriteriaList()
+    try:
+        return StoppingCriteriaList([StopStringCriteria(tokenizer, list(stops))])
+    except ValueError:
+        return StoppingCriteriaList([TailStop(tokenizer, stops)])
+
+
+def completion_mask(model: nn.Module, tokenizer: Any, completion_ids: torch.Tensor) -> torch.Tensor:
+    """The tokens each completion really produced: through its first EOS, never the padding
+    that follows a stop string."""
+    return rl.completion_mask(
+        completion_ids, eos_token_ids(model, tokenizer), tokenizer.pad_token_id
+    )
+
+
+def masked_ids(completion_ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Each completion's produced token ids, as TRL passes `completion_ids` to rewards."""
+    return [ids[m.bool()].tolist() for ids, m in zip(completion_ids, mask, strict=True)]
+
+
+def decode(tokenizer: Any, ids: list[list[int]]) -> list[str]:
+    """Completion texts, special tokens dropped (TRL's decoding)."""
+    return [str(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 def evaluate(model: nn.Module, tokenizer: Any, task: Task, batch_size: int = 256) -> Evaluation:
@@ -110,14 +170,19 @@ def evaluate(model: nn.Module, tokenizer: Any, task: Task, batch_size: int = 256
     model.eval()
     outcomes: list[float] = []
     rows = task.eval.to_dict()
-    prompts: list[str] = rows["prompt"]
+    prompts: list[Any] = rows["prompt"]
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         _, _, completion_ids = generate_completions(
-            model, tokenizer, chunk, task.max_completion_length
+            model,
+            tokenizer,
+            [prompt_text(p, tokenizer) for p in chunk],
+            task.max_completion_length,
+            stop_strings=task.stop_strings,
         )
+        ids = masked_ids(completion_ids, completion_mask(model, tokenizer, completion_ids))
         columns = {k: v[start : start + batch_size] for k, v in rows.items() if k != "prompt"}
-        outcomes += score_completions(task, chunk, decode(tokenizer, completion_ids), columns)
+        outcomes += score_completions(task, chunk, decode(tokenizer, ids), columns, ids)
     model.train(was_training)
     return Evaluation.from_outcomes(outcomes)
 
@@ -181,13 +246,24 @@ def contribution(
     return Contribution(gain / full_gain, float(low), float(high), gain, full_gain)
 
 
-def eval_fingerprint(model_name: str, revision: str | None, dtype: str, task: Task) -> str:
-    """Identifies a (model, task, eval set) triple: a change in any prompt changes the key."""
+def eval_fingerprint(
+    model_name: str, revision: str | None, model: nn.Module, tokenizer: Any, task: Task
+) -> str:
+    """Identifies everything that changes a base score: the model and its revision, the weights'
+    dtype and device, the task's eval rows, reward functions (by source), lengths, stop strings
+    and chat template, and the EOS ids decoding stops at. Greedy decoding is implied."""
+    param = next(model.parameters())
     digest = hashlib.sha256()
-    for part in (model_name, str(revision), dtype, task.name, str(task.max_completion_length)):
+    for part in (
+        model_name,
+        str(revision),
+        str(param.dtype),
+        param.device.type,
+        json.dumps(eos_token_ids(model, tokenizer)),
+        str(tokenizer.pad_token_id),
+        task_fingerprint(task),
+    ):
         digest.update(part.encode() + b"\0")
-    for prompt in task.eval["prompt"]:
-        digest.update(prompt.encode() + b"\0")
     return digest.hexdigest()[:16]
 
 

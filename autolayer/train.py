@@ -1,15 +1,16 @@
 """The final RL run: train the chosen layers with TRL's GRPOTrainer and ship the result.
 
 The proxy search ranks layers with short runs; this trains the winners for real, with the same
-freezing code (`freeze_except`) and the same objective (TRL's `grpo` / `dr_grpo` losses, RESEARCH.md
-§3), scores the model before and after on the same held-out prompts, and writes a normal HF model
-directory plus a delta of the chosen layers (`autolayer.delta`). Strategies (RESEARCH.md §1):
-`only` trains the study's best k layers, `mid` the k middle layers, `boost` trains everything with
-the best k layers at a higher learning rate.
+freezing code (`freeze_except`) and the same objective (TRL's `grpo` / `dr_grpo` losses; Dr. GRPO
+is arXiv 2503.20783), scores the model before and after on the same held-out prompts, and writes a
+normal HF model directory plus a delta of the chosen layers (`autolayer.delta`). Strategies
+(arXiv 2607.01232): `only` trains the study's best k layers, `mid` the k middle layers, `boost`
+trains everything with the best k layers at a higher learning rate.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -31,7 +32,7 @@ from transformers import TrainerCallback
 from autolayer.config import Config
 from autolayer.delta import MANIFEST_FILE, atomic_dir, hash_parameters, save_delta
 from autolayer.errors import AutolayerError
-from autolayer.measure import base_reference, load_for
+from autolayer.measure import base_reference, load_for, prepare_task
 from autolayer.models import (
     find_layer_stack,
     freeze_except,
@@ -41,7 +42,7 @@ from autolayer.models import (
     trainable_parameters,
     validate_layers,
 )
-from autolayer.scoring import Contribution, Evaluation, contribution, evaluate
+from autolayer.scoring import Contribution, Evaluation, contribution, evaluate, stop_criteria
 from autolayer.tasks import Task
 from autolayer.tracking import DEFAULT_ROOT, Tracker, make_tracker
 
@@ -214,6 +215,8 @@ def grpo_args(config: Config, task: Task, output_dir: Path, base_dtype: torch.dt
         bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
         # with beta > 0 TRL reloads the reference from config._name_or_path with these kwargs
         model_init_kwargs=init_kwargs if p.beta > 0 else None,
+        # the same reward combination as the proxy and the scorer
+        reward_weights=list(task.reward_weights) if task.reward_weights else None,
         use_vllm=False,
         report_to="none",  # we log to MLflow ourselves (TrackerCallback)
         logging_steps=1,
@@ -282,6 +285,13 @@ def _grpo_trainer(
     from trl import GRPOTrainer
 
     reward_funcs: list[Any] = list(task.reward_funcs)
+    if task.stop_strings:
+        # TRL's generate call has no way to pass stop strings' criteria (transformers needs the
+        # tokenizer for them): bind the proxy's criteria on this model instance, which the
+        # trainer generates with, so training stops where the proxy and the scorer stop
+        criteria = stop_criteria(tokenizer, task.stop_strings)
+        hf: Any = model
+        hf.generate = functools.partial(hf.generate, stopping_criteria=criteria)
     trainer = GRPOTrainer(
         model=cast("PreTrainedModel", model),
         processing_class=tokenizer,
@@ -322,7 +332,7 @@ def set_dtype(model: nn.Module, dtype: torch.dtype, only_trainable: bool) -> Non
     """Cast parameters in place, keeping the Parameter objects (the optimizer holds them).
 
     Trained parameters run in fp32 while frozen ones may stay bf16: an optimizer stepping bf16
-    weights drops every update below half a ULP (RESEARCH.md §2), as in the proxy.
+    weights drops every update below half a ULP (arXiv 2511.08567, Gate III), as in the proxy.
     """
     for param in model.parameters():
         if param.dtype != dtype and (param.requires_grad or not only_trainable):
@@ -379,7 +389,11 @@ def start_tracking(
 
 
 def run_params(
-    config: Config, layers: Sequence[int], strategy: str, study: optuna.Study | None
+    config: Config,
+    layers: Sequence[int],
+    strategy: str,
+    study: optuna.Study | None,
+    task_name: str,
 ) -> dict[str, Any]:
     p = config.proxy
     params: dict[str, Any] = {
@@ -389,7 +403,7 @@ def run_params(
         "steps": config.train.steps,
         "model": config.model.name,
         "revision": config.model.revision,
-        "task": config.task.name,
+        "task": task_name,
         "algorithm": p.algorithm,
         "beta": p.beta,
         "num_generations": p.num_generations,
@@ -457,6 +471,7 @@ def _train(
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         trainer.train()
     seconds = time.perf_counter() - start
+    model.__dict__.pop("generate", None)  # the stop-criteria binding of _grpo_trainer
     check_trainable(model, expected, optimizer)
     del trainer, optimizer, groups  # optimizer state and the reference model
     gc.collect()
@@ -501,13 +516,15 @@ def _write_outputs(
     (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def _summary(config: Config, result: TrainResult, study: optuna.Study | None) -> dict[str, Any]:
+def _summary(
+    config: Config, result: TrainResult, study: optuna.Study | None, task_name: str
+) -> dict[str, Any]:
     c = result.contribution  # an undefined C has value, low and high all None
     value, low, high = (c.value, c.low, c.high) if c is not None else (None, None, None)
     return {
         "model": config.model.name,
         "revision": config.model.revision,
-        "task": config.task.name,
+        "task": task_name,
         "layers": list(result.layers),
         "strategy": result.strategy,
         "lr": result.lr,
@@ -539,8 +556,11 @@ def run_training(
     root: Path = DEFAULT_ROOT,
     out_dir: str | Path | None = None,
     overwrite: bool = False,
+    task: Task | None = None,
 ) -> TrainResult:
     """Train `layers` by `strategy` with TRL's GRPOTrainer; write model/, delta/ and a summary.
+
+    `task` replaces the one `config.task` describes (the Python way to bring your own task).
 
     `out_dir` (default `config.train.output_dir`) is built beside itself and renamed into place,
     so a failed run leaves nothing half-written; an existing non-empty one needs `overwrite`.
@@ -549,11 +569,11 @@ def run_training(
         raise AutolayerError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     out = Path(out_dir if out_dir is not None else config.train.output_dir)
     refuse_existing(out, overwrite)
-    model, tokenizer, task = load_for(config)
+    model, tokenizer, task = load_for(config, prepare_task(config, task))
     chosen = validate_layers(layers, len(find_layer_stack(model)))
     before = base_reference(config, model, tokenizer, task, root)
     base_hashes = hash_parameters(model, layer_param_names(model, chosen))
-    params = run_params(config, chosen, strategy, study)
+    params = run_params(config, chosen, strategy, study, task.name)
     tracker, run_id = start_tracking(config, study, root, params)
     try:
         with atomic_dir(out, overwrite) as tmp:
@@ -592,7 +612,7 @@ def run_training(
                 chosen,
                 strategy,
                 base_hashes,
-                _summary(config, result, study),
+                _summary(config, result, study, task.name),
             )
     except BaseException as err:
         tracker.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")

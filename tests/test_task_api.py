@@ -1,0 +1,161 @@
+"""Bring your own task: a local dataset and TRL-signature rewards run search and train unchanged."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autolayer import organism
+from autolayer.config import config_from_dict
+from autolayer.search import run_search
+from autolayer.storage import make_storage
+from autolayer.tasks import Task
+from autolayer.train import run_training
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "byo_task" / "task.yaml"
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "autolayer.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_the_example_task_runs_search_and_train_from_the_cli(tmp_path: Path) -> None:
+    """The README's bring-your-own-task example, run from another directory."""
+    root = str(tmp_path / "mlruns")
+    search = cli(
+        "search", "--config", str(EXAMPLE), "--root", root, "--n-trials", "1", "--no-tracking",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert search.returncode == 0, search.stdout + search.stderr
+    assert "organism-subtraction-single_layer" in search.stdout
+    assert "★ best" in search.stdout
+    out = tmp_path / "trained"
+    train = cli(
+        "train", "--config", str(EXAMPLE), "--study-name", "organism-subtraction-single_layer",
+        "--root", root, "--out", str(out), "--steps", "2", "--no-tracking",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stdout + train.stderr
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["task"] == "subtraction" and summary["eval_prompts"] == 200
+    assert (out / "model" / "config.json").is_file() and (out / "delta").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("yaml_task", "message"),
+    [
+        ("name: mine\n  data_files: missing.csv\n  reward_funcs: [r.py:one]",
+         "task data file missing.csv does not exist"),
+        ("name: mine\n  data_files: d.csv\n  reward_funcs: [r.py:nope]", "has no callable 'nope'"),
+        ("name: mine\n  data_files: d.csv\n  reward_funcs: [r.py:two]", "TRL's reward signature"),
+        ("name: mine\n  data_files: d.csv\n  prompt_column: q\n  reward_funcs: [r.py:one]",
+         "has no 'q' column"),
+        ("name: mine\n  dataset: ./nowhere/data\n  reward_funcs: [r.py:one]",
+         "task data ./nowhere/data does not exist"),
+    ],
+)  # fmt: skip
+def test_bad_task_input_exits_2_with_one_sentence(
+    tmp_path: Path, yaml_task: str, message: str
+) -> None:
+    (tmp_path / "d.csv").write_text("prompt,answer\n1+1=,2\n2+2=,4\n3+3=,6\n")
+    (tmp_path / "r.py").write_text(
+        "def one(completions, **kw):\n    return [0.0] * len(completions)\n\n"
+        "def two(completions):\n    return [0.0] * len(completions)\n"
+    )
+    (tmp_path / "c.yaml").write_text(f"task:\n  {yaml_task}\n")
+    done = cli("search", "--config", "c.yaml", "--root", "mlruns", "--no-tracking", cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autolayer: error:")
+    assert re.search(message, lines[0]), lines[0]
+    storage = make_storage(None, tmp_path / "mlruns")
+    assert optuna.get_all_study_names(storage) == []  # no study was started
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+
+
+def closeness(completions: list[str], answer: list[str], **kwargs: object) -> list[float]:
+    """A dense reward: 1 - |error| / 100 for a numeric answer, None for junk."""
+    out: list[float | None] = []
+    for c, a in zip(completions, answer, strict=True):
+        out.append(max(0.0, 1 - abs(int(c) - int(a)) / 100) if c.strip().isdigit() else None)
+    return out  # type: ignore[return-value]
+
+
+def test_a_python_task_object_runs_search_and_train(tmp_path: Path) -> None:
+    rows = organism.make_rows("train", 64, 0)
+    held_out = organism.make_rows("eval", 32, 0)
+    task = Task(
+        name="closeness",
+        train=datasets.Dataset.from_list(rows),
+        eval=datasets.Dataset.from_list(held_out),
+        reward_funcs=(closeness, organism.reward_correct),
+        reward_weights=(0.5, 1.0),
+        max_completion_length=4,
+    )
+    config = config_from_dict(
+        {
+            "proxy": {"steps": 2, "prompts_per_step": 4, "num_generations": 2, "device": "cpu"},
+            "search": {"space": "single_layer", "n_trials": 1, "pruner": "none"},
+            "tracking": {"enabled": False},
+            "train": {"steps": 1},
+        }
+    )
+    ctx = run_search(config, root=tmp_path / "mlruns", task=task)
+    assert ctx.study.study_name == "organism-closeness-single_layer"
+    done = ctx.study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 1 and len(done[0].user_attrs["outcomes"]) == 32
+    # weighted: every outcome is 0.5 x closeness (or 0 for junk) + 1 x exact
+    assert all(0.0 <= v <= 1.5 for v in done[0].user_attrs["outcomes"])
+    result = run_training(
+        config, [4], "only", root=tmp_path / "mlruns", out_dir=tmp_path / "out", task=task
+    )
+    assert len(result.after.outcomes) == 32 and result.trainable_params == 61_600
+
+
+def test_a_reward_that_raises_mid_trial_fails_that_trial_only(tmp_path: Path) -> None:
+    from autolayer.search import SearchHooks
+
+    armed = {"on": False}
+
+    def flaky(completions: list[str], answer: list[str], **kwargs: object) -> list[float]:
+        if armed["on"]:
+            armed["on"] = False
+            raise RuntimeError("boom")
+        return organism.reward_correct(completions, answer)
+
+    task = Task(
+        name="flaky",
+        train=datasets.Dataset.from_list(organism.make_rows("train", 32, 0)),
+        eval=datasets.Dataset.from_list(organism.make_rows("eval", 16, 0)),
+        reward_funcs=(flaky,),
+        max_completion_length=4,
+    )
+    config = config_from_dict(
+        {
+            "proxy": {"steps": 1, "prompts_per_step": 2, "num_generations": 2, "device": "cpu"},
+            "search": {"space": "single_layer", "n_trials": 2, "pruner": "none"},
+            "tracking": {"enabled": False},
+        }
+    )
+    hooks = SearchHooks(on_trial_start=lambda number, _: armed.update(on=number == 0))
+    ctx = run_search(config, root=tmp_path / "mlruns", hooks=hooks, task=task)
+    states = [t.state for t in ctx.study.trials]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE]
+    reason = ctx.study.trials[0].user_attrs["fail_reason"]
+    assert reason == "RewardError: reward function 'flaky' raised RuntimeError: boom"
