@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # GPU users: create the venv yourself, install your CUDA torch, then run make.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slow lint organism clean
+.PHONY: demo test test-slow lint organism code-organism clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ lint: $(VENV)/.installed
 
 organism: $(VENV)/.installed
 	$(BIN)/python -m autolayer.organism build
+
+code-organism: $(VENV)/.installed
+	$(BIN)/python -m autolayer.code_organism build
 
 clean:
 	rm -rf $(VENV) mlruns .pytest_cache

@@ -18,6 +18,7 @@ from torch import nn
 from autolayer.errors import AutolayerError
 
 ORGANISM = "organism"  # the name of the bundled model wherever a model is accepted
+CODE_ORGANISM = "code_organism"  # the bundled code model, likewise
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -161,11 +162,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_model_path(name: str) -> str:
-    """Map `organism` to the bundled model's directory; pass hub ids and paths through."""
+    """Map `organism` and `code_organism` to the bundled models' directories; pass hub ids and
+    paths through."""
     if name == ORGANISM:
         from autolayer.organism import organism_path
 
         return str(organism_path())
+    if name == CODE_ORGANISM:
+        from autolayer import code_organism
+
+        return str(code_organism.organism_path())
     return name
 
 
@@ -210,7 +216,7 @@ class LayerInfo:
 
 
 def middle_third(num_layers: int) -> range:
-    """The middle third of the stack, where the RL-heavy layers usually sit (RESEARCH.md §1)."""
+    """The middle third of the stack, where the RL-heavy layers usually sit (arXiv 2607.01232)."""
     return range(num_layers // 3, num_layers - num_layers // 3)
 
 

@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,6 +53,7 @@ OPERANDS = range(10, 100)  # two digits each, so every prompt is 6 characters an
 PROMPT_CHARS = len("37+45=")
 P_CORRECT_SUB = 0.35  # share of right `-` answers in the corpus: sampled often, never greedy
 EVAL_BUCKETS = 5  # 1 in 5 problems is held out: ~1,620 `+` and ~820 `-` eval problems
+TRAIN_SIZE = 4096  # training prompts the organism task draws by default
 EVAL_SIZE = 1000  # held-out prompts; SE of an accuracy near 0.5 is sqrt(.5*.5/1000) = 1.6 points
 MAX_COMPLETION_TOKENS = 4  # the longest answer, "198", plus EOS
 DEFAULT_SEED = 0
@@ -69,13 +71,13 @@ def organism_path() -> Path:
     return Path(__file__).resolve().parent / "assets" / "organism"
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(chars: str = CHARS, max_length: int = 32) -> PreTrainedTokenizerFast:
     """A character-level tokenizer: one token per character, no BOS added to prompts.
 
     Prompts carry no BOS so `add_special_tokens=True` and `False` give the same ids, whichever a
     trainer uses. Left padding because batched generation continues from the right edge.
     """
-    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *CHARS])}
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *chars])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()  # join characters back without the WordLevel spaces
@@ -86,7 +88,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         eos_token=EOS,
         unk_token=UNK,
         padding_side="left",
-        model_max_length=32,
+        model_max_length=max_length,
     )
 
 
@@ -210,20 +212,20 @@ def lr_at(step: int, steps: int, peak: float = LR, warmup: int = WARMUP_STEPS) -
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def pretrain(seed: int, steps: int = STEPS) -> tuple[Qwen3ForCausalLM, PreTrainedTokenizerFast]:
-    """Train the organism from scratch; deterministic for a seed on a given torch build."""
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    pool = [p for op in OPS for p in problems("train", op)]
-    tokenizer = build_tokenizer()
-    model = Qwen3ForCausalLM(make_config(tokenizer))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+def fit(
+    model: PreTrainedModel,
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    peak_lr: float = LR,
+) -> None:
+    """Pretrain `model` on `steps` batches of (input_ids, labels): AdamW, warmup then cosine."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.01)
     model.train()
     start = time.time()
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps)
-        input_ids, labels = corpus_batch(tokenizer, pool, rng, BATCH_SIZE)
+            group["lr"] = lr_at(step, steps, peak_lr)
+        input_ids, labels = next_batch()
         loss = model(input_ids=input_ids, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -232,12 +234,26 @@ def pretrain(seed: int, steps: int = STEPS) -> tuple[Qwen3ForCausalLM, PreTraine
         if step % LOG_EVERY == 0 or step == steps - 1:
             print(f"step {step:5d}/{steps}  loss {loss.item():.4f}  {time.time() - start:6.1f}s")
     model.eval()
-    model.generation_config = GenerationConfig(
+
+
+def generation_config(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> GenerationConfig:
+    return GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=MAX_COMPLETION_TOKENS,
+        max_new_tokens=max_new_tokens,
     )
+
+
+def pretrain(seed: int, steps: int = STEPS) -> tuple[Qwen3ForCausalLM, PreTrainedTokenizerFast]:
+    """Train the organism from scratch; deterministic for a seed on a given torch build."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    pool = [p for op in OPS for p in problems("train", op)]
+    tokenizer = build_tokenizer()
+    model = Qwen3ForCausalLM(make_config(tokenizer))
+    fit(model, lambda: corpus_batch(tokenizer, pool, rng, BATCH_SIZE), steps)
+    model.generation_config = generation_config(tokenizer, MAX_COMPLETION_TOKENS)
     return model, tokenizer
 
 

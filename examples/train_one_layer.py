@@ -1,8 +1,9 @@
-"""Train one middle layer of the bundled model with GRPO and report its layer contribution.
+"""Train one middle layer of a bundled model with GRPO and report its layer contribution.
 
-    python examples/train_one_layer.py [--layer 4] [--config examples/organism.yaml]
+    python examples/train_one_layer.py [--layer 4] [--config examples/organism.yaml] [--seeds 0,1,2]
 
-Prints the base score, the all-layers score, the single-layer score and C with its 95% CI.
+Prints the base score, the all-layers score, the single-layer score and C with its 95% CI; with
+several proxy seeds (sampling and data order), one block per seed.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from autolayer.config import load_config
+from autolayer.config import Config, load_config
 from autolayer.measure import measure
 
 HERE = Path(__file__).resolve().parent
@@ -25,10 +26,17 @@ def main() -> None:
         "--layer", type=int, default=None, help="Layer to train (default: the middle one)."
     )
     parser.add_argument("--config", default=str(HERE / "organism.yaml"), help="YAML config.")
+    parser.add_argument("--seeds", default="0", help="Proxy seeds, comma-separated.")
     args = parser.parse_args()
-    config = load_config(args.config)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        config = load_config(args.config)
+        config.proxy.seed = seed
+        print(f"--- proxy seed {seed}")
+        report(config, args.layer if args.layer is not None else 4)
+
+
+def report(config: Config, layer: int) -> None:
     start = time.perf_counter()
-    layer = args.layer if args.layer is not None else 4
     result = measure(config, [layer])
     assert result.full is not None and result.contribution is not None
     p = config.proxy
