@@ -159,3 +159,20 @@ def test_a_reward_that_raises_mid_trial_fails_that_trial_only(tmp_path: Path) ->
     assert states == [TrialState.FAIL, TrialState.COMPLETE]
     reason = ctx.study.trials[0].user_attrs["fail_reason"]
     assert reason == "RewardError: reward function 'flaky' raised RuntimeError: boom"
+
+
+def test_humaneval_runs_through_the_same_path(tmp_path: Path) -> None:
+    """HumanEval's real problems through the proxy and the sandboxed reward, on a tiny model."""
+    from autolayer.measure import measure
+
+    config = config_from_dict(
+        {
+            "model": {"name": "code_organism"},
+            "task": {"name": "humaneval", "train_size": 4, "eval_size": 6,
+                     "max_completion_length": 6},
+            "proxy": {"steps": 1, "prompts_per_step": 2, "num_generations": 2, "device": "cpu"},
+        }
+    )  # fmt: skip
+    result = measure(config, [4], with_full=False, root=tmp_path)
+    assert len(result.base.outcomes) == len(result.subset.final.outcomes) == 6
+    assert result.subset.steps == 1
