@@ -136,7 +136,8 @@ def _layers_parser(sub: Any) -> None:
         "RL-heavy layers usually sit).",
     )
     p.add_argument(
-        "model", help="HF hub id, local path, or a bundled model (organism, code_organism)."
+        "model",
+        help="HF hub id, local path, or a bundled model (organism, code_organism, agent_organism).",
     )
     p.add_argument("--revision", help="Hub revision to pin.")
     p.add_argument("--json", action="store_true", help="Machine-readable output.")

@@ -18,7 +18,7 @@ import yaml
 
 from autolayer.errors import AutolayerError
 
-Algorithm = Literal["grpo", "dr_grpo"]
+Algorithm = Literal["grpo", "dr_grpo", "gigpo"]
 Objective = Literal["contribution", "score"]
 SamplerName = Literal["auto", "grid", "tpe", "gp", "random"]
 PrunerName = Literal["none", "median", "hyperband", "wilcoxon"]
@@ -35,7 +35,8 @@ def doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
 @dataclass
 class ModelConfig:
     name: str = doc(
-        "HF hub id, local path, or a bundled model: `organism` (arithmetic), `code_organism`.",
+        "HF hub id, local path, or a bundled model: organism (arithmetic), code_organism, "
+        "agent_organism.",
         "organism",
     )
     revision: str | None = doc("Hub revision (branch, tag or commit) to pin.", None)
@@ -52,7 +53,8 @@ class TaskConfig:
     """
 
     name: str = doc(
-        "A built-in task (organism, code_organism, gsm8k, humaneval) or a name for your own.",
+        "A built-in task (organism, code_organism, gridworld, gsm8k, humaneval) or a name for "
+        "your own.",
         "organism",
     )
     dataset: str | None = doc(
@@ -93,7 +95,20 @@ class TaskConfig:
     stop_strings: list[str] | None = doc(
         "Generation stops at any of these strings (the text keeps it, as in transformers).", None
     )
-    train_size: int | None = doc("Training prompts to use (None: all available).", None)
+    env: str | None = doc(
+        "A multi-turn text environment class (reset(seed) -> str, step(action) -> (obs, "
+        "reward, done, info)), as pkg.module.Class or path/to/file.py:Class.",
+        None,
+    )
+    env_kwargs: dict[str, Any] | None = doc("Keyword arguments of the environment class.", None)
+    max_turns: int | None = doc("Environment tasks: actions per episode at most (default 8).", None)
+    history_turns: int | None = doc(
+        "Environment tasks: earlier (observation, action) pairs shown in the prompt (default 0).",
+        None,
+    )
+    train_size: int | None = doc(
+        "Training prompts (environment tasks: seeds) to use (None: all available).", None
+    )
     eval_size: int | None = doc("Held-out prompts every candidate is scored on.", None)
     eval_fraction: float = doc("For a dataset without an eval split: the share held out.", 0.2)
     seed: int = doc("Seed of the train/eval split.", 0)
@@ -113,6 +128,11 @@ class TaskConfig:
             or len(self.reward_weights) == len(self.reward_funcs),
             "task.reward_weights needs one weight per reward function",
         )
+        _require(self.max_turns is None or self.max_turns >= 1, "task.max_turns must be >= 1")
+        _require(
+            self.history_turns is None or self.history_turns >= 0,
+            "task.history_turns must be >= 0",
+        )
         _require(
             not self.stop_strings or all(self.stop_strings),
             "task.stop_strings must not contain an empty string",
@@ -122,13 +142,17 @@ class TaskConfig:
 @dataclass
 class ProxyConfig:
     algorithm: Algorithm = doc(
-        "RL objective: grpo or dr_grpo (Dr. GRPO: arXiv 2503.20783).", "grpo"
+        "RL objective: grpo, dr_grpo (arXiv 2503.20783), or gigpo (arXiv 2505.10978; "
+        "multi-turn environment tasks only).",
+        "grpo",
     )
     steps: int = doc("Steps (sampled batches) of one proxy run.", 30)
     prompts_per_step: int = doc("Prompts per step; each gets `num_generations` samples.", 16)
     num_generations: int = doc("Group size G: completions sampled per prompt.", 8)
     lr: float = doc("Learning rate of a layer-subset run (searchable per space).", 1e-3)
     full_lr: float = doc("Learning rate of the all-layers reference run (tuned separately).", 1e-4)
+    gigpo_gamma: float = doc("gigpo: discount of the step returns within a trajectory.", 0.95)
+    gigpo_omega: float = doc("gigpo: weight of the step-level advantage (A_E + omega A_S).", 1.0)
     beta: float = doc("Weight of the k3 KL penalty to the reference (0: no reference).", 0.0)
     epsilon: float = doc("PPO clip range of the importance ratio.", 0.2)
     num_iterations: int = doc("Optimisation passes per sampled batch (TRL's num_iterations).", 1)
@@ -159,6 +183,7 @@ class ProxyConfig:
         for key in ("lr", "full_lr", "temperature"):
             _require(getattr(self, key) > 0, f"proxy.{key} must be positive")
         _require(self.beta >= 0 and self.epsilon > 0, "proxy.beta must be >= 0 and epsilon > 0")
+        _require(0 <= self.gigpo_gamma <= 1, "proxy.gigpo_gamma must be between 0 and 1")
 
 
 @dataclass
@@ -273,6 +298,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 _coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}")
                 for k, v in value.items()
             }
+    elif tp is Any:
+        return value
     elif tp is type(None):
         if value is None:
             return None
@@ -353,6 +380,8 @@ def anchor_task_paths(task: TaskConfig, base: Path) -> None:
         task.data_files = {
             k: anchor(v) if isinstance(v, str) else [anchor(f) for f in v] for k, v in files.items()
         }
+    if task.env is not None and ".py:" in task.env:
+        task.env = anchor(task.env.rpartition(":")[0]) + ":" + task.env.rpartition(":")[2]
     if task.reward_funcs is not None:
         task.reward_funcs = [
             anchor(f.rpartition(":")[0]) + ":" + f.rpartition(":")[2] if ".py:" in f else f

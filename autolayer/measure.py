@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from autolayer.config import Config, ProxyConfig
+from autolayer.errors import AutolayerError
 from autolayer.models import find_layer_stack, layer_param_names, load_model, restore, snapshot
 from autolayer.proxy import EvalHook, ProxyResult, run_proxy
 from autolayer.scoring import (
@@ -34,6 +35,11 @@ def prepare_task(config: Config, task: Task | None = None) -> Task:
     Runs before the model loads, so bad data or a broken reward fails in seconds.
     """
     task = task if task is not None else load_task(config.task)
+    if config.proxy.algorithm == "gigpo" and task.env is None:
+        raise AutolayerError(
+            "proxy.algorithm gigpo needs a multi-turn environment task (task.env); use grpo or "
+            "dr_grpo for single-turn tasks"
+        )
     check_rewards(task)
     return task
 

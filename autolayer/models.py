@@ -19,6 +19,7 @@ from autolayer.errors import AutolayerError
 
 ORGANISM = "organism"  # the name of the bundled model wherever a model is accepted
 CODE_ORGANISM = "code_organism"  # the bundled code model, likewise
+AGENT_ORGANISM = "agent_organism"  # the bundled grid-world agent, likewise
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -161,17 +162,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+BUNDLED = {  # name -> module whose organism_path() is the bundled model's directory
+    ORGANISM: "autolayer.organism",
+    CODE_ORGANISM: "autolayer.code_organism",
+    AGENT_ORGANISM: "autolayer.agent_organism",
+}
+
+
 def resolve_model_path(name: str) -> str:
-    """Map `organism` and `code_organism` to the bundled models' directories; pass hub ids and
-    paths through."""
-    if name == ORGANISM:
-        from autolayer.organism import organism_path
+    """Map a bundled model's name to its directory; pass hub ids and paths through."""
+    if name in BUNDLED:
+        import importlib
 
-        return str(organism_path())
-    if name == CODE_ORGANISM:
-        from autolayer import code_organism
-
-        return str(code_organism.organism_path())
+        return str(importlib.import_module(BUNDLED[name]).organism_path())
     return name
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from autolayer import rl
+from autolayer import agent, rl
 from autolayer.config import ProxyConfig
 from autolayer.models import freeze_except, trainable_parameters
 from autolayer.scoring import (
@@ -181,6 +181,8 @@ class GRPOModule(L.LightningModule):
         """Sample G completions per prompt and score them with the task's rewards."""
         cfg = self.config
         rows = repeat_rows(batch, cfg.num_generations)
+        if self.task.env is not None:
+            return self._play(rows["seed"])
         self.model.eval()
         prompt_ids, prompt_mask, completion_ids = generate_completions(
             self.model,
@@ -196,9 +198,7 @@ class GRPOModule(L.LightningModule):
         ids = masked_ids(completion_ids, mask)
         columns = {k: v for k, v in rows.items() if k != "prompt"}
         rewards = torch.tensor(
-            score_completions(
-                self.task, rows["prompt"], decode(self.tokenizer, ids), columns, ids
-            ),
+            score_completions(self.task, rows["prompt"], decode(self.tokenizer, ids), columns, ids),
             dtype=torch.float32,
             device=self.device,
         )
@@ -210,8 +210,42 @@ class GRPOModule(L.LightningModule):
             "rewards": rewards,
         }
 
+    def _play(self, seeds: list[int]) -> dict[str, Any]:
+        """G trajectories per seed; each action is a loss row with its trajectory's advantage
+        (GRPO, Dr. GRPO) or GiGPO's episode-plus-step advantage."""
+        cfg = self.config
+        groups = [i // cfg.num_generations for i in range(len(seeds))]
+        self.model.eval()
+        episodes = agent.play(
+            self.model, self.tokenizer, self.task, seeds, groups, do_sample=True,
+            temperature=cfg.temperature,
+        )  # fmt: skip
+        self.model.train()
+        turns = [turn for episode in episodes for turn in episode.turns]
+        steps = [
+            rl.AgentStep(e.group, j, turn.observation, turn.reward)
+            for j, e in enumerate(episodes)
+            for turn in e.turns
+        ]
+        if cfg.algorithm == "gigpo":
+            advantages = rl.gigpo_advantages(steps, cfg.gigpo_gamma, cfg.gigpo_omega)
+        else:
+            advantages = rl.trajectory_advantages(steps, cfg.algorithm)
+        input_ids, attention, prompt_len, mask = agent.pack(self.tokenizer, turns, self.device)
+        returns = [e.total for e in episodes]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "prompt_len": prompt_len,
+            "mask": mask,
+            "rewards": torch.tensor(returns, dtype=torch.float32, device=self.device),
+            "advantages": advantages.to(self.device),
+        }
+
     def training_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
         cfg = self.config
+        # gigpo reduces its loss as grpo does: the mean over each row (action), then over rows
+        loss_algorithm: rl.Algorithm = "dr_grpo" if cfg.algorithm == "dr_grpo" else "grpo"
         start = time.perf_counter()
         roll = self._rollout(batch)
         ids, attn, plen, mask = (
@@ -220,7 +254,9 @@ class GRPOModule(L.LightningModule):
             roll["prompt_len"],
             roll["mask"],
         )
-        advantages = rl.group_advantages(roll["rewards"], cfg.num_generations, cfg.algorithm)
+        advantages = roll.get("advantages")
+        if advantages is None:
+            advantages = rl.group_advantages(roll["rewards"], cfg.num_generations, loss_algorithm)
         chunks = self._micro_batches(ids.shape[0])
         with torch.no_grad():
             ref_logp = (
@@ -240,7 +276,7 @@ class GRPOModule(L.LightningModule):
                     logp.detach() if old_logp is None else old_logp[rows],
                     advantages[rows],
                     mask[rows],
-                    cfg.algorithm,
+                    loss_algorithm,
                     epsilon=cfg.epsilon,
                     beta=cfg.beta,
                     ref_logp=None if ref_logp is None else ref_logp[rows],

@@ -1,4 +1,4 @@
-"""GRPO and Dr. GRPO as pure tensor functions: group advantages, masks, log-probs, KL, the loss.
+"""GRPO, Dr. GRPO and GiGPO as pure functions: group advantages, masks, log-probs, KL, the loss.
 
 Conventions follow TRL 1.x (`GRPOTrainer`, `loss_type="grpo"` / `"dr_grpo"`) so a proxy run here
 and the final TRL run optimise the same objective. Shapes: N completions (= B prompts x G
@@ -14,7 +14,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-Algorithm = Literal["grpo", "dr_grpo"]
+Algorithm = Literal["grpo", "dr_grpo"]  # loss reductions; gigpo uses grpo's (per sequence)
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 
 
@@ -53,6 +53,109 @@ def group_advantages(
     if algorithm == "grpo":
         centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
     return centred.reshape(-1)
+
+
+@dataclass(frozen=True)
+class AgentStep:
+    """One action of a multi-turn trajectory: a row of the loss."""
+
+    group: int  # episode group: the G trajectories that start from the same initial state
+    trajectory: int  # which trajectory of the batch the step belongs to
+    anchor: str  # the observation the action answered: GiGPO's anchor state
+    reward: float  # the environment's reward for this step
+
+
+def discounted_returns(rewards: Sequence[float], gamma: float) -> list[float]:
+    """`R_t = sum_{j >= t} gamma^(j - t) r_j` of one trajectory (arXiv 2505.10978, Eq. 5)."""
+    out: list[float] = []
+    running = 0.0
+    for reward in reversed(rewards):
+        running = reward + gamma * running
+        out.append(running)
+    return out[::-1]
+
+
+def _by_trajectory(steps: Sequence[AgentStep]) -> dict[int, list[int]]:
+    rows: dict[int, list[int]] = {}
+    for i, step in enumerate(steps):
+        rows.setdefault(step.trajectory, []).append(i)
+    return rows
+
+
+def _relative(values: list[float], std_norm: bool, eps: float) -> list[float]:
+    """Each value minus the group mean, divided by the unbiased std (+ eps) when `std_norm`."""
+    t = torch.tensor(values, dtype=torch.float64)
+    centred = t - t.mean()
+    if std_norm and len(values) > 1:
+        centred = centred / (t.std() + eps)
+    return centred.tolist()
+
+
+def episode_advantages(
+    steps: Sequence[AgentStep], std_norm: bool, eps: float = 1e-4
+) -> dict[int, float]:
+    """Trajectory -> its episode return relative to its group's (each trajectory counted once).
+
+    GRPO (`std_norm`) and Dr. GRPO on trajectories, and GiGPO's episode-level advantage A_E
+    (arXiv 2505.10978, Eq. 3). verl-agent's default instead averages over every step row of the
+    group (longer trajectories weigh more); we follow the paper's per-trajectory equation here.
+    """
+    rows_of = _by_trajectory(steps)
+    returns = {t: sum(steps[i].reward for i in rows) for t, rows in rows_of.items()}
+    groups: dict[int, list[int]] = {}
+    for t, rows in rows_of.items():
+        groups.setdefault(steps[rows[0]].group, []).append(t)
+    out: dict[int, float] = {}
+    for members in groups.values():
+        for t, a in zip(
+            members, _relative([returns[t] for t in members], std_norm, eps), strict=True
+        ):
+            out[t] = a
+    return out
+
+
+def trajectory_advantages(steps: Sequence[AgentStep], algorithm: str, eps: float = 1e-4) -> Tensor:
+    """GRPO / Dr. GRPO on trajectories: every step of a trajectory gets its episode advantage."""
+    _check_algorithm(algorithm)
+    per_trajectory = episode_advantages(steps, std_norm=algorithm == "grpo", eps=eps)
+    return torch.tensor([per_trajectory[s.trajectory] for s in steps], dtype=torch.float32)
+
+
+def gigpo_advantages(
+    steps: Sequence[AgentStep],
+    gamma: float,
+    omega: float,
+    std_norm: bool = False,
+    eps: float = 1e-6,
+) -> Tensor:
+    """GiGPO (arXiv 2505.10978): `A = A_E + omega * A_S` per step (Eq. 8).
+
+    A_E: the episode advantage (Eq. 3). A_S (Eqs. 5-7): each step's discounted return minus the
+    mean over its step group, the steps of one episode group whose anchor observations are
+    identical. Choices the paper leaves open follow verl-agent's `core_gigpo.py`: a step group
+    may hold several steps of one trajectory (a revisited state); a singleton group gets A_S = 0;
+    normalisation is `mean_norm` (no std division) unless `std_norm`, whose std is the unbiased
+    one with a singleton's std taken as 1.
+    """
+    a_e = episode_advantages(steps, std_norm, eps)
+    step_returns = [0.0] * len(steps)
+    for rows in _by_trajectory(steps).values():
+        for i, r in zip(
+            rows, discounted_returns([steps[i].reward for i in rows], gamma), strict=True
+        ):
+            step_returns[i] = r
+    clusters: dict[tuple[int, str], list[int]] = {}
+    for i, step in enumerate(steps):
+        clusters.setdefault((step.group, step.anchor), []).append(i)
+    a_s = [0.0] * len(steps)
+    for rows in clusters.values():
+        for i, a in zip(
+            rows, _relative([step_returns[i] for i in rows], std_norm, eps), strict=True
+        ):
+            a_s[i] = a
+    return torch.tensor(
+        [a_e[s.trajectory] + omega * a_s[i] for i, s in enumerate(steps)], dtype=torch.float32
+    )
 
 
 def completion_mask(

@@ -165,9 +165,19 @@ def decode(tokenizer: Any, ids: list[list[int]]) -> list[str]:
 
 
 def evaluate(model: nn.Module, tokenizer: Any, task: Task, batch_size: int = 256) -> Evaluation:
-    """Greedy-decode every held-out prompt and score it with the task's verifiable rewards."""
+    """Greedy-decode every held-out prompt and score it with the task's verifiable rewards.
+
+    An environment task plays one greedy episode per held-out seed; its outcome is the return.
+    """
     was_training = model.training
     model.eval()
+    if task.env is not None:
+        from autolayer.agent import play
+
+        seeds = list(task.eval["seed"])
+        episodes = play(model, tokenizer, task, seeds, range(len(seeds)), do_sample=False)
+        model.train(was_training)
+        return Evaluation.from_outcomes([e.total for e in episodes])
     outcomes: list[float] = []
     rows = task.eval.to_dict()
     prompts: list[Any] = rows["prompt"]

@@ -1,5 +1,8 @@
 """Tasks: a train split, a held-out eval split and reward functions, in TRL's conventions.
 
+A multi-turn task names an environment instead (`autolayer.envs`): its rows are seeds, its
+rewards come from the environment, and `max_completion_length` bounds each action.
+
 A `Task` is what the proxy RL loop, the held-out scorer and `autolayer train` (TRL's
 GRPOTrainer) share. Its datasets have a `prompt` column, plain text or a list of chat messages,
 plus any columns the reward functions read. A reward function has TRL's signature
@@ -15,6 +18,7 @@ name (`BUILTINS`, presets of the same fields), or a `Task` built in Python and p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -32,10 +36,15 @@ import datasets
 
 from autolayer import gsm8k, organism
 from autolayer.config import TaskConfig
+from autolayer.envs import EnvFactory, check_env
 from autolayer.errors import AutolayerError
 
 RewardFunc = Callable[..., Sequence[float | None]]
 DEFAULT_MAX_COMPLETION = 256  # TRL's max_completion_length default
+DEFAULT_MAX_TURNS = 8
+DEFAULT_ENV_TRAIN_SEEDS = 10_000
+DEFAULT_ENV_EVAL_EPISODES = 200
+EVAL_SEED_OFFSET = 1_000_000  # held-out episodes use seeds from here, training seeds below it
 LOADERS = {
     ".jsonl": "json",
     ".json": "json",
@@ -68,6 +77,9 @@ class Task:
     max_completion_length: int = DEFAULT_MAX_COMPLETION  # tokens per completion
     stop_strings: tuple[str, ...] = ()  # generation stops after any of these
     chat_template: str = "never"  # text prompts: wrap in the chat template (auto/always/never)
+    env: EnvFactory | None = None  # multi-turn: makes one environment per trajectory
+    max_turns: int = 1  # multi-turn: actions per episode at most
+    history_turns: int = 0  # multi-turn: earlier (observation, action) pairs in each prompt
 
     def __post_init__(self) -> None:
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
@@ -142,6 +154,14 @@ BUILTINS: dict[str, Builtin] = {
         },
         make_splits=_code_organism_splits,
     ),
+    "gridworld": Builtin(
+        "the agent organism's grid world: reach the goal in 8 moves (multi-turn, generated)",
+        lambda: {
+            "env": "autolayer.agent_organism.GridWorld",
+            "max_turns": 8,
+            "max_completion_length": 2,  # one move letter and EOS
+        },
+    ),
     "gsm8k": Builtin(
         "grade-school math in GSM8K's format, checked with math-verify",
         lambda: {
@@ -185,6 +205,9 @@ def load_task(config: TaskConfig, tokenizer: Any = None) -> Task:
     """Build the task `config` describes; with a tokenizer, its chat template is applied."""
     builtin = BUILTINS.get(config.name)
     cfg = resolved(config)
+    if cfg.env is not None:
+        task = _env_task(cfg)
+        return for_tokenizer(task, tokenizer) if tokenizer is not None else task
     if builtin is None and cfg.dataset is None and cfg.data_files is None:
         raise AutolayerError(
             f"unknown task '{config.name}'; built-in tasks: {', '.join(sorted(BUILTINS))}; for "
@@ -217,6 +240,27 @@ def load_task(config: TaskConfig, tokenizer: Any = None) -> Task:
         chat_template=cfg.chat_template or "never",
     )
     return for_tokenizer(task, tokenizer) if tokenizer is not None else task
+
+
+def _env_task(cfg: TaskConfig) -> Task:
+    """A multi-turn task: seeds for rows, the environment for rewards."""
+    factory = functools.partial(
+        resolve_callable(cfg.env or "", "environment"), **(cfg.env_kwargs or {})
+    )
+    train = cfg.train_size or DEFAULT_ENV_TRAIN_SEEDS
+    held_out = cfg.eval_size or DEFAULT_ENV_EVAL_EPISODES
+    return Task(
+        name=cfg.name,
+        train=datasets.Dataset.from_dict({"seed": list(range(train))}),
+        eval=datasets.Dataset.from_dict({"seed": [EVAL_SEED_OFFSET + i for i in range(held_out)]}),
+        reward_funcs=(),
+        max_completion_length=cfg.max_completion_length or 32,
+        stop_strings=tuple(cfg.stop_strings or ()),
+        chat_template=cfg.chat_template or "never",
+        env=factory,
+        max_turns=cfg.max_turns or DEFAULT_MAX_TURNS,
+        history_turns=cfg.history_turns or 0,
+    )
 
 
 def _source(cfg: TaskConfig) -> str:
@@ -495,8 +539,12 @@ def check_rewards(task: Task) -> None:
     """Try every reward function on a few held-out rows before any training.
 
     A function that does not take TRL's signature, raises, or returns the wrong length or type
-    stops here with one sentence that names it, instead of failing every trial later.
+    stops here with one sentence that names it, instead of failing every trial later. An
+    environment task's environment is made, reset and stepped instead.
     """
+    if task.env is not None:
+        check_env(task.env)
+        return
     rows = task.eval.select(range(min(CHECK_ROWS, len(task.eval)))).to_dict()
     prompts = repeat_rows(rows, 2)["prompt"]
     columns = {k: v for k, v in repeat_rows(rows, 2).items() if k != "prompt"}
@@ -536,14 +584,19 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 
 def for_tokenizer(task: Task, tokenizer: Any) -> Task:
-    """The task with text prompts wrapped as a user turn where its `chat_template` asks for it."""
+    """The task with text prompts wrapped as a user turn where its `chat_template` asks for it.
+
+    An environment task keeps its seeds; its mode resolves to always or never for `render`.
+    """
     mode = task.chat_template
     if mode == "always" and not has_chat_template(tokenizer):
         raise AutolayerError(
             f"task '{task.name}' sets chat_template: always but the tokenizer has no chat template"
         )
     if mode == "never" or (mode == "auto" and not has_chat_template(tokenizer)):
-        return task
+        return replace(task, chat_template="never") if task.env is not None else task
+    if task.env is not None:
+        return replace(task, chat_template="always")
 
     def wrap(row: dict[str, Any]) -> dict[str, Any]:
         prompt = row["prompt"]
@@ -590,6 +643,8 @@ def task_fingerprint(task: Task) -> str:
         task.chat_template,
         json.dumps(task.reward_weights),
         *(reward_identity(f) for f in task.reward_funcs),
+        reward_identity(task.env) if task.env is not None else "",
+        f"{task.max_turns}/{task.history_turns}",
     ):
         digest.update(part.encode() + b"\0")
     for row in task.eval:

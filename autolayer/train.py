@@ -10,6 +10,7 @@ trains everything with the best k layers at a higher learning rate.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import json
@@ -488,6 +489,39 @@ def _train(
     return sum(p.numel() for n, p in model.named_parameters() if n in expected), seconds
 
 
+def _train_multiturn(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    config: Config,
+    strategy: str,
+    layers: tuple[int, ...],
+    logger: Any,
+) -> tuple[int, float, Evaluation]:
+    """An environment task's final run: the proxy's multi-turn loop for `train.steps` steps.
+
+    TRL's GRPOTrainer has no multi-turn environment loop that fits, so the chosen layers train
+    through the same code path the search measured them with (GRPO, Dr. GRPO or GiGPO). Returns
+    (trainable params, seconds, the held-out evaluation the run ends with).
+    """
+    if strategy == "boost":
+        raise AutolayerError(
+            "strategy boost trains every layer through TRL, which has no multi-turn environment "
+            "loop; use only or mid for an environment task"
+        )
+    from autolayer.proxy import run_proxy
+
+    base_dtype = next(model.parameters()).dtype
+    steps = config.train.steps
+    proxy = dataclasses.replace(config.proxy, steps=steps, eval_every=steps)
+    result = run_proxy(model, tokenizer, task, proxy, layers, config.train.lr, logger=logger)
+    trained = sum(p.numel() for p in trainable_parameters(model))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    set_dtype(model, base_dtype, only_trainable=False)
+    return trained, result.seconds, result.final
+
+
 def _write_outputs(
     tmp: Path,
     model: nn.Module,
@@ -577,18 +611,24 @@ def run_training(
     tracker, run_id = start_tracking(config, study, root, params)
     try:
         with atomic_dir(out, overwrite) as tmp:
-            trained, seconds = _train(
-                model,
-                tokenizer,
-                task,
-                config,
-                strategy,
-                chosen,
-                tmp / "trainer",
-                [TrackerCallback(tracker, run_id)],
-            )
-            shutil.rmtree(tmp / "trainer", ignore_errors=True)
-            after = evaluate(model, tokenizer, task)
+            if task.env is not None:
+                trained, seconds, after = _train_multiturn(
+                    model, tokenizer, task, config, strategy, chosen,
+                    tracker.lightning_logger(run_id),
+                )  # fmt: skip
+            else:
+                trained, seconds = _train(
+                    model,
+                    tokenizer,
+                    task,
+                    config,
+                    strategy,
+                    chosen,
+                    tmp / "trainer",
+                    [TrackerCallback(tracker, run_id)],
+                )
+                shutil.rmtree(tmp / "trainer", ignore_errors=True)
+                after = evaluate(model, tokenizer, task)
             c, note = contribution_vs_study(after, before, study, config.proxy.seed)
             result = TrainResult(
                 chosen,

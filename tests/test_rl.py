@@ -6,12 +6,16 @@ import pytest
 import torch
 
 from autolayer.rl import (
+    AgentStep,
     LossOutput,
     completion_mask,
+    discounted_returns,
+    gigpo_advantages,
     group_advantages,
     k3_kl,
     policy_loss,
     token_logprobs,
+    trajectory_advantages,
 )
 
 LN = math.log
@@ -265,3 +269,62 @@ def test_policy_loss_rejects_bad_input(kwargs: dict, message: str) -> None:
     }
     with pytest.raises(ValueError, match=message):
         policy_loss(**(args | kwargs))
+
+
+# --- multi-turn: trajectories and GiGPO (arXiv 2505.10978) -------------------------------------
+
+
+def steps_of(*trajectories: tuple[int, list[tuple[str, float]]]) -> list[AgentStep]:
+    """(group, [(anchor, reward), ...]) per trajectory -> the flat list of loss rows."""
+    return [
+        AgentStep(group, t, anchor, reward)
+        for t, (group, turns) in enumerate(trajectories)
+        for anchor, reward in turns
+    ]
+
+
+def test_discounted_returns_by_hand() -> None:
+    # R2 = 2; R1 = 0 + 0.5 * 2 = 1; R0 = 1 + 0.5 * 1 = 1.5
+    assert discounted_returns([1.0, 0.0, 2.0], 0.5) == [1.5, 1.0, 2.0]
+    assert discounted_returns([], 0.9) == []
+
+
+def test_gigpo_singleton_step_groups_leave_only_the_episode_advantage() -> None:
+    # returns 1 and 0: mean 0.5, so A_E = +0.5 / -0.5; every anchor is unique: A_S = 0
+    steps = steps_of((0, [("A", 0.0), ("B", 1.0)]), (0, [("C", 0.0)]))
+    close(gigpo_advantages(steps, gamma=0.5, omega=1.0), [0.5, 0.5, -0.5])
+
+
+def test_gigpo_shared_anchor_adds_the_step_advantage() -> None:
+    # traj 0: S then X, reward at the end: R = [0.5, 1]; traj 1: S, Y, Z, no reward: R = 0
+    # step group S = {0.5, 0}: mean 0.25, A_S = +0.25 / -0.25; the rest are singletons
+    # A = A_E + omega A_S with A_E = +0.5 / -0.5
+    steps = steps_of((0, [("S", 0.0), ("X", 1.0)]), (0, [("S", 0.0), ("Y", 0.0), ("Z", 0.0)]))
+    close(gigpo_advantages(steps, gamma=0.5, omega=1.0), [0.75, 0.5, -0.75, -0.5, -0.5])
+    close(gigpo_advantages(steps, gamma=0.5, omega=2.0), [1.0, 0.5, -1.0, -0.5, -0.5])
+
+
+def test_gigpo_groups_repeated_states_within_one_trajectory() -> None:
+    # traj 0 bumps a wall and sees S twice: R = [0.5, 1]; traj 1 sees S once: R = [0]
+    # step group S = {0.5, 1, 0}: mean 0.5, A_S = [0, 0.5, -0.5]; A_E = +0.5 / -0.5
+    steps = steps_of((0, [("S", 0.0), ("S", 1.0)]), (0, [("S", 0.0)]))
+    close(gigpo_advantages(steps, gamma=0.5, omega=1.0), [0.5, 1.0, -1.0])
+
+
+def test_gigpo_all_equal_returns_give_zero_advantages() -> None:
+    steps = steps_of((0, [("S", 0.0), ("T", 1.0)]), (0, [("S", 0.0), ("T", 1.0)]))
+    close(gigpo_advantages(steps, gamma=0.9, omega=1.0), [0.0] * 4)
+    close(gigpo_advantages(steps, gamma=0.9, omega=1.0, std_norm=True), [0.0] * 4)
+
+
+def test_gigpo_never_mixes_episode_groups() -> None:
+    # the same anchor text in two groups (different initial states) forms two step groups
+    steps = steps_of((0, [("S", 1.0)]), (0, [("S", 0.0)]), (1, [("S", 0.0)]), (1, [("S", 0.0)]))
+    close(gigpo_advantages(steps, gamma=1.0, omega=1.0), [1.0, -1.0, 0.0, 0.0])
+
+
+def test_trajectory_advantages_give_every_step_its_episode_advantage() -> None:
+    steps = steps_of((0, [("A", 0.0), ("B", 1.0)]), (0, [("C", 0.0)]))
+    close(trajectory_advantages(steps, "dr_grpo"), [0.5, 0.5, -0.5])
+    # grpo: / (unbiased std of {1, 0} = 0.70711 + 1e-4)
+    close(trajectory_advantages(steps, "grpo"), [0.70700, 0.70700, -0.70700], atol=1e-4)
