@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # GPU users: create the venv yourself, install your CUDA torch, then run make.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slow lint organism code-organism clean
+.PHONY: demo test test-slow lint organism code-organism agent-organism clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ organism: $(VENV)/.installed
 
 code-organism: $(VENV)/.installed
 	$(BIN)/python -m autolayer.code_organism build
+
+agent-organism: $(VENV)/.installed
+	$(BIN)/python -m autolayer.agent_organism build
 
 clean:
 	rm -rf $(VENV) mlruns .pytest_cache

@@ -13,12 +13,12 @@ from autolayer.code_organism import (
     EVAL_SIZE,
     FLAWED,
     body,
+    checks,
     is_eval,
     make_rows,
     organism_path,
     problems,
     prompt,
-    checks,
 )
 from autolayer.coding import passes_tests
 from autolayer.config import ProxyConfig, TaskConfig
