@@ -44,9 +44,14 @@ class Trajectory:
 
 
 def render(task: Task, history: Sequence[tuple[str, str]], observation: str) -> Any:
-    """The prompt for the next action; chat messages alternate user observations and assistant
-    actions when the task uses the chat template."""
+    """The prompt for the next action: `task.turn_template` over {history} (earlier pairs as
+    `observation action` lines) and {observation}; by default the history then the observation;
+    chat messages alternating user observations and assistant actions when the task uses the
+    chat template."""
     recent = list(history[-task.history_turns :]) if task.history_turns > 0 else []
+    if task.turn_template is not None:
+        past = "".join(f"{seen}{done}\n" for seen, done in recent)
+        return task.turn_template.format(history=past, observation=observation)
     if task.chat_template == "always":
         messages: list[dict[str, str]] = []
         for seen, done in recent:

@@ -74,7 +74,9 @@ class TaskConfig:
         "Column holding the prompt: text, or a list of chat messages (default: prompt).", None
     )
     prompt_template: str | None = doc(
-        "Format string over columns that builds the prompt, e.g. 'Q: {question}\nA:'.", None
+        "Format string over columns that builds the prompt, e.g. 'Q: {question}\nA:'; for an "
+        "environment task, over {history} and {observation}.",
+        None,
     )
     chat_template: Literal["auto", "always", "never"] | None = doc(
         "Wrap text prompts as a user turn in the tokenizer's chat template: auto (when it has "

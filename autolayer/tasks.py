@@ -80,6 +80,7 @@ class Task:
     env: EnvFactory | None = None  # multi-turn: makes one environment per trajectory
     max_turns: int = 1  # multi-turn: actions per episode at most
     history_turns: int = 0  # multi-turn: earlier (observation, action) pairs in each prompt
+    turn_template: str | None = None  # multi-turn: format string over {history}, {observation}
 
     def __post_init__(self) -> None:
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
@@ -260,7 +261,22 @@ def _env_task(cfg: TaskConfig) -> Task:
         env=factory,
         max_turns=cfg.max_turns or DEFAULT_MAX_TURNS,
         history_turns=cfg.history_turns or 0,
+        turn_template=_turn_template(cfg.prompt_template),
     )
+
+
+def _turn_template(template: str | None) -> str | None:
+    """An environment task's prompt_template, checked: only {history} and {observation}."""
+    if template is None:
+        return None
+    try:
+        template.format(history="", observation="")
+    except (KeyError, IndexError, ValueError) as err:
+        raise AutolayerError(
+            f"task.prompt_template of an environment task may use only {{history}} and "
+            f"{{observation}}; it has {err}"
+        ) from None
+    return template
 
 
 def _source(cfg: TaskConfig) -> str:

@@ -104,6 +104,12 @@ def test_render_shows_the_last_turns_as_text_or_chat() -> None:
     history = [("o1>", "l"), ("o2>", "r")]
     assert render(env_task(Endless, history_turns=1), history, "o3>") == "o2>r\no3>"
     assert render(env_task(Endless), history, "o3>") == "o3>"
+    template = "You did:\n{history}Now: {observation}"
+    templated = env_task(Endless, history_turns=2, turn_template=template)
+    assert render(templated, history, "o3>") == "You did:\no1>l\no2>r\nNow: o3>"
+    bad = TaskConfig(name="g", env="autolayer.agent_organism.GridWorld", prompt_template="{x}")
+    with pytest.raises(AutolayerError, match="may use only \\{history\\} and \\{observation\\}"):
+        load_task(bad)
     chat = render(env_task(Endless, history_turns=5, chat_template="always"), history, "o3>")
     assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant", "user"]
     assert chat[-1]["content"] == "o3>"
