@@ -21,17 +21,20 @@ Start-goal pairs are split into train and eval by a stable hash (1 in 5 held out
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
-import time
 import zlib
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen3ForCausalLM,
+)
 
 from autolayer import organism
 from autolayer.organism import EOS
@@ -141,7 +144,7 @@ def pretrain(seed: int, steps: int = STEPS) -> tuple[Qwen3ForCausalLM, PreTraine
     return model, tokenizer
 
 
-def accuracy_report(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast) -> str:
+def accuracy_report(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
     """Greedy success rate over the `gridworld` task's held-out episodes, with its SE."""
     from autolayer.config import TaskConfig
     from autolayer.scoring import evaluate
@@ -174,37 +177,16 @@ The `gridworld` task's held-out episodes (seeds from 1,000,000), greedy:
 
 
 def build(seed: int = DEFAULT_SEED, out: Path | None = None, steps: int = STEPS) -> Path:
-    start = time.time()
-    model, tokenizer = pretrain(seed, steps)
-    seconds = time.time() - start
+    """Pretrain the agent organism and save it (default: into the package); returns the dir."""
     target = out or organism_path()
-    organism.save_atomic(model, tokenizer, target, readme_text(seed, "(not scored)", 0, seconds))
-    report = accuracy_report(model, tokenizer)  # after saving: a scoring error loses no build
-    print(report)
-    n_params = sum(p.numel() for p in model.parameters())
-    (target / "README.md").write_text(readme_text(seed, report, n_params, seconds))
-    print(f"saved to {target}")
-    return target
+    return organism.build_organism(pretrain, accuracy_report, readme_text, target, seed, steps)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m autolayer.agent_organism build [--seed N] [--out DIR] [--steps N]`."""
-    parser = argparse.ArgumentParser(
-        prog="python -m autolayer.agent_organism", description="Build the bundled agent organism."
+    return organism.build_cli(
+        argv, "autolayer.agent_organism", "agent organism", build, DEFAULT_SEED, STEPS
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="pretrain the agent organism from scratch and save it")
-    b.add_argument("--seed", type=int, default=DEFAULT_SEED, help="torch and data-order seed")
-    b.add_argument("--out", type=Path, default=None, help="output dir (default: the package's)")
-    b.add_argument("--steps", type=int, default=STEPS, help="pretraining steps")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(2)  # timed on 2 CPU cores
-    try:
-        build(args.seed, args.out, args.steps)
-    except OSError as err:
-        print(f"error: cannot write the agent organism: {err}")
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

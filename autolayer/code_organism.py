@@ -23,15 +23,19 @@ Train and eval problems are disjoint (a stable hash of operation, argument and n
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
-import time
 import zlib
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from autolayer import organism
 from autolayer.organism import EOS
@@ -153,7 +157,7 @@ def pretrain(seed: int, steps: int = STEPS) -> tuple[Qwen3ForCausalLM, PreTraine
     return model, tokenizer
 
 
-def accuracy_report(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast) -> str:
+def accuracy_report(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
     """Greedy pass rate on the held-out rows, overall with its SE and per operation, scored as
     the `code_organism` task scores it (stop strings, sandbox and all)."""
     from autolayer.config import TaskConfig
@@ -192,36 +196,16 @@ completion run against its tests in the sandbox:
 
 
 def build(seed: int = DEFAULT_SEED, out: Path | None = None, steps: int = STEPS) -> Path:
-    start = time.time()
-    model, tokenizer = pretrain(seed, steps)
-    seconds = time.time() - start
-    report = accuracy_report(model, tokenizer)
-    print(report)
-    n_params = sum(p.numel() for p in model.parameters())
+    """Pretrain the code organism and save it (default: into the package); returns the dir."""
     target = out or organism_path()
-    organism.save_atomic(model, tokenizer, target, readme_text(seed, report, n_params, seconds))
-    print(f"saved to {target}")
-    return target
+    return organism.build_organism(pretrain, accuracy_report, readme_text, target, seed, steps)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m autolayer.code_organism build [--seed N] [--out DIR] [--steps N]`."""
-    parser = argparse.ArgumentParser(
-        prog="python -m autolayer.code_organism", description="Build the bundled code organism."
+    return organism.build_cli(
+        argv, "autolayer.code_organism", "code organism", build, DEFAULT_SEED, STEPS
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="pretrain the code organism from scratch and save it")
-    b.add_argument("--seed", type=int, default=DEFAULT_SEED, help="torch and data-order seed")
-    b.add_argument("--out", type=Path, default=None, help="output dir (default: the package's)")
-    b.add_argument("--steps", type=int, default=STEPS, help="pretraining steps")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(2)  # timed on 2 CPU cores
-    try:
-        build(args.seed, args.out, args.steps)
-    except OSError as err:
-        print(f"error: cannot write the code organism: {err}")
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

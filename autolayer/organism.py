@@ -344,38 +344,61 @@ Held-out set: `make_rows("eval", {EVAL_SIZE}, {DEFAULT_SEED})`, greedy, `reward_
 """
 
 
-def build(seed: int = DEFAULT_SEED, out: Path | None = None, steps: int = STEPS) -> Path:
-    """Pretrain the organism and save it (by default into the package); returns the directory."""
+def build_organism(
+    pretrain_fn: Callable[[int, int], tuple[PreTrainedModel, PreTrainedTokenizerBase]],
+    report_fn: Callable[[PreTrainedModel, PreTrainedTokenizerBase], str],
+    readme_fn: Callable[[int, str, int, float], str],
+    target: Path,
+    seed: int,
+    steps: int,
+) -> Path:
+    """Pretrain, save, then score and write the README: a scoring error loses no build."""
     start = time.time()
-    model, tokenizer = pretrain(seed, steps)
+    model, tokenizer = pretrain_fn(seed, steps)
     seconds = time.time() - start
-    report = accuracy_report(model, tokenizer)
-    print(report)
     n_params = sum(p.numel() for p in model.parameters())
-    target = out or organism_path()
-    save_atomic(model, tokenizer, target, readme_text(seed, report, n_params, seconds))
+    save_atomic(model, tokenizer, target, readme_fn(seed, "(not scored yet)", n_params, seconds))
+    report = report_fn(model, tokenizer)
+    print(report)
+    (target / "README.md").write_text(readme_fn(seed, report, n_params, seconds))
     print(f"saved to {target}")
     return target
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m autolayer.organism build [--seed N] [--out DIR]`."""
-    parser = argparse.ArgumentParser(
-        prog="python -m autolayer.organism", description="Build the bundled model organism."
-    )
+def build_cli(
+    argv: list[str] | None,
+    module: str,
+    what: str,
+    build_fn: Callable[[int, Path | None, int], Path],
+    seed: int,
+    steps: int,
+) -> int:
+    """`python -m <module> build [--seed N] [--out DIR] [--steps N]` for a bundled organism."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=f"Build the {what}.")
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="pretrain the organism from scratch and save it")
-    b.add_argument("--seed", type=int, default=DEFAULT_SEED, help="torch and data-order seed")
+    b = sub.add_parser("build", help=f"pretrain the {what} from scratch and save it")
+    b.add_argument("--seed", type=int, default=seed, help="torch and data-order seed")
     b.add_argument("--out", type=Path, default=None, help="output dir (default: the package's)")
-    b.add_argument("--steps", type=int, default=STEPS, help="pretraining steps")
+    b.add_argument("--steps", type=int, default=steps, help="pretraining steps")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)  # the build is timed on 2 CPU cores; at this size more do not help
+    torch.set_num_threads(2)  # builds are timed on 2 CPU cores; at this size more do not help
     try:
-        build(args.seed, args.out, args.steps)
+        build_fn(args.seed, args.out, args.steps)
     except OSError as err:
-        print(f"error: cannot write the organism: {err}")
+        print(f"error: cannot write the {what}: {err}")
         return 1
     return 0
+
+
+def build(seed: int = DEFAULT_SEED, out: Path | None = None, steps: int = STEPS) -> Path:
+    """Pretrain the organism and save it (by default into the package); returns the directory."""
+    target = out or organism_path()
+    return build_organism(pretrain, accuracy_report, readme_text, target, seed, steps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m autolayer.organism build [--seed N] [--out DIR] [--steps N]`."""
+    return build_cli(argv, "autolayer.organism", "model organism", build, DEFAULT_SEED, STEPS)
 
 
 if __name__ == "__main__":

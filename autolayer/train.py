@@ -445,6 +445,13 @@ def refuse_existing(out_dir: Path, overwrite: bool) -> None:
         )
 
 
+def settle(model: nn.Module, base_dtype: torch.dtype) -> None:
+    """After training: nothing requires grad and every weight is back in the base dtype."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    set_dtype(model, base_dtype, only_trainable=False)
+
+
 def _train(
     model: nn.Module,
     tokenizer: Any,
@@ -483,9 +490,7 @@ def _train(
         hf_model.gradient_checkpointing_disable()
     if use_cache is not None:
         hf_model.config.use_cache = use_cache  # the Trainer turns the KV cache off for training
-    for param in model.parameters():
-        param.requires_grad_(False)
-    set_dtype(model, base_dtype, only_trainable=False)
+    settle(model, base_dtype)
     return sum(p.numel() for n, p in model.named_parameters() if n in expected), seconds
 
 
@@ -516,9 +521,7 @@ def _train_multiturn(
     proxy = dataclasses.replace(config.proxy, steps=steps, eval_every=steps)
     result = run_proxy(model, tokenizer, task, proxy, layers, config.train.lr, logger=logger)
     trained = sum(p.numel() for p in trainable_parameters(model))
-    for param in model.parameters():
-        param.requires_grad_(False)
-    set_dtype(model, base_dtype, only_trainable=False)
+    settle(model, base_dtype)
     return trained, result.seconds, result.final
 
 
