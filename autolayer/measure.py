@@ -17,6 +17,7 @@ from autolayer.config import Config, ProxyConfig
 from autolayer.errors import AutolayerError
 from autolayer.models import find_layer_stack, layer_param_names, load_model, restore, snapshot
 from autolayer.proxy import EvalHook, ProxyResult, run_proxy
+from autolayer.rewards import check_rewards
 from autolayer.scoring import (
     Contribution,
     Evaluation,
@@ -25,7 +26,7 @@ from autolayer.scoring import (
     eval_fingerprint,
     evaluate,
 )
-from autolayer.tasks import Task, check_rewards, for_tokenizer, load_task
+from autolayer.tasks import Task, for_tokenizer, load_task
 from autolayer.tracking import DEFAULT_ROOT
 
 

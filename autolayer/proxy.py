@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from autolayer import agent, rl
 from autolayer.config import ProxyConfig
 from autolayer.models import freeze_except, trainable_parameters
+from autolayer.rewards import repeat_rows, score_completions
 from autolayer.scoring import (
     Evaluation,
     completion_mask,
@@ -31,7 +32,7 @@ from autolayer.scoring import (
     generate_completions,
     masked_ids,
 )
-from autolayer.tasks import Task, prompt_text, repeat_rows, score_completions
+from autolayer.tasks import Task, prompt_text
 
 EvalHook = Callable[[int, Evaluation], bool]  # (global_step, evaluation) -> stop the run?
 

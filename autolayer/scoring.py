@@ -24,7 +24,8 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from autolayer import rl
-from autolayer.tasks import Task, prompt_text, score_completions, task_fingerprint
+from autolayer.rewards import score_completions
+from autolayer.tasks import Task, prompt_text, task_fingerprint
 
 Z95 = 1.959964  # two-sided 95% normal quantile
 

@@ -1,33 +1,23 @@
 """Tasks: a train split, a held-out eval split and reward functions, in TRL's conventions.
 
-A multi-turn task names an environment instead (`autolayer.envs`): its rows are seeds, its
-rewards come from the environment, and `max_completion_length` bounds each action.
-
 A `Task` is what the proxy RL loop, the held-out scorer and `autolayer train` (TRL's
 GRPOTrainer) share. Its datasets have a `prompt` column, plain text or a list of chat messages,
-plus any columns the reward functions read. A reward function has TRL's signature
-`f(prompts, completions, completion_ids, **columns) -> list[float | None]`: every column other
-than `prompt` arrives as a list aligned with `completions`, `None` means "not applicable", and
-several functions combine as TRL combines them, a weighted sum that skips `None`. So a reward
-function written for TRL's GRPOTrainer works unchanged here, and the other way round.
+plus any columns the reward functions read; the reward functions have TRL's signature
+(`autolayer.rewards`). A multi-turn task names an environment instead (`autolayer.envs`): its
+rows are seeds, its rewards come from the environment, and `max_completion_length` bounds each
+action.
 
 Users reach the API three ways: the `task` section of a YAML config (`TaskConfig`), a built-in
 name (`BUILTINS`, presets of the same fields), or a `Task` built in Python and passed to
-`run_search` / `run_training`.
+`run_search` / `run_training` / `measure`.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
-import importlib.util
-import inspect
 import json
-import math
-import numbers
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -36,10 +26,10 @@ import datasets
 
 from autolayer import gsm8k, organism
 from autolayer.config import TaskConfig
-from autolayer.envs import EnvFactory, check_env
+from autolayer.envs import EnvFactory
 from autolayer.errors import AutolayerError
+from autolayer.rewards import RewardFunc, is_messages, resolve_callable, reward_identity
 
-RewardFunc = Callable[..., Sequence[float | None]]
 DEFAULT_MAX_COMPLETION = 256  # TRL's max_completion_length default
 DEFAULT_MAX_TURNS = 8
 DEFAULT_ENV_TRAIN_SEEDS = 10_000
@@ -53,16 +43,6 @@ LOADERS = {
     ".arrow": "arrow",
 }
 SOURCE_FIELDS = ("dataset", "dataset_config", "data_files")
-CHECK_ROWS = 2  # held-out rows each reward function is tried on before any training
-
-
-def _ignore(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-# The keyword arguments TRL's GRPOTrainer adds to every reward call, so a function that runs here
-# also runs under TRL (which requires **kwargs or these names); there is no trainer state here.
-TRL_EXTRAS: dict[str, Any] = {"trainer_state": None, "log_extra": _ignore, "log_metric": _ignore}
 
 
 @dataclass(frozen=True)
@@ -88,10 +68,6 @@ class Task:
                 f"task '{self.name}' has {len(self.reward_weights)} reward weights for "
                 f"{len(self.reward_funcs)} reward functions"
             )
-
-
-class RewardError(RuntimeError):
-    """A reward function raised or returned a wrong value; the message names it."""
 
 
 # --- built-in tasks -----------------------------------------------------------------------------
@@ -423,173 +399,12 @@ def _with_prompts(split: datasets.Dataset, cfg: TaskConfig, name: str) -> datase
             split = split.remove_columns("prompt")
         split = split.rename_column(column, "prompt")
     first = split[0]["prompt"] if len(split) else ""
-    if not (isinstance(first, str) or _is_messages(first)):
+    if not (isinstance(first, str) or is_messages(first)):
         raise AutolayerError(
             f"the {name} data's prompts must be text or lists of chat messages "
             f"({{'role': ..., 'content': ...}}), got {type(first).__name__}"
         )
     return split
-
-
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in value
-    )
-
-
-# --- reward functions ---------------------------------------------------------------------------
-
-
-def resolve_callable(spec: str, what: str) -> Callable[..., Any]:
-    """`pkg.module.name`, `pkg.module:name` or `path/to/file.py:name` -> the object it names."""
-    path, colon, attr = spec.rpartition(":")
-    if colon and path.endswith(".py"):
-        module = _import_file(Path(path).expanduser(), spec, what)
-        where = path
-    else:
-        module_name, _, attr = (path, None, attr) if colon else spec.rpartition(".")
-        if not module_name or not attr:
-            raise AutolayerError(
-                f"{what} '{spec}' must be a dotted path (pkg.module.name) or path/to/file.py:name"
-            )
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise AutolayerError(f"{what} '{spec}': cannot import {module_name} ({err})") from None
-        where = module_name
-    found = getattr(module, attr, None)
-    if found is None or not callable(found):
-        raise AutolayerError(f"{what} '{spec}': {where} has no callable '{attr}'")
-    return found
-
-
-def _import_file(path: Path, spec: str, what: str) -> Any:
-    if not path.is_file():
-        raise AutolayerError(f"{what} '{spec}': the file {path} does not exist")
-    name = "autolayer_user_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-    if name in sys.modules:
-        return sys.modules[name]
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module  # dataclasses and pickling look modules up by name
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as err:
-        del sys.modules[name]
-        raise AutolayerError(f"{what} '{spec}': importing {path} raised {err!r}") from None
-    return module
-
-
-def func_name(func: Callable[..., Any]) -> str:
-    return str(getattr(func, "__name__", type(func).__name__))
-
-
-def score_completions(
-    task: Task,
-    prompts: list[Any],
-    completions: list[str],
-    rows: dict[str, list[Any]],
-    completion_ids: list[list[int]] | None = None,
-) -> list[float]:
-    """Per-completion weighted sum of the task's rewards, as TRL combines reward functions.
-
-    `rows` maps each non-prompt column to a list aligned with `completions`. A reward of `None`
-    (or NaN) means "not applicable" and adds 0, as TRL's nansum does. With chat-message prompts
-    the completions reach the functions as `[{"role": "assistant", "content": text}]`, as TRL
-    passes them.
-    """
-    for column, values in rows.items():
-        if len(values) != len(completions):
-            raise ValueError(
-                f"column '{column}' has {len(values)} values for {len(completions)} completions"
-            )
-    chat = bool(prompts) and _is_messages(prompts[0])
-    given: list[Any] = (
-        [[{"role": "assistant", "content": c}] for c in completions] if chat else completions
-    )
-    ids = completion_ids if completion_ids is not None else [[] for _ in completions]
-    weights = task.reward_weights or (1.0,) * len(task.reward_funcs)
-    totals = [0.0] * len(completions)
-    for func, weight in zip(task.reward_funcs, weights, strict=True):
-        try:
-            rewards = func(
-                prompts=prompts, completions=given, completion_ids=ids, **TRL_EXTRAS, **rows
-            )
-        except Exception as err:
-            raise RewardError(
-                f"reward function '{func_name(func)}' raised {type(err).__name__}: {err}"
-            ) from err
-        values = _checked(func, rewards, len(completions))
-        totals = [t + weight * v for t, v in zip(totals, values, strict=True)]
-    return totals
-
-
-def _checked(func: RewardFunc, rewards: Any, n: int) -> list[float]:
-    """Rewards as floats (None and NaN as 0); a wrong length or type names the function."""
-    name = func_name(func)
-    listlike = hasattr(rewards, "__len__") and hasattr(rewards, "__iter__")
-    if isinstance(rewards, (str, bytes)) or not listlike:
-        raise RewardError(
-            f"reward function '{name}' returned {type(rewards).__name__}, not a list of {n} numbers"
-        )
-    if len(rewards) != n:
-        raise RewardError(
-            f"reward function '{name}' returned {len(rewards)} rewards for {n} completions"
-        )
-    out = []
-    for value in rewards:
-        if value is None:
-            out.append(0.0)
-        elif isinstance(value, numbers.Real):
-            out.append(0.0 if math.isnan(float(value)) else float(value))
-        else:
-            raise RewardError(
-                f"reward function '{name}' returned {value!r} ({type(value).__name__}); rewards "
-                "must be numbers or None"
-            )
-    return out
-
-
-def check_rewards(task: Task) -> None:
-    """Try every reward function on a few held-out rows before any training.
-
-    A function that does not take TRL's signature, raises, or returns the wrong length or type
-    stops here with one sentence that names it, instead of failing every trial later. An
-    environment task's environment is made, reset and stepped instead.
-    """
-    if task.env is not None:
-        check_env(task.env)
-        return
-    rows = task.eval.select(range(min(CHECK_ROWS, len(task.eval)))).to_dict()
-    prompts = repeat_rows(rows, 2)["prompt"]
-    columns = {k: v for k, v in repeat_rows(rows, 2).items() if k != "prompt"}
-    completions = ["", "0"] * len(rows["prompt"])  # an empty answer and a short wrong one
-    for func in task.reward_funcs:
-        try:
-            inspect.signature(func).bind(
-                prompts=prompts, completions=completions, completion_ids=[], **TRL_EXTRAS, **columns
-            )
-        except TypeError as err:
-            raise AutolayerError(
-                f"reward function '{func_name(func)}' does not take TRL's reward signature "
-                f"f(prompts, completions, **kwargs) for the columns {', '.join(columns)}: {err}"
-            ) from None
-        except ValueError:
-            pass  # a builtin without an inspectable signature: the call below checks it
-    for func in task.reward_funcs:
-        alone = replace(task, reward_funcs=(func,), reward_weights=None)
-        try:
-            score_completions(alone, prompts, completions, columns)
-        except RewardError as err:
-            raise AutolayerError(f"{err} (checked on {len(prompts)} held-out rows)") from None
-
-
-def repeat_rows(batch: dict[str, list[Any]], times: int) -> dict[str, list[Any]]:
-    """Each row repeated `times` in place (prompt-major: a a b b), for G samples per prompt."""
-    if times < 1:
-        raise ValueError(f"times must be at least 1, got {times}")
-    return {key: [v for v in values for _ in range(times)] for key, values in batch.items()}
 
 
 # --- prompts and chat templates -----------------------------------------------------------------
@@ -616,7 +431,7 @@ def for_tokenizer(task: Task, tokenizer: Any) -> Task:
 
     def wrap(row: dict[str, Any]) -> dict[str, Any]:
         prompt = row["prompt"]
-        return {"prompt": prompt if _is_messages(prompt) else [{"role": "user", "content": prompt}]}
+        return {"prompt": prompt if is_messages(prompt) else [{"role": "user", "content": prompt}]}
 
     return replace(
         task, train=task.train.map(wrap), eval=task.eval.map(wrap), chat_template="never"
@@ -635,18 +450,6 @@ def prompt_text(prompt: Any, tokenizer: Any) -> str:
 
 
 # --- identity, for caches -----------------------------------------------------------------------
-
-
-def reward_identity(func: Callable[..., Any]) -> str:
-    """Module, name and a hash of the source: an edited reward function gets a new identity."""
-    target = getattr(func, "func", func)  # functools.partial
-    try:
-        source = inspect.getsource(target)
-    except (OSError, TypeError):
-        source = repr(target)
-    extra = repr((getattr(func, "args", ()), getattr(func, "keywords", {})))
-    digest = hashlib.sha256((source + extra).encode()).hexdigest()[:16]
-    return f"{getattr(target, '__module__', '?')}.{func_name(target)}@{digest}"
 
 
 def task_fingerprint(task: Task) -> str:

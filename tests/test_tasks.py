@@ -18,15 +18,8 @@ from autolayer.gsm8k import PROMPT as GSM8K_PROMPT
 from autolayer.gsm8k import extract as gsm8k_extract
 from autolayer.gsm8k import final_answer as gsm8k_final_answer
 from autolayer.gsm8k import gsm8k_correct
-from autolayer.tasks import (
-    RewardError,
-    Task,
-    for_tokenizer,
-    load_task,
-    prompt_text,
-    repeat_rows,
-    score_completions,
-)
+from autolayer.rewards import score_completions
+from autolayer.tasks import Task, for_tokenizer, load_task, prompt_text
 
 
 def gsm8k(**kwargs: Any) -> Task:
@@ -207,63 +200,6 @@ def test_gsm8k_correct_works_off_the_main_thread() -> None:
     assert out == [[1.0]]
 
 
-# --- score_completions and repeat_rows --------------------------------------------------------
-
-
-def _task(*funcs: Any) -> Task:
-    empty = datasets.Dataset.from_dict({"prompt": []})
-    return Task("t", empty, empty, tuple(funcs), max_completion_length=4)
-
-
-def reward_len(completions: list[str], **kwargs: Any) -> list[float]:
-    return [float(len(c)) for c in completions]
-
-
-def reward_match(
-    completions: list[str], answer: list[str], prompts: list[str], **kw: Any
-) -> list[float]:
-    assert prompts == ["p1", "p1", "p2"]
-    return [1.0 if c == a else 0.0 for c, a in zip(completions, answer, strict=True)]
-
-
-def reward_boom(completions: list[str], **kwargs: Any) -> list[float]:
-    raise KeyError("missing")
-
-
-def reward_short(completions: list[str], **kwargs: Any) -> list[float]:
-    return [1.0]
-
-
-def test_score_completions_sums_functions_over_aligned_columns() -> None:
-    rows = {"answer": ["ab", "x", "cde"], "question": ["q1", "q1", "q2"]}
-    scores = score_completions(
-        _task(reward_len, reward_match), ["p1", "p1", "p2"], ["ab", "y", "cde"], rows
-    )
-    assert scores == [2.0 + 1.0, 1.0 + 0.0, 3.0 + 1.0]
-
-
-def test_score_completions_names_a_failing_function() -> None:
-    with pytest.raises(RewardError, match="reward function 'reward_boom' raised KeyError"):
-        score_completions(_task(reward_len, reward_boom), ["p"], ["c"], {})
-    with pytest.raises(RewardError, match="'reward_short' returned 1 rewards for 2 completions"):
-        score_completions(_task(reward_short), ["p", "p"], ["c", "d"], {})
-
-
-def test_score_completions_rejects_misaligned_columns() -> None:
-    with pytest.raises(ValueError, match="column 'answer' has 1 values for 2 completions"):
-        score_completions(_task(reward_len), ["p", "p"], ["c", "d"], {"answer": ["1"]})
-
-
-def test_repeat_rows_is_prompt_major() -> None:
-    batch = {"prompt": ["a", "b"], "answer": ["1", "2"]}
-    assert repeat_rows(batch, 3) == {
-        "prompt": ["a", "a", "a", "b", "b", "b"],
-        "answer": ["1", "1", "1", "2", "2", "2"],
-    }
-    with pytest.raises(ValueError):
-        repeat_rows(batch, 0)
-
-
 # --- organism ---------------------------------------------------------------------------------
 
 
@@ -421,7 +357,7 @@ def test_an_empty_split_is_refused(tmp_path: Path) -> None:
     ],
 )
 def test_check_rewards_names_a_broken_function(user_files: Path, func: str, message: str) -> None:
-    from autolayer.tasks import check_rewards
+    from autolayer.rewards import check_rewards
 
     task = load_task(user_task(user_files, reward_funcs=[f"{user_files}/rewards.py:{func}"]))
     with pytest.raises(AutolayerError, match=message):
