@@ -190,6 +190,9 @@ def grpo_args(config: Config, task: Task, output_dir: Path, base_dtype: torch.dt
         loss_type=p.algorithm,  # our names are TRL's: "grpo" or "dr_grpo"
         scale_rewards="none" if p.algorithm == "dr_grpo" else "group",  # Dr. GRPO: no std division
         beta=p.beta,
+        # the proxy's loss adds plain beta * k3 (rl.policy_loss); TRL 1.16 would otherwise weigh
+        # the KL term by the importance ratio, a different objective from the one searched
+        use_bias_correction_kl=False,
         epsilon=p.epsilon,
         num_generations=p.num_generations,
         # micro-batches accumulate to one step of prompts_per_step x G completions, so TRL still

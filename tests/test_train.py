@@ -321,3 +321,61 @@ def test_grpo_args_keep_one_generation_per_step(
     assert args.per_device_train_batch_size == per_device
     assert args.gradient_accumulation_steps == accumulation
     assert args.generation_batch_size == 16 and args.steps_per_generation == accumulation
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo"])
+def test_trl_optimises_the_proxys_objective_with_a_kl_penalty(
+    tmp_path: Path, algorithm: str
+) -> None:
+    """The same batch through TRL's own _compute_loss and through rl.policy_loss (beta > 0):
+    equal loss and equal gradient on the trained layer."""
+    from autolayer import rl
+    from autolayer.scoring import completion_mask, generate_completions
+    from autolayer.train import build_trainer
+
+    config = tiny_config(ORGANISM, tmp_path)
+    config.proxy.algorithm = algorithm
+    model, tokenizer = load_model(ORGANISM, device="cpu")
+    task = load_task(config.task, tokenizer)
+    groups = freeze_for_strategy(model, "only", [3], 1e-3, 0.0)
+    trainer = build_trainer(
+        model, tokenizer, task, grpo_args(config, task, tmp_path, torch.float32), groups, []
+    )
+    torch.manual_seed(0)
+    prompts = [p for p in task.train["prompt"][:4] for _ in range(4)]  # 6 characters: no padding
+    prompt_ids, prompt_mask, completion_ids = generate_completions(
+        model, tokenizer, prompts, task.max_completion_length, do_sample=True
+    )
+    mask = completion_mask(model, tokenizer, completion_ids)
+    advantages = rl.group_advantages(torch.randn(16), 4, algorithm)  # type: ignore[arg-type]
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention = torch.cat([prompt_mask, mask.long()], dim=1)
+
+    def ours() -> torch.Tensor:
+        logits = model(input_ids=ids, attention_mask=attention).logits[
+            :, prompt_ids.shape[1] - 1 : -1
+        ]
+        return rl.token_logprobs(logits, completion_ids)
+
+    with torch.no_grad():
+        ref = ours() + 0.05 * torch.randn(mask.shape)  # a reference that differs from the policy
+    model.train()
+    logp = ours()
+    expected = rl.policy_loss(
+        logp, logp.detach(), advantages, mask, algorithm,  # type: ignore[arg-type]
+        beta=0.04, ref_logp=ref, max_completion_length=task.max_completion_length,
+    ).loss  # fmt: skip
+    expected.backward()
+    ours_grad = [p.grad.clone() for p in trainer.optimizer.param_groups[0]["params"]]
+    model.zero_grad(set_to_none=True)
+    inputs = {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+        "completion_mask": mask.long(), "advantages": advantages, "ref_per_token_logps": ref,
+        "num_items_in_batch": mask.sum(),
+    }  # fmt: skip
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop; one step here
+    loss = trainer._compute_loss(model, inputs)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(ours_grad, trainer.optimizer.param_groups[0]["params"], strict=True):
+        torch.testing.assert_close(theirs.grad, mine, rtol=1e-4, atol=1e-6)
