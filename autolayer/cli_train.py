@@ -182,8 +182,6 @@ def apply_train_overrides(config: Config, args: argparse.Namespace) -> Config:
         raise AutolayerError(
             f"unknown strategy {train.strategy!r}; use one of {', '.join(STRATEGIES)}"
         )
-    if train.lr <= 0:
-        raise AutolayerError("the learning rate must be positive")
     TrainConfig.__post_init__(train)
     if args.device:
         config.proxy.device = args.device

@@ -236,7 +236,11 @@ class TrainConfig:
     )
     top_k: int = doc("How many of the study's best layers to train.", 1)
     steps: int = doc("GRPOTrainer max_steps.", 60)
-    lr: float = doc("Learning rate of the chosen layers.", 3e-3)
+    lr: float | None = doc(
+        "Learning rate of the chosen layers (None: the lr the study measured those layers at, "
+        "else proxy.lr).",
+        None,
+    )
     boost_base_lr: float = doc("boost strategy: learning rate of the other layers.", 1e-4)
     output_dir: str = doc(
         "Where the trained model and the layer delta are written.", "outputs/train"
@@ -244,6 +248,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.top_k >= 1 and self.steps >= 1, "train.top_k and train.steps must be >= 1")
+        _require(self.lr is None or self.lr > 0, "train.lr must be positive")
+        _require(self.boost_base_lr > 0, "train.boost_base_lr must be positive")
 
 
 @dataclass

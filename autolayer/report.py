@@ -86,6 +86,14 @@ def references(study: optuna.Study) -> dict[str, float | None]:
     return {"base": a.get("reference_base_score"), "full": a.get("reference_full_score")}
 
 
+def format_contribution(value: float, low: float, high: float, gain: float) -> str:
+    """`C [low, high]`, except that a zero-width interval is no certainty to print: every
+    resample agreed because no held-out outcome changed (no change) or all moved alike."""
+    if low == high:
+        return "no change" if gain == 0 else f"{value:.2f} [no spread]"
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
 def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -104,11 +112,10 @@ def results_table(study: optuna.Study) -> Table:
     for column in ("trial", "layers", "lr", "score", "C [95% CI]", "state", "note"):
         table.add_column(column, justify="right" if column in ("trial", "score") else "left")
     for row in trial_rows(study):
-        c = (
-            "-"
-            if row.contribution is None
-            else (f"{row.contribution:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}]")
-        )
+        c = "-"
+        if row.contribution is not None and row.ci_low is not None and row.ci_high is not None:
+            gain = (row.score or 0.0) - (refs["base"] or 0.0)
+            c = format_contribution(row.contribution, row.ci_low, row.ci_high, gain)
         if row.score is not None and row.contribution is None and refs["full"] is not None:
             c = "undefined"
         mark = " ★ best" if best is not None and row.number == best.number else ""

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from autolayer import rl
+from autolayer.report import format_contribution
 from autolayer.rewards import score_completions
 from autolayer.tasks import Task, prompt_text, task_fingerprint
 
@@ -65,9 +66,9 @@ class Contribution:
         return self.value is not None
 
     def __str__(self) -> str:
-        if self.value is None:
+        if self.value is None or self.low is None or self.high is None:
             return f"undefined ({self.reason})"
-        return f"{self.value:.2f} [{self.low:.2f}, {self.high:.2f}]"
+        return format_contribution(self.value, self.low, self.high, self.gain)
 
 
 def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:

@@ -104,6 +104,21 @@ def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(trials, key=lambda t: (-cast(float, t.value), t.number))
 
 
+def trial_lr(study: optuna.Study | None, layers: Sequence[int]) -> float | None:
+    """The lr of the best complete trial that trained exactly `layers`, if the study has one."""
+    if study is None:
+        return None
+    for trial in ranked_trials(study):
+        if sorted(trial.user_attrs["layers"]) == sorted(layers) and "lr" in trial.user_attrs:
+            return float(trial.user_attrs["lr"])
+    return None
+
+
+def train_lr(config: Config) -> float:
+    """`train.lr`, else the proxy's lr (what `run_training` resolves before it starts)."""
+    return config.train.lr if config.train.lr is not None else config.proxy.lr
+
+
 def select_layers(
     study: optuna.Study | None, strategy: str, top_k: int, num_layers: int
 ) -> tuple[int, ...]:
@@ -203,7 +218,7 @@ def grpo_args(config: Config, task: Task, output_dir: Path, base_dtype: torch.dt
         num_iterations=p.num_iterations,
         max_completion_length=task.max_completion_length,
         max_steps=config.train.steps,
-        learning_rate=config.train.lr,
+        learning_rate=train_lr(config),
         lr_scheduler_type="constant",  # as the proxy: a constant lr, no warmup
         weight_decay=0.0,
         max_grad_norm=p.max_grad_norm,
@@ -403,7 +418,7 @@ def run_params(
     params: dict[str, Any] = {
         "layers": ",".join(map(str, layers)),
         "strategy": strategy,
-        "lr": config.train.lr,
+        "lr": train_lr(config),
         "steps": config.train.steps,
         "model": config.model.name,
         "revision": config.model.revision,
@@ -467,7 +482,7 @@ def _train(
 ) -> tuple[int, float]:
     """Freeze, train and cast back to the base dtype; returns (trainable params, seconds)."""
     base_dtype = next(model.parameters()).dtype
-    lrs = config.train.lr, config.train.boost_base_lr
+    lrs = train_lr(config), config.train.boost_base_lr
     groups = freeze_for_strategy(model, strategy, layers, *lrs)
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     set_dtype(model, torch.float32, only_trainable=True)
@@ -522,7 +537,7 @@ def _train_multiturn(
     base_dtype = next(model.parameters()).dtype
     steps = config.train.steps
     proxy = dataclasses.replace(config.proxy, steps=steps, eval_every=steps)
-    result = run_proxy(model, tokenizer, task, proxy, layers, config.train.lr, logger=logger)
+    result = run_proxy(model, tokenizer, task, proxy, layers, train_lr(config), logger=logger)
     trained = sum(p.numel() for p in trainable_parameters(model))
     settle(model, base_dtype)
     return trained, result.seconds, result.final
@@ -609,6 +624,10 @@ def run_training(
         raise AutolayerError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     out = Path(out_dir if out_dir is not None else config.train.output_dir)
     refuse_existing(out, overwrite)
+    if config.train.lr is None:  # train what the search measured: its trial's lr
+        found = trial_lr(study, layers)
+        lr = found if found is not None else config.proxy.lr
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=lr))
     model, tokenizer, task = load_for(config, prepare_task(config, task))
     chosen = validate_layers(layers, len(find_layer_stack(model)))
     before = base_reference(config, model, tokenizer, task, root)
@@ -639,7 +658,7 @@ def run_training(
             result = TrainResult(
                 chosen,
                 strategy,
-                config.train.lr,
+                train_lr(config),
                 config.train.steps,
                 before,
                 after,

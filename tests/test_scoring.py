@@ -123,3 +123,14 @@ def test_generation_stops_at_any_eos_id_and_at_stop_strings() -> None:
     texts = decode(tokenizer, masked_ids(by_string, completion_mask(model, tokenizer, by_string)))
     assert all(t.count("1") <= 1 and (not t or "1" not in t or t.endswith("1")) for t in texts)
     assert any(t.endswith("1") for t in texts)
+
+
+def test_a_zero_width_interval_says_what_happened() -> None:
+    """0.000 -> 0.000 once printed as 'C 0.00 [0.00, 0.00]', an interval that looks certain."""
+    from autolayer.report import format_contribution
+
+    assert format_contribution(0.0, 0.0, 0.0, 0.0) == "no change"
+    assert format_contribution(1.0, 1.0, 1.0, 0.3) == "1.00 [no spread]"
+    assert format_contribution(0.5, 0.4, 0.6, 0.1) == "0.50 [0.40, 0.60]"
+    base, full = ev(0, 1, 0, 1, 0, 0, 0, 0), ev(1, 1, 1, 1, 1, 1, 1, 1)
+    assert str(contribution(base, base, full)) == "no change"

@@ -379,3 +379,22 @@ def test_trl_optimises_the_proxys_objective_with_a_kl_penalty(
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     for mine, theirs in zip(ours_grad, trainer.optimizer.param_groups[0]["params"], strict=True):
         torch.testing.assert_close(theirs.grad, mine, rtol=1e-4, atol=1e-6)
+
+
+def test_train_uses_the_lr_the_study_measured_unless_told(tmp_path: Path) -> None:
+    """A pick trained at another lr than the search measured it at is not the pick."""
+    from autolayer.train import train_lr, trial_lr
+
+    study = optuna.create_study(direction="maximize")
+    for value, layers, lr in [(0.7, [5], 1e-2), (0.9, [5], 2e-3), (0.8, [2, 4], 5e-4)]:
+        study.add_trial(create_trial(value=value, user_attrs={"layers": layers, "lr": lr}))
+    study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs={"layers": [7], "lr": 1.0}))
+    assert trial_lr(study, [5]) == 2e-3  # the better of the two trials of layer 5
+    assert trial_lr(study, [4, 2]) == 5e-4
+    assert trial_lr(study, [7]) is None and trial_lr(None, [5]) is None
+    config = tiny_config(ORGANISM, tmp_path)
+    assert config.train.lr == 3e-2 and train_lr(config) == 3e-2  # set in the YAML: it wins
+    config.train.lr = None
+    assert train_lr(config) == config.proxy.lr  # nothing measured: the proxy's lr
+    with pytest.raises(AutolayerError, match="train.lr must be positive"):
+        config_from_dict({"train": {"lr": -1.0}})
