@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -336,13 +337,25 @@ def quiet_libraries() -> None:
     datasets.utils.logging.set_verbosity_error()
 
 
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    from autolayer.errors import Interrupted
+
+    raise Interrupted(signum)
+
+
+RESUMABLE = ("search", "demo")  # commands whose rerun resumes where the interrupt stopped them
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run a command; user errors become one sentence on stderr and exit code 2."""
-    from autolayer.errors import AutolayerError
+    """Run a command; user errors become one sentence on stderr and exit code 2; SIGINT and
+    SIGTERM one sentence and 128 + the signal (130, 143), with the running trial marked."""
+    from autolayer.errors import AutolayerError, Interrupted
 
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_libraries()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_interrupted)
     try:
         return int(args.handler(args))
     except AutolayerError as err:
@@ -350,12 +363,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except BrokenPipeError:  # output piped into `head` and closed early
         return 0
-    except KeyboardInterrupt:
-        print(
-            "autolayer: interrupted; finished trials are saved, rerun the command to resume",
-            file=sys.stderr,
+    except (Interrupted, KeyboardInterrupt) as err:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the message
+        signum = getattr(err, "signum", signal.SIGINT)
+        then = (
+            "finished trials are saved; rerun the same command to resume"
+            if args.command in RESUMABLE
+            else "nothing was left half-written"
         )
-        return 130
+        print(f"autolayer: interrupted by {signal.Signals(signum).name}; {then}", file=sys.stderr)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":

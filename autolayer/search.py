@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from autolayer.config import Config
+from autolayer.errors import Interrupted, TrialInterrupted
 from autolayer.measure import base_reference, load_for, prepare_task, proxy_and_restore
 from autolayer.models import find_layer_stack
 from autolayer.proxy import ProxyResult
@@ -39,7 +41,17 @@ from autolayer.spaces import (
     suggest,
     warm_start_params,
 )
-from autolayer.storage import DEFAULT_ROOT, make_storage, mark_worker, recover_stale_trials
+from autolayer.storage import (
+    DEFAULT_ROOT,
+    FINISHED,
+    MAX_ATTEMPTS,
+    candidate_key,
+    exhausted_candidates,
+    make_storage,
+    mark_worker,
+    recover_stale_trials,
+    retry_failed,
+)
 from autolayer.tasks import Task
 from autolayer.tracking import Tracker, make_tracker
 
@@ -251,6 +263,12 @@ def run_trial(ctx: SearchContext, trial: optuna.Trial) -> float:
         ctx.tracker.set_tags(run_id, {"trial_state": "PRUNED"})
         ctx.tracker.end_run(run_id, "KILLED")
         raise
+    except Interrupted as err:
+        reason = f"interrupted by {signal.Signals(err.signum).name}"
+        trial.set_user_attr("fail_reason", reason)
+        ctx.tracker.set_tags(run_id, {"trial_state": "FAIL", "fail_reason": reason})
+        ctx.tracker.end_run(run_id, "KILLED")
+        raise TrialInterrupted(err.signum) from err
     except Exception as err:
         reason = _failure_reason(err)
         trial.set_user_attr("fail_reason", reason)
@@ -300,6 +318,19 @@ def open_study(
     )
     recover_stale_trials(study)
     return study
+
+
+def _retry_message(retried: list[FrozenTrial]) -> str:
+    """One line: which failed candidates run again, and why they failed."""
+    parts = [
+        f"layers {','.join(map(str, t.user_attrs.get('layers', [])))} "
+        f"({t.user_attrs.get('fail_reason', 'failed')})"
+        for t in retried
+    ]
+    return (
+        f"retrying {len(retried)} failed candidate(s), at most {MAX_ATTEMPTS} tries each: "
+        + "; ".join(parts)
+    )
 
 
 def _enqueue_warm_start(ctx: SearchContext, num_layers: int) -> None:
@@ -370,6 +401,9 @@ def prepare(
         ("space", config.search.space),
     ):
         study.set_user_attr(key, value)  # lets `autolayer export/train --study-name` stand alone
+    retried = retry_failed(study)
+    if retried:
+        hooks.on_message(_retry_message(retried))
     parent = _parent_run(config, study, tracker, task.name)
     hooks.on_message(
         f"study '{study.study_name}': {len(study.trials)} earlier trials, space "
@@ -406,10 +440,9 @@ def trials_to_run(ctx: SearchContext) -> int:
     requested = ctx.config.search.n_trials
     size = grid_size(ctx.space)  # the points BruteForceSampler walks, infeasible subsets included
     if isinstance(ctx.study.sampler, optuna.samplers.BruteForceSampler) and size is not None:
-        finished = ctx.study.get_trials(
-            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
-        )
-        remaining = size - len({tuple(sorted(t.params.items())) for t in finished})
+        finished = ctx.study.get_trials(deepcopy=False, states=FINISHED)
+        done = {candidate_key(t) for t in finished} | exhausted_candidates(ctx.study)
+        remaining = size - len(done)
         return max(0, remaining if requested is None else min(requested, remaining))
     return requested if requested is not None else DEFAULT_TRIALS
 
@@ -448,8 +481,13 @@ def run_search(
     """
     start = time.perf_counter()
     ctx = prepare(config, root, hooks, task)
-    optimize(ctx)
+    try:
+        optimize(ctx)
+    except (Interrupted, KeyboardInterrupt):
+        ctx.tracker.end_run(ctx.parent_run, "KILLED")  # a rerun reuses it and ends it again
+        raise
     from autolayer.report import finish_study
 
     finish_study(ctx, root, seconds=time.perf_counter() - start)
+    ctx.tracker.end_run(ctx.parent_run)
     return ctx

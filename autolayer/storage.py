@@ -28,7 +28,7 @@ from optuna.storages import (
     RetryHeartbeatStaleTrialCallback,
 )
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from autolayer.errors import AutolayerError
@@ -211,6 +211,55 @@ def recover_stale_trials(study: optuna.Study) -> list[int]:
         if trial.params and "retry_of" not in trial.user_attrs:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
     return sorted(failed + _fail_heartbeat_stale(study))
+
+
+MAX_ATTEMPTS = 3  # a failed candidate is tried at most this often, counting its first try
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def candidate_key(trial: FrozenTrial) -> tuple[tuple[str, Any], ...]:
+    """A trial's params; a WAITING (enqueued) trial keeps them in Optuna's `fixed_params`."""
+    params = trial.params or trial.system_attrs.get("fixed_params", {})
+    return tuple(sorted(params.items()))
+
+
+def exhausted_candidates(study: optuna.Study) -> set[tuple[tuple[str, Any], ...]]:
+    """Candidates that failed MAX_ATTEMPTS times and never finished: no rerun tries them again."""
+    attempts: dict[tuple[tuple[str, Any], ...], int] = {}
+    finished = set()
+    for trial in study.get_trials(deepcopy=False):
+        key = candidate_key(trial)
+        if not key:
+            continue
+        if trial.state in FINISHED:
+            finished.add(key)
+        elif trial.state == TrialState.FAIL:
+            attempts[key] = attempts.get(key, 0) + 1
+    return {k for k, n in attempts.items() if n >= MAX_ATTEMPTS and k not in finished}
+
+
+def retry_failed(study: optuna.Study) -> list[FrozenTrial]:
+    """Enqueue every failed candidate again, up to MAX_ATTEMPTS tries, unless it finished (a
+    COMPLETE or PRUNED trial of the same params) or is already waiting or running. Returns the
+    last failed trial of each candidate retried, whose fail_reason says why."""
+    latest: dict[tuple[tuple[str, Any], ...], FrozenTrial] = {}
+    settled = set()
+    for trial in study.get_trials(deepcopy=False):
+        key = candidate_key(trial)
+        if not key:
+            continue
+        if trial.state == TrialState.FAIL:
+            latest[key] = trial
+        else:  # finished, or already waiting or running again
+            settled.add(key)
+    exhausted = exhausted_candidates(study)
+    retried = []
+    for key, trial in latest.items():
+        if key in settled or key in exhausted:
+            continue
+        study.enqueue_trial(dict(key), user_attrs={"retry_of": trial.number})
+        retried.append(trial)
+    return retried
 
 
 def _fail_heartbeat_stale(study: optuna.Study) -> list[int]:

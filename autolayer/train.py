@@ -32,7 +32,7 @@ from transformers import TrainerCallback
 
 from autolayer.config import Config
 from autolayer.delta import MANIFEST_FILE, atomic_dir, hash_parameters, save_delta
-from autolayer.errors import AutolayerError
+from autolayer.errors import AutolayerError, Interrupted
 from autolayer.measure import base_reference, load_for, prepare_task
 from autolayer.models import (
     find_layer_stack,
@@ -680,7 +680,8 @@ def run_training(
                 _summary(config, result, study, task.name),
             )
     except BaseException as err:
-        tracker.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        killed = isinstance(err, (KeyboardInterrupt, Interrupted))
+        tracker.end_run(run_id, "KILLED" if killed else "FAILED")
         raise
     tracker.log_metrics(run_id, final_metrics(before, after, c), step=config.train.steps)
     tracker.log_artifact(run_id, result.summary_path)

@@ -1,0 +1,138 @@
+"""Ctrl-C and SIGTERM: one sentence, exit 128 + signal, the trial marked, and a rerun resumes.
+
+Real signals to a real `autolayer search` subprocess; waits are on events (a trial reaching
+RUNNING), with a generous cap only so a broken build cannot hang CI, and the child is always
+reaped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState, create_trial
+
+from autolayer.storage import MAX_ATTEMPTS, exhausted_candidates, load_study, retry_failed
+
+CAP = 300  # seconds: only a safety net for a hung child, not a timing assertion
+
+
+def _config(tmp_path: Path, steps: int) -> Path:
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"kind": "single_layer", "layers": [3, 4]}))
+    data = {
+        "task": {"eval_size": 32, "train_size": 64},
+        "proxy": {"steps": steps, "prompts_per_step": 2, "num_generations": 2,
+                  "eval_every": steps, "device": "cpu"},
+        "search": {"space": str(space), "study_name": "sig", "pruner": "none"},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }  # fmt: skip
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _search(config: Path, root: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "autolayer.cli", "search", "--config", str(config),
+         "--root", str(root)],
+        cwd=root.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+
+
+def _wait_for_running_trial(root: Path, proc: subprocess.Popen[str]) -> int:
+    end = time.monotonic() + CAP
+    while time.monotonic() < end and proc.poll() is None:
+        try:
+            running = load_study("sig", None, root).get_trials(states=(TrialState.RUNNING,))
+        except Exception:  # the study does not exist yet
+            running = []
+        if running and running[0].user_attrs.get("mlflow_run_id"):
+            return running[0].number  # its MLflow run exists and its training has started
+        time.sleep(0.2)
+    raise AssertionError("no trial started running")
+
+
+def _search_blocking(config: Path, root: Path, *extra: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "autolayer.cli", "search", "--config", str(config),
+         "--root", str(root), *extra],
+        cwd=root.parent, capture_output=True, text=True, timeout=CAP,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_mid_trial_is_one_sentence_and_a_rerun_resumes(
+    tmp_path: Path, signum: int, code: int
+) -> None:
+    root = tmp_path / "mlruns"
+    _search_blocking(_config(tmp_path, steps=2), root, "--n-trials", "1")  # references, layer 3
+    proc = _search(_config(tmp_path, steps=100_000), root)  # layer 4 would never end
+    try:
+        number = _wait_for_running_trial(root, proc)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=CAP)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    name = signal.Signals(signum).name
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == (
+        f"autolayer: interrupted by {name}; finished trials are saved; rerun the same command "
+        "to resume"
+    )
+    assert "Traceback" not in err
+    trial = load_study("sig", None, root).trials[number]
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["fail_reason"] == f"interrupted by {name}"
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(
+        trial.user_attrs["mlflow_run_id"]
+    )
+    assert run.info.status == "KILLED" and run.data.tags["fail_reason"] == f"interrupted by {name}"
+
+    out = _search_blocking(_config(tmp_path, steps=2), root)
+    assert f"retrying 1 failed candidate(s), at most {MAX_ATTEMPTS} tries each: layers 4" in out
+    study = load_study("sig", None, root)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert sorted(t.params["layer"] for t in complete) == [3, 4]  # resumed; nothing repeated
+
+
+def test_resume_retries_failures_up_to_the_limit_and_never_a_finished_candidate() -> None:
+    study = optuna.create_study(direction="maximize")
+    dist = {"layer": optuna.distributions.IntDistribution(0, 7)}
+
+    def add(layer: int, state: TrialState, reason: str = "") -> None:
+        attrs = {"layers": [layer], "fail_reason": reason} if reason else {"layers": [layer]}
+        value = 0.5 if state == TrialState.COMPLETE else None
+        study.add_trial(
+            create_trial(params={"layer": layer}, distributions=dist, state=state,
+                         value=value, user_attrs=attrs)
+        )  # fmt: skip
+
+    add(1, TrialState.COMPLETE)
+    add(1, TrialState.FAIL, "out of memory")  # finished since: never again
+    add(2, TrialState.FAIL, "interrupted by SIGINT")
+    add(4, TrialState.PRUNED)
+    add(4, TrialState.FAIL, "worker died")
+    for _ in range(MAX_ATTEMPTS):
+        add(3, TrialState.FAIL, "FloatingPointError: the loss became nan")
+    retried = retry_failed(study)
+    assert [t.params for t in retried] == [{"layer": 2}]
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.user_attrs["retry_of"] for t in waiting] == [2]
+    assert exhausted_candidates(study) == {(("layer", 3),)}
+    assert retry_failed(study) == []  # layer 2 is already waiting
+    retry = study.ask()  # the enqueued retry runs first, with the failed candidate's params
+    assert retry.suggest_int("layer", 0, 7) == 2
