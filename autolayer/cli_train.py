@@ -394,12 +394,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         for path in write_export(choice, args.format, args.out):
             print(path)
         return 0
+    written = 0
     for fmt in FORMATS:
         try:
             for path in write_export(choice, fmt, args.out):
                 print(path)
+                written += 1
         except AutolayerError as err:  # a format that cannot express the set: say why, go on
             print(f"skipped {fmt}: {err}")
+    if not written:
+        raise AutolayerError(f"no export format could be written to {args.out}")
     return 0
 
 

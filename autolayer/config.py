@@ -215,6 +215,12 @@ class SearchConfig:
     warm_start: list[int] | None = doc("Layers to try first (None: the middle layers).", None)
 
     def __post_init__(self) -> None:
+        _require(
+            self.study_name is None
+            or (bool(self.study_name) and not set("/\\\0") & set(self.study_name)
+                and not self.study_name.startswith(".")),
+            "search.study_name must be a plain name: no path separators and no leading dot",
+        )  # fmt: skip
         for key in ("n_trials", "timeout", "max_total_steps"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"search.{key} must be positive")

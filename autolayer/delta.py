@@ -55,6 +55,32 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def remove_stale(out: Path) -> list[Path]:
+    """Remove the temporary and replaced copies of `out` left by processes that were killed
+    (their pid, in the name, no longer runs here); returns what was removed."""
+    removed = []
+    for path in out.parent.glob(f".{out.name}.*-*-*"):
+        kind, _, rest = path.name.removeprefix(f".{out.name}.").partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `out_dir` and rename it into place when the block ends.
@@ -66,12 +92,13 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise AutolayerError(f"{out} already exists; choose a new directory or allow overwriting")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
         if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
             os.replace(tmp, out)
             if old.is_dir():
@@ -232,7 +259,13 @@ def check_base(base: nn.Module, manifest: Mapping[str, Any]) -> None:
 
 def merge_delta(base: nn.Module, delta_dir: str | Path) -> nn.Module:
     """Copy a verified delta into `base` in place after checking it is the right base."""
-    manifest, tensors = load_delta(delta_dir)
+    return apply_delta(base, *load_delta(delta_dir))
+
+
+def apply_delta(
+    base: nn.Module, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+) -> nn.Module:
+    """Copy `load_delta`'s tensors into `base` in place after checking it is the right base."""
     check_base(base, manifest)
     params = dict(base.named_parameters())
     with torch.no_grad():
@@ -249,14 +282,14 @@ def merge_to_dir(
     The base loads in the delta's dtype (float32 when the delta mixes dtypes), so the base hashes
     compare like for like.
     """
-    manifest = _read_manifest(Path(delta_dir) / MANIFEST_FILE)
+    manifest, tensors = load_delta(delta_dir)  # a corrupt delta fails before the base loads
     model, tokenizer = load_model(
         base_name,
         revision=manifest["base_revision"],
         dtype=manifest["dtype"] or "float32",
         device="cpu",
     )
-    merge_delta(model, delta_dir)
+    apply_delta(model, manifest, tensors)
     try:
         with atomic_dir(out_dir, overwrite) as tmp:
             cast("PreTrainedModel", model).save_pretrained(tmp)

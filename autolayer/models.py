@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from autolayer.errors import AutolayerError
+from autolayer.hub import require_hub
 
 ORGANISM = "organism"  # the name of the bundled model wherever a model is accepted
 CODE_ORGANISM = "code_organism"  # the bundled code model, likewise
@@ -197,8 +198,19 @@ def load_model(
     if looks_local and not Path(path).expanduser().exists():
         raise AutolayerError(f"model path {path} does not exist")
     target = resolve_device(device)
+    if not Path(path).expanduser().exists():
+        require_hub(f"the model '{name}'")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        usable = len(tokenizer) > 1 and bool(tokenizer("0 a")["input_ids"])
+    except Exception:
+        usable = False
+    if not usable:  # without tokenizer files transformers builds an empty one that fails later
+        raise AutolayerError(
+            f"cannot load a tokenizer for model {name!r}: it has no usable tokenizer files; save "
+            "one beside the weights with tokenizer.save_pretrained"
+        )
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             path, revision=revision, dtype=resolve_dtype(dtype, target)
         )

@@ -196,7 +196,7 @@ def plot_contributions(study: optuna.Study, path: Path) -> Path | None:
     ax.set_title(f"{study.study_name}: best in green", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -221,13 +221,32 @@ def plot_history(study: optuna.Study, path: Path) -> Path | None:
     fig.set_size_inches(6, 3.6)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a PNG beside `path` and rename it into place: a reader never sees half a plot."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def study_dir(root: Path, study_name: str) -> Path:
-    return root / "studies" / study_name
+    """Where a study's plots go; a name that would leave `root/studies` is refused."""
+    from autolayer.errors import AutolayerError
+
+    base = (root / "studies").resolve()
+    path = (base / study_name).resolve()
+    if path.parent != base:
+        raise AutolayerError(f"study name {study_name!r} would leave {base}: use a plain name")
+    return path
 
 
 def finish_study(ctx: SearchContext, root: Path, seconds: float) -> list[Path]:

@@ -28,6 +28,7 @@ from autolayer import gsm8k, organism
 from autolayer.config import TaskConfig
 from autolayer.envs import EnvFactory
 from autolayer.errors import AutolayerError
+from autolayer.hub import require_hub
 from autolayer.rewards import RewardFunc, is_messages, resolve_callable, reward_identity
 
 DEFAULT_MAX_COMPLETION = 256  # TRL's max_completion_length default
@@ -334,6 +335,7 @@ def _read_source(source: str, config_name: str | None) -> Any:
 
 
 def _load_hub(source: str, config_name: str | None) -> Any:
+    require_hub(f"the dataset '{source}'")
     try:
         return datasets.load_dataset(source, config_name)
     except (ConnectionError, FileNotFoundError) as err:  # offline, or no such dataset

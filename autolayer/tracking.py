@@ -8,10 +8,11 @@ and worker processes can log at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +20,42 @@ from autolayer.errors import AutolayerError
 
 DEFAULT_ROOT = Path("mlruns")
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests runs that carry it
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # the model-training view
+PROBE_TIMEOUT = 5.0  # seconds to wait for a tracking server before calling it unreachable
+
+
+def probe_server(uri: str) -> None:
+    """One request to the server's /health, so an unreachable one is a sentence in seconds,
+    not MLflow's minutes of retries."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered: a server is there (maybe behind a proxy without /health)
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise AutolayerError(
+            f"the MLflow tracking server {uri} is unreachable ({reason}); start it, or pass "
+            "another --tracking-uri or --no-tracking"
+        ) from None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise creating a SQLite tracking store: two workers starting at once both ran its
+    schema migration and one died on 'duplicate column name'."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        yield
 
 
 def default_tracking_uri(root: Path = DEFAULT_ROOT) -> str:
@@ -86,22 +123,30 @@ class MlflowTracker:
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # silence alembic/migration chatter
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.tracking_uri = tracking_uri
+        if tracking_uri.startswith(("http://", "https://")):
+            probe_server(tracking_uri)
         try:
-            self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-            found = self.client.get_experiment_by_name(experiment)
-            if found is not None:
-                self.experiment_id = found.experiment_id
-            else:
-                location = None
-                if tracking_uri.startswith("sqlite:"):
-                    location = (root / "artifacts").resolve().as_uri()  # artifacts under mlruns/
-                self.experiment_id = self.client.create_experiment(
-                    experiment, artifact_location=location
-                )
+            with _store_lock(tracking_uri):
+                self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+                self.experiment_id = self._experiment(experiment, root)
         except Exception as err:  # mlflow raises many types for an unreachable store
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise AutolayerError(f"cannot use MLflow tracking at {tracking_uri}: {first}") from err
         self.experiment = experiment
+
+    def _experiment(self, name: str, root: Path) -> str:
+        """The experiment's id, created if missing, shown in MLflow's model-training view."""
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            experiment_id = str(found.experiment_id)
+        else:
+            location = None
+            if self.tracking_uri.startswith("sqlite:"):
+                location = (root / "artifacts").resolve().as_uri()  # artifacts under mlruns/
+            experiment_id = str(self.client.create_experiment(name, artifact_location=location))
+        if found is None or found.tags.get(KIND_TAG) != KIND:
+            self.client.set_experiment_tag(experiment_id, KIND_TAG, KIND)
+        return experiment_id
 
     def start_run(
         self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None

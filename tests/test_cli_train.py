@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -353,3 +354,40 @@ def test_every_option_is_explained(command: str) -> None:
     assert parser.description
     for action in parser._actions:
         assert action.help, f"{command} {action.option_strings} has no help"
+
+
+def test_merge_checks_a_corrupt_delta_before_loading_the_base(
+    two_bases: tuple[Path, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shutil
+
+    import autolayer.delta
+
+    base_a, _, delta = two_bases
+    broken = tmp_path / "broken"
+    shutil.copytree(delta, broken)
+    (broken / "delta.safetensors").write_bytes(b"not a tensor file")
+
+    def must_not_load(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the base was loaded before the delta was checked")
+
+    monkeypatch.setattr(autolayer.delta, "load_model", must_not_load)
+    code = main(
+        ["merge", "--base", str(base_a), "--delta", str(broken), "--out", str(tmp_path / "m")]
+    )
+    assert "is not a readable safetensors file" in one_error_line(capsys, code)
+
+
+def test_export_all_that_writes_nothing_exits_2(
+    model_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code = main(
+        ["export", "--format", "all", "--layers", "3", "--model", model_name,
+         "--out", str(blocker / "exports"), "--root", str(tmp_path)]
+    )  # fmt: skip
+    assert "no export format could be written to" in one_error_line(capsys, code)

@@ -67,3 +67,9 @@ def test_micro_batch_must_divide_the_step() -> None:
     ):
         config_from_dict({"proxy": {"micro_batch_size": 48}})
     assert config_from_dict({"proxy": {"micro_batch_size": 32}}).proxy.micro_batch_size == 32
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "a\\\\b", ".hidden", ""])
+def test_a_study_name_cannot_be_a_path(name: str) -> None:
+    with pytest.raises(AutolayerError, match="study_name must be a plain name"):
+        config_from_dict({"search": {"study_name": name}})

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as tf
@@ -124,3 +126,14 @@ def test_describe_layers_counts_every_parameter_once() -> None:
     assert [i.index for i in infos] == [0, 1, 2, 3]
     assert [i.middle_third for i in infos] == [False, True, True, False]
     assert sum(i.num_params for i in infos) + rest == sum(p.numel() for p in model.parameters())
+
+
+def test_a_model_directory_without_a_tokenizer_is_one_sentence(tmp_path: Path) -> None:
+    from autolayer.models import load_model
+    from tests.conftest import save_organism_shaped
+
+    path = save_organism_shaped(tmp_path / "m")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (path / name).unlink(missing_ok=True)
+    with pytest.raises(AutolayerError, match="cannot load a tokenizer for model .* save one"):
+        load_model(str(path), device="cpu")

@@ -1,0 +1,34 @@
+"""An unreachable hub is one sentence in seconds, not minutes of retries."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from autolayer import hub
+from autolayer.config import TaskConfig
+from autolayer.errors import AutolayerError
+from autolayer.models import load_model
+from autolayer.tasks import load_task
+
+
+@pytest.fixture(autouse=True)
+def unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    hub._reachable.cache_clear()
+
+
+def test_a_hub_model_or_dataset_fails_fast_without_a_network() -> None:
+    start = time.monotonic()
+    with pytest.raises(AutolayerError, match="cannot reach the Hugging Face hub .* model 'org/m'"):
+        load_model("org/m", device="cpu")
+    with pytest.raises(AutolayerError, match="the dataset 'org/data'"):
+        load_task(TaskConfig(name="mine", dataset="org/data", reward_funcs=["os.path.join"]))
+    assert time.monotonic() - start < 10
+
+
+def test_offline_mode_skips_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.require_hub("anything")  # the libraries will read their cache instead

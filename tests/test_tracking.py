@@ -1,0 +1,57 @@
+"""Tracking fails fast on an unreachable server, creates its store race-free, and is labelled."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from autolayer.errors import AutolayerError
+from autolayer.tracking import KIND, KIND_TAG, MlflowTracker, probe_server
+
+
+def test_an_unreachable_server_is_one_sentence_in_seconds() -> None:
+    start = time.monotonic()
+    with pytest.raises(AutolayerError, match="http://127.0.0.1:9 is unreachable"):
+        MlflowTracker("http://127.0.0.1:9", "x")
+    assert time.monotonic() - start < 10
+    with pytest.raises(AutolayerError, match="unreachable"):
+        probe_server("http://127.0.0.1:9/")
+
+
+def test_experiments_open_in_the_model_training_view(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "exp", tmp_path)
+    tags = mlflow.MlflowClient(uri).get_experiment(tracker.experiment_id).tags
+    assert tags[KIND_TAG] == KIND
+    assert MlflowTracker(uri, "exp", tmp_path).experiment_id == tracker.experiment_id
+
+
+def test_four_processes_create_one_sqlite_store_at_once(tmp_path: Path) -> None:
+    """Two workers on a fresh store used to die on 'duplicate column name' (no lock)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = (
+        "import sys; from pathlib import Path; from autolayer.tracking import MlflowTracker; "
+        f"t = MlflowTracker({uri!r}, 'shared', Path({str(tmp_path)!r})); "
+        "print(t.start_run('r'))"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]  # fmt: skip
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0] * 4, [err for _, err in results]
+    runs = mlflow.MlflowClient(uri).search_runs(
+        [mlflow.MlflowClient(uri).get_experiment_by_name("shared").experiment_id]
+    )
+    assert len(runs) == 4  # one experiment, every worker's run in it
