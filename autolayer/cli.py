@@ -217,11 +217,15 @@ def _demo_parser(sub: Any) -> None:
 
 
 def _run_search(config: Config, root: Path) -> int:
-    from autolayer.spaces import load_space
+    from autolayer.models import layer_count_from_config
+    from autolayer.spaces import bind, load_space
     from autolayer.storage import make_storage
 
-    # Fail on a bad space or storage URL in a second, before torch and Lightning load.
-    load_space(config.search.space)
+    # Fail on a bad space, layer range or storage URL in seconds, before the model loads.
+    space = load_space(config.search.space)
+    num_layers = layer_count_from_config(config.model.name)
+    if num_layers is not None:
+        bind(space, num_layers)
     make_storage(config.search.storage, root)
 
     from autolayer.progress import SearchDisplay

@@ -179,6 +179,28 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def layer_count_from_config(name: str) -> int | None:
+    """The decoder layer count a local model's config.json states, read without loading it
+    (None for a hub id or a config that does not say), so a layer range fails in a second."""
+    import json
+
+    path = Path(resolve_model_path(name)).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (data, data.get("text_config") or {}):
+        for key in LAYER_COUNT_KEYS:
+            if isinstance(section.get(key), int):
+                return int(section[key])
+    return None
+
+
 def load_model(
     name: str,
     *,

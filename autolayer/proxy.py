@@ -335,7 +335,14 @@ class GRPOModule(L.LightningModule):
             "proxy/step_seconds": dt,
         }
         self.history.append({"step": float(self.rollouts), **metrics})
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=roll["mask"].shape[0])
+        self._log(metrics)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        """Straight to the loggers at the rollout count: the step index of Optuna's reports and
+        of the results table (Lightning's own step counts optimizer steps, num_iterations per
+        rollout)."""
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.rollouts)
 
     def validation_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
         pass  # the held-out evaluation runs once per validation epoch, below
@@ -345,7 +352,7 @@ class GRPOModule(L.LightningModule):
             return
         evaluation = evaluate(self.model, self.tokenizer, self.task)
         self.evals.append((self.rollouts, evaluation))
-        self.log("proxy/eval_score", evaluation.score, on_epoch=True)
+        self._log({"proxy/eval_score": evaluation.score})
         if self.eval_hook is not None and self.eval_hook(self.rollouts, evaluation):
             self.stopped_early = True
             self.trainer.should_stop = True

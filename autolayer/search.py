@@ -45,7 +45,11 @@ from autolayer.storage import (
     DEFAULT_ROOT,
     FINISHED,
     MAX_ATTEMPTS,
+    WORKER_DIED,
     candidate_key,
+    claim,
+    counts,
+    earlier_twin,
     exhausted_candidates,
     make_storage,
     mark_worker,
@@ -58,6 +62,7 @@ from autolayer.tracking import Tracker, make_tracker
 WILCOXON_BLOCK = 50  # eval prompts per Wilcoxon report: a report is a storage write (~3.5 ms on
 # the journal file), so per-prompt reports would add ~3.5 s to a 1,000-prompt evaluation
 ATTR_BASE, ATTR_FULL = "reference_base_outcomes", "reference_full_outcomes"
+ATTR_REFERENCE_RUN = "mlflow_reference_run_id"
 
 
 @dataclass
@@ -127,13 +132,21 @@ def full_reference(ctx: SearchContext) -> Evaluation:
     all_layers = list(range(len(find_layer_stack(ctx.model))))
     lr = ctx.config.proxy.full_lr
     ctx.hooks.on_message(f"reference: training all {len(all_layers)} layers (lr {lr:g})")
-    run_id = ctx.tracker.start_run(
-        "reference-all-layers", ctx.parent_run, {"autolayer.role": "reference"}
-    )
-    ctx.tracker.log_params(
-        run_id, {"layers": "all", "lr": lr, **proxy_params(ctx.config, ctx.task.name)}
-    )
-    result = train_and_restore(ctx, all_layers, lr, logger=ctx.tracker.lightning_logger(run_id))
+    run_id = ctx.study.user_attrs.get(ATTR_REFERENCE_RUN)  # a killed reference run is reused
+    if not run_id or not _same_store(ctx):
+        run_id = ctx.tracker.start_run(
+            "reference-all-layers", ctx.parent_run, {"autolayer.role": "reference"}
+        )
+        ctx.tracker.log_params(
+            run_id, {"layers": "all", "lr": lr, **proxy_params(ctx.config, ctx.task.name)}
+        )
+        if run_id:
+            ctx.study.set_user_attr(ATTR_REFERENCE_RUN, run_id)
+    try:
+        result = train_and_restore(ctx, all_layers, lr, logger=ctx.tracker.lightning_logger(run_id))
+    except BaseException:
+        ctx.tracker.end_run(run_id, "KILLED")
+        raise
     ctx.tracker.log_metrics(run_id, {"score": result.score, "stderr": result.final.stderr})
     ctx.tracker.end_run(run_id)
     ctx.study.set_user_attr(ATTR_FULL, list(result.final.outcomes))
@@ -237,6 +250,7 @@ def run_trial(ctx: SearchContext, trial: optuna.Trial) -> float:
     lr = candidate.lr if candidate.lr is not None else ctx.config.proxy.lr
     trial.set_user_attr("layers", list(candidate.layers))
     trial.set_user_attr("lr", lr)
+    _check_duplicate(ctx, trial)
     _check_budget(ctx, trial)
     ctx.hooks.on_trial_start(trial.number, candidate)
     name = f"trial-{trial.number} layers={','.join(map(str, candidate.layers))}"
@@ -256,6 +270,7 @@ def run_trial(ctx: SearchContext, trial: optuna.Trial) -> float:
         )
         if result.stopped_early:
             raise optuna.TrialPruned()
+        _check_duplicate(ctx, trial)  # a twin that started in the same instant: one completes
         _record(ctx, trial, run_id, result)
         if ctx.config.search.pruner == "wilcoxon":
             _wilcoxon_check(ctx, trial, result.final)
@@ -290,6 +305,17 @@ def steps_used(study: optuna.Study) -> int:
     )
 
 
+def _check_duplicate(ctx: SearchContext, trial: optuna.Trial) -> None:
+    """Prune this trial if an earlier one of another worker has the same exhaustive candidate."""
+    if not isinstance(ctx.study.sampler, optuna.samplers.BruteForceSampler):
+        return  # samplers that may revisit a point on purpose keep their repeats
+    twin = earlier_twin(ctx.study, trial)
+    if twin is not None:
+        trial.set_user_attr("duplicate_of", twin)
+        trial.set_user_attr("prune_reason", f"duplicate of trial {twin}, run by another worker")
+        raise optuna.TrialPruned()
+
+
 def _check_budget(ctx: SearchContext, trial: optuna.Trial) -> None:
     budget = ctx.config.search.max_total_steps
     if budget is not None and steps_used(ctx.study) + ctx.config.proxy.steps > budget:
@@ -316,8 +342,16 @@ def open_study(
         sampler=make_sampler(config.search.sampler, space, config.search.seed),
         pruner=make_pruner(config.search.pruner, n_warmup_steps=config.proxy.eval_every),
     )
-    recover_stale_trials(study)
     return study
+
+
+def _end_dead_runs(study: optuna.Study, tracker: Tracker) -> None:
+    """The MLflow runs of trials whose worker died stay RUNNING forever: end them KILLED."""
+    for number in recover_stale_trials(study):
+        run_id = study.trials[number].user_attrs.get("mlflow_run_id")
+        if run_id and _tracks_to(tracker, study):
+            tracker.set_tags(run_id, {"trial_state": "FAIL", "fail_reason": WORKER_DIED})
+            tracker.end_run(run_id, "KILLED")
 
 
 def _retry_message(retried: list[FrozenTrial]) -> str:
@@ -333,20 +367,34 @@ def _retry_message(retried: list[FrozenTrial]) -> str:
     )
 
 
-def _enqueue_warm_start(ctx: SearchContext, num_layers: int) -> None:
+WARM_START_CLAIM = "{study}.warm-start-claimed"  # a marker study; see storage.claim
+
+
+def _enqueue_warm_start(ctx: SearchContext, num_layers: int, storage: Any) -> None:
+    """The first trials, enqueued by exactly one worker however many start at once."""
     if ctx.study.get_trials(deepcopy=False):
         return  # a resumed study already had its warm start
+    if not claim(storage, WARM_START_CLAIM.format(study=ctx.study.study_name)):
+        return  # another worker enqueued it
     lr = ctx.config.proxy.lr if ctx.space.lr is not None else None
     for params in warm_start_params(ctx.space, ctx.config.search.warm_start, num_layers, lr):
         ctx.study.enqueue_trial(params, skip_if_exists=True)
 
 
+def _same_store(ctx: SearchContext) -> bool:
+    """Whether this worker tracks to the store the study's recorded run ids belong to."""
+    return _tracks_to(ctx.tracker, ctx.study)
+
+
+def _tracks_to(tracker: Tracker, study: optuna.Study) -> bool:
+    uri = getattr(tracker, "tracking_uri", None)
+    return uri is not None and uri == study.user_attrs.get("mlflow_tracking_uri")
+
+
 def _parent_run(config: Config, study: optuna.Study, tracker: Tracker, task_name: str) -> str:
     """One parent MLflow run per study, found again when the study resumes."""
     run_id = study.user_attrs.get("mlflow_parent_run_id")
-    if run_id and getattr(tracker, "tracking_uri", None) == study.user_attrs.get(
-        "mlflow_tracking_uri"
-    ):
+    if run_id and _tracks_to(tracker, study):
         return str(run_id)
     run_id = tracker.start_run(f"study-{study.study_name}", tags={"optuna.study": study.study_name})
     tracker.log_dict(run_id, config.to_dict(), "config.yaml")
@@ -401,6 +449,7 @@ def prepare(
         ("space", config.search.space),
     ):
         study.set_user_attr(key, value)  # lets `autolayer export/train --study-name` stand alone
+    _end_dead_runs(study, tracker)
     retried = retry_failed(study)
     if retried:
         hooks.on_message(_retry_message(retried))
@@ -423,11 +472,12 @@ def prepare(
     )
     uses_c = config.search.objective == "contribution" and ctx.refs.full_gain_defined
     study.set_user_attr("objective", "contribution C" if uses_c else "held-out score")
+    study.set_metric_names(["contribution C" if uses_c else "held-out score"])
     if config.search.objective == "contribution" and not uses_c:
         hooks.on_message(
             "the full run's gain is within noise, so C is undefined: optimising the score"
         )
-    _enqueue_warm_start(ctx, num_layers)
+    _enqueue_warm_start(ctx, num_layers, storage)
     return ctx
 
 
@@ -441,7 +491,7 @@ def trials_to_run(ctx: SearchContext) -> int:
     size = grid_size(ctx.space)  # the points BruteForceSampler walks, infeasible subsets included
     if isinstance(ctx.study.sampler, optuna.samplers.BruteForceSampler) and size is not None:
         finished = ctx.study.get_trials(deepcopy=False, states=FINISHED)
-        done = {candidate_key(t) for t in finished} | exhausted_candidates(ctx.study)
+        done = {candidate_key(t) for t in finished if counts(t)} | exhausted_candidates(ctx.study)
         remaining = size - len(done)
         return max(0, remaining if requested is None else min(requested, remaining))
     return requested if requested is not None else DEFAULT_TRIALS

@@ -223,14 +223,44 @@ def candidate_key(trial: FrozenTrial) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(params.items()))
 
 
+def counts(trial: FrozenTrial) -> bool:
+    """Whether a trial is an attempt at its candidate (a worker's duplicate is not)."""
+    return bool(candidate_key(trial)) and "duplicate_of" not in trial.user_attrs
+
+
+def earlier_twin(study: optuna.Study, trial: optuna.Trial) -> int | None:
+    """An earlier trial running, or done with, this trial's params: another worker got there
+    first. Exhaustive samplers hand two workers that ask at the same moment the same point."""
+    key = tuple(sorted(trial.params.items()))
+    for other in study.get_trials(
+        deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+    ):
+        if other.number < trial.number and counts(other) and candidate_key(other) == key:
+            return other.number
+    return None
+
+
+def claim(storage: Any, name: str) -> bool:
+    """Atomically claim `name` in the storage, once across all workers and hosts.
+
+    Creating a study is atomic in every Optuna storage (a unique name in the journal and in the
+    database), so the first worker to create this marker study wins and every other is told so.
+    """
+    try:
+        optuna.create_study(study_name=name, storage=storage)
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+    return True
+
+
 def exhausted_candidates(study: optuna.Study) -> set[tuple[tuple[str, Any], ...]]:
     """Candidates that failed MAX_ATTEMPTS times and never finished: no rerun tries them again."""
     attempts: dict[tuple[tuple[str, Any], ...], int] = {}
     finished = set()
     for trial in study.get_trials(deepcopy=False):
-        key = candidate_key(trial)
-        if not key:
+        if not counts(trial):
             continue
+        key = candidate_key(trial)
         if trial.state in FINISHED:
             finished.add(key)
         elif trial.state == TrialState.FAIL:
@@ -245,9 +275,9 @@ def retry_failed(study: optuna.Study) -> list[FrozenTrial]:
     latest: dict[tuple[tuple[str, Any], ...], FrozenTrial] = {}
     settled = set()
     for trial in study.get_trials(deepcopy=False):
-        key = candidate_key(trial)
-        if not key:
+        if not counts(trial):
             continue
+        key = candidate_key(trial)
         if trial.state == TrialState.FAIL:
             latest[key] = trial
         else:  # finished, or already waiting or running again

@@ -114,7 +114,7 @@ class _Recorder(Logger):
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.append(dict(metrics))
+        self.metrics.append({**metrics, "step": float(step if step is not None else -1)})
 
 
 def test_per_step_metrics_reach_lightning_loggers(organism: tuple[Any, Any, Any]) -> None:
@@ -136,6 +136,10 @@ def test_per_step_metrics_reach_lightning_loggers(organism: tuple[Any, Any, Any]
     assert {f"proxy/{k}" for k in expected} <= keys
     steps = [m for m in recorder.metrics if "proxy/loss" in m]
     assert len(steps) == FAST.steps and all(math.isfinite(m["proxy/loss"]) for m in steps)
+    # one index everywhere: rollouts (what Optuna's reports and the table show)
+    assert [m["step"] for m in steps] == [float(s) for s in range(1, FAST.steps + 1)]
+    evals = [m["step"] for m in recorder.metrics if "proxy/eval_score" in m]
+    assert evals == [float(s) for s in range(FAST.eval_every, FAST.steps + 1, FAST.eval_every)]
 
 
 def test_eval_hook_can_stop_a_run_early(organism: tuple[Any, Any, Any]) -> None:

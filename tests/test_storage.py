@@ -168,3 +168,23 @@ def test_two_worker_processes_share_one_study(
     assert sorted(t.number for t in trials) == list(range(12))
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert {t.user_attrs["worker_pid"] for t in trials} == {w.pid for w in workers}
+
+
+def test_claim_is_won_once(tmp_path: Path) -> None:
+    from autolayer.storage import claim
+
+    storage = make_storage(f"journal:{tmp_path / 'j.log'}")
+    assert [claim(storage, "s.warm-start"), claim(storage, "s.warm-start")] == [True, False]
+
+
+def test_the_later_of_two_twins_is_the_duplicate() -> None:
+    from autolayer.storage import earlier_twin
+
+    study = optuna.create_study()
+    first, second = study.ask(), study.ask()  # two workers asking at the same instant
+    first.suggest_int("layer", 3, 3)
+    second.suggest_int("layer", 3, 3)
+    assert earlier_twin(study, second) == first.number
+    assert earlier_twin(study, first) is None  # the earlier one runs on
+    study.tell(first, 0.5)
+    assert earlier_twin(study, second) == first.number  # and a finished twin still counts
