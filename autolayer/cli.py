@@ -217,7 +217,7 @@ def _demo_parser(sub: Any) -> None:
 
 
 def _run_search(config: Config, root: Path) -> int:
-    from autolayer.models import layer_count_from_config
+    from autolayer.layers import layer_count_from_config
     from autolayer.spaces import bind, load_space
     from autolayer.storage import make_storage
 
@@ -227,6 +227,7 @@ def _run_search(config: Config, root: Path) -> int:
     if num_layers is not None:
         bind(space, num_layers)
     make_storage(config.search.storage, root)
+    quiet_libraries()  # the model libraries load from here on
 
     from autolayer.progress import SearchDisplay
     from autolayer.report import results_table, study_dir
@@ -348,6 +349,7 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
 
 
 RESUMABLE = ("search", "demo")  # commands whose rerun resumes where the interrupt stopped them
+LIGHT = ("search", "demo", "results", "config")  # they check their input before heavy imports
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -357,7 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_libraries()
+    if args.command not in LIGHT:
+        quiet_libraries()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _raise_interrupted)
     try:

@@ -74,7 +74,7 @@ def model_skeleton(name: str, revision: str | None = None) -> nn.Module:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from autolayer.models import resolve_model_path
+    from autolayer.layers import resolve_model_path
 
     path = resolve_model_path(name)
     try:
@@ -99,7 +99,7 @@ def _choose(
     top_k: int,
     num_layers: int,
 ) -> tuple[int, ...]:
-    from autolayer.models import parse_layers
+    from autolayer.layers import parse_layers
     from autolayer.train import select_layers
 
     if args.layers is not None:

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from autolayer.errors import AutolayerError
-from autolayer.models import find_layer_stack, layer_param_names, load_model, validate_layers
+from autolayer.layers import validate_layers
+from autolayer.models import find_layer_stack, layer_param_names, load_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

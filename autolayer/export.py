@@ -24,7 +24,8 @@ import yaml
 from torch import nn
 
 from autolayer.errors import AutolayerError
-from autolayer.models import find_layer_stack, layer_param_names, validate_layers
+from autolayer.layers import validate_layers
+from autolayer.models import find_layer_stack, layer_param_names
 
 FORMAT_VERSION = 1  # of the json record; bump when a field changes meaning
 FORMATS = ("json", "axolotl", "peft", "llamafactory", "swift", "trl")

@@ -17,10 +17,7 @@ from torch import nn
 
 from autolayer.errors import AutolayerError
 from autolayer.hub import require_hub
-
-ORGANISM = "organism"  # the name of the bundled model wherever a model is accepted
-CODE_ORGANISM = "code_organism"  # the bundled code model, likewise
-AGENT_ORGANISM = "agent_organism"  # the bundled grid-world agent, likewise
+from autolayer.layers import middle_third, resolve_model_path, validate_layers
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,43 +76,6 @@ def find_layer_stack(model: nn.Module) -> LayerStack:
     return LayerStack(path=best[1], layers=best[2])
 
 
-def validate_layers(layers: Iterable[object], num_layers: int) -> tuple[int, ...]:
-    """Check a layer selection and return it sorted; errors name the valid range."""
-    selection = list(layers)
-    valid = f"valid layers are 0..{num_layers - 1}"
-    if not selection:
-        raise AutolayerError(f"the layer selection is empty; {valid}")
-    for layer in selection:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise AutolayerError(f"layer {layer!r} is not an integer; {valid}")
-        if not 0 <= layer < num_layers:
-            raise AutolayerError(f"layer {layer} is out of range; {valid}")
-    if len(set(selection)) != len(selection):
-        dupes = sorted({int(str(x)) for x in selection if selection.count(x) > 1})
-        raise AutolayerError(f"layers {dupes} are selected more than once; {valid}")
-    return tuple(sorted(selection))  # type: ignore[arg-type]
-
-
-def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
-    """Parse a CLI selection like `3,4`, `10-12` or `all` into validated layer indices."""
-    text = text.strip()
-    if text == "all":
-        return tuple(range(num_layers))
-    selection: list[object] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        start, sep, end = part.partition("-")
-        try:
-            if sep:
-                selection.extend(range(int(start), int(end) + 1))
-            else:
-                selection.append(int(part))
-        except ValueError:
-            raise AutolayerError(
-                f"cannot read layer selection {text!r}; use e.g. '3', '3,7' or '10-12'"
-            ) from None
-    return validate_layers(selection, num_layers)
-
-
 def layer_param_names(model: nn.Module, layers: Sequence[int]) -> list[str]:
     """The full `named_parameters()` names belonging to the given layers, in model order."""
     stack = find_layer_stack(model)
@@ -161,44 +121,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise AutolayerError(f"unknown dtype {dtype!r}; use auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-BUNDLED = {  # name -> module whose organism_path() is the bundled model's directory
-    ORGANISM: "autolayer.organism",
-    CODE_ORGANISM: "autolayer.code_organism",
-    AGENT_ORGANISM: "autolayer.agent_organism",
-}
-
-
-def resolve_model_path(name: str) -> str:
-    """Map a bundled model's name to its directory; pass hub ids and paths through."""
-    if name in BUNDLED:
-        import importlib
-
-        return str(importlib.import_module(BUNDLED[name]).organism_path())
-    return name
-
-
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-
-
-def layer_count_from_config(name: str) -> int | None:
-    """The decoder layer count a local model's config.json states, read without loading it
-    (None for a hub id or a config that does not say), so a layer range fails in a second."""
-    import json
-
-    path = Path(resolve_model_path(name)).expanduser() / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    for section in (data, data.get("text_config") or {}):
-        for key in LAYER_COUNT_KEYS:
-            if isinstance(section.get(key), int):
-                return int(section[key])
-    return None
 
 
 def load_model(
@@ -250,17 +172,6 @@ class LayerInfo:
     path: str
     num_params: int
     middle_third: bool
-
-
-def middle_third(num_layers: int) -> range:
-    """The middle third of the stack, where the RL-heavy layers usually sit (arXiv 2607.01232)."""
-    return range(num_layers // 3, num_layers - num_layers // 3)
-
-
-def middle_layers(num_layers: int, k: int) -> tuple[int, ...]:
-    """Mid-k from the paper: layers [floor(L/2 - k/2), floor(L/2 + k/2))."""
-    start = (num_layers - k) // 2
-    return tuple(range(start, start + k))
 
 
 def describe_layers(model: nn.Module) -> tuple[list[LayerInfo], int]:

@@ -22,7 +22,7 @@ import optuna
 
 from autolayer.config import read_yaml
 from autolayer.errors import AutolayerError
-from autolayer.models import middle_layers, validate_layers
+from autolayer.layers import middle_layers, validate_layers
 
 SpaceKind = Literal["single_layer", "window", "subset"]
 KINDS: tuple[str, ...] = get_args(SpaceKind)

@@ -33,15 +33,14 @@ from transformers import TrainerCallback
 from autolayer.config import Config
 from autolayer.delta import MANIFEST_FILE, atomic_dir, hash_parameters, save_delta
 from autolayer.errors import AutolayerError, Interrupted
+from autolayer.layers import middle_layers, validate_layers
 from autolayer.measure import base_reference, load_for, prepare_task
 from autolayer.models import (
     find_layer_stack,
     freeze_except,
     layer_param_names,
-    middle_layers,
     resolve_device,
     trainable_parameters,
-    validate_layers,
 )
 from autolayer.scoring import Contribution, Evaluation, contribution, evaluate, stop_criteria
 from autolayer.tasks import Task

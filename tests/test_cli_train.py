@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM
 from autolayer.cli import build_parser, main
 from autolayer.delta import save_delta
 from autolayer.export import FILENAMES
-from autolayer.models import ORGANISM, load_model
+from autolayer.layers import ORGANISM
+from autolayer.models import load_model
 from autolayer.storage import make_storage
 from tests.conftest import save_organism_shaped
 

@@ -5,14 +5,12 @@ import torch
 import transformers as tf
 
 from autolayer.errors import AutolayerError
+from autolayer.layers import middle_layers, parse_layers, validate_layers
 from autolayer.models import (
     describe_layers,
     find_layer_stack,
     freeze_except,
     layer_param_names,
-    middle_layers,
-    parse_layers,
-    validate_layers,
 )
 
 TINY = dict(

@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from autolayer.config import config_from_dict
 from autolayer.delta import load_delta, merge_to_dir
 from autolayer.errors import AutolayerError
-from autolayer.models import ORGANISM, layer_param_names, load_model
+from autolayer.layers import ORGANISM
+from autolayer.models import layer_param_names, load_model
 from autolayer.scoring import Evaluation
 from autolayer.tasks import load_task
 from autolayer.train import (
