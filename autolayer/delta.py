@@ -28,6 +28,7 @@ from torch import nn
 from autolayer.errors import AutolayerError
 from autolayer.layers import validate_layers
 from autolayer.models import find_layer_stack, layer_param_names, load_model
+from autolayer.processes import pid_alive
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -63,23 +64,13 @@ def remove_stale(out: Path) -> list[Path]:
     for path in out.parent.glob(f".{out.name}.*-*-*"):
         kind, _, rest = path.name.removeprefix(f".{out.name}.").partition("-")
         pid = rest.split("-")[0]
-        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+        if kind in ("tmp", "old") and pid.isdigit() and not pid_alive(int(pid)):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
             removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from autolayer.errors import AutolayerError
+from autolayer.processes import died_here
 
 DEFAULT_ROOT = Path("mlruns")
 JOURNAL_SCHEME = "journal:"
@@ -165,24 +166,8 @@ def mark_worker(trial: optuna.Trial) -> None:
     trial.set_user_attr("worker_pid", os.getpid())
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
-def _died_here(trial: optuna.trial.FrozenTrial, host: str) -> bool:
-    pid = trial.user_attrs.get("worker_pid")
-    return (
-        trial.user_attrs.get("worker_host") == host
-        and isinstance(pid, int)
-        and pid != os.getpid()
-        and not _pid_alive(pid)
-    )
+def _died_here(trial: optuna.trial.FrozenTrial) -> bool:
+    return died_here(trial.user_attrs.get("worker_host"), trial.user_attrs.get("worker_pid"))
 
 
 def recover_stale_trials(study: optuna.Study) -> list[int]:
@@ -197,10 +182,9 @@ def recover_stale_trials(study: optuna.Study) -> list[int]:
     # `_storage` and `_trial_id` are private, but Study has no public way to finish another
     # process's trial (`study.tell` would also run the sampler's after_trial hook).
     storage = study._storage
-    host = socket.gethostname()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _died_here(trial, host):
+        if not _died_here(trial):
             continue
         try:
             storage.set_trial_user_attr(trial._trial_id, "fail_reason", WORKER_DIED)

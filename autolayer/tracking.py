@@ -12,15 +12,18 @@ import contextlib
 import logging
 import math
 import os
+import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from autolayer.errors import AutolayerError
+from autolayer.processes import died_here
 
 DEFAULT_ROOT = Path("mlruns")
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests runs that carry it
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # the model-training view
+HOST_TAG, PID_TAG = "autolayer.host", "autolayer.pid"
 PROBE_TIMEOUT = 5.0  # seconds to wait for a tracking server before calling it unreachable
 
 
@@ -90,6 +93,7 @@ class Tracker(Protocol):
     def log_artifact(self, run_id: str, path: Path) -> None: ...
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None: ...
     def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
+    def end_dead_runs(self, role: str) -> list[str]: ...
     def lightning_logger(self, run_id: str) -> Any: ...
 
 
@@ -109,6 +113,9 @@ class NullTracker:
     def log_artifact(self, run_id: str, path: Path) -> None: ...
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None: ...
     def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
+
+    def end_dead_runs(self, role: str) -> list[str]:
+        return []
 
     def lightning_logger(self, run_id: str) -> Any:
         return None
@@ -151,7 +158,8 @@ class MlflowTracker:
     def start_run(
         self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None
     ) -> str:
-        all_tags = dict(tags or {})
+        # who runs it: a later start ends the runs of processes that were killed (end_dead_runs)
+        all_tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), **(tags or {})}
         if parent_id:
             all_tags[PARENT_TAG] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -197,6 +205,21 @@ class MlflowTracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
+
+    def end_dead_runs(self, role: str) -> list[str]:
+        """End KILLED this experiment's RUNNING runs of `role` whose process died on this host
+        (a killed process cannot end its own run); returns their ids."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`autolayer.role` = '{role}' and attributes.status = 'RUNNING'",
+        )
+        ended = []
+        for run in runs:
+            pid = run.data.tags.get(PID_TAG, "")
+            if pid.isdigit() and died_here(run.data.tags.get(HOST_TAG), int(pid)):
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                ended.append(run.info.run_id)
+        return ended
 
     def lightning_logger(self, run_id: str) -> Any:
         """Lightning's MLFlowLogger bound to an existing run: it must be given the URI explicitly,

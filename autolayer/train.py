@@ -393,6 +393,7 @@ def start_tracking(
     if uri is None and study is not None:
         uri = study.user_attrs.get("mlflow_tracking_uri") or None
     tracker = make_tracker(config.tracking.enabled, uri, experiment, root)
+    tracker.end_dead_runs("train")  # runs of train commands that were killed stay RUNNING
     tags = {"autolayer.role": "train", "autolayer.strategy": str(params["strategy"])}
     if study is not None:
         tags["autolayer.study"] = study.study_name

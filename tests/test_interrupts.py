@@ -136,3 +136,65 @@ def test_resume_retries_failures_up_to_the_limit_and_never_a_finished_candidate(
     assert retry_failed(study) == []  # layer 2 is already waiting
     retry = study.ask()  # the enqueued retry runs first, with the failed candidate's params
     assert retry.suggest_int("layer", 0, 7) == 2
+
+
+def test_a_killed_train_leaves_no_debris_and_a_rerun_keeps_frozen_layers_bit_identical(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL mid-training (no handler can run), then train again: the killed run's temp
+    directory is removed, its MLflow run ends KILLED, and every frozen tensor equals the base."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from autolayer.organism import organism_path
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "task": {"eval_size": 16, "train_size": 64},
+                "proxy": {"prompts_per_step": 2, "num_generations": 2, "device": "cpu"},
+                "tracking": {"tracking_uri": tracking, "experiment": "t"},
+            }
+        )
+    )
+    out = tmp_path / "out"
+
+    def train(steps: int) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "autolayer.cli", "train", "--config", str(config),
+             "--layers", "3", "--steps", str(steps), "--out", str(out), "--root",
+             str(tmp_path / "mlruns")],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    proc = train(100_000)
+    try:
+        end = time.monotonic() + CAP
+        while time.monotonic() < end and proc.poll() is None:
+            if list(tmp_path.glob(".out.tmp-*/trainer")):  # TRL's trainer has started
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.kill()
+        proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert list(tmp_path.glob(".out.tmp-*")) and not out.exists()  # killed: debris, no output
+    client = mlflow.MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("t")
+    killed = client.search_runs([experiment.experiment_id])[0]
+    assert killed.info.status == "RUNNING"  # nothing could end it
+
+    rerun = train(2)
+    _, err = rerun.communicate(timeout=CAP)
+    assert rerun.returncode == 0, err
+    assert not list(tmp_path.glob(".out.tmp-*"))  # the dead run's copy is gone
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    base = AutoModelForCausalLM.from_pretrained(organism_path()).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    moved = [n for n in base if not torch.equal(base[n], trained[n])]
+    assert moved and all(n.startswith("model.layers.3.") for n in moved)
