@@ -87,7 +87,19 @@ class Builtin:
 def _organism_splits(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
     train = organism.make_rows("train", config.train_size or organism.TRAIN_SIZE, config.seed)
     eval_ = organism.make_rows("eval", config.eval_size or organism.EVAL_SIZE, config.seed)
-    return datasets.Dataset.from_list(train), datasets.Dataset.from_list(eval_)
+    return datasets.Dataset.from_list(train), _distinct(eval_, config.name)
+
+
+def _distinct(rows: list[dict[str, str]], name: str) -> datasets.Dataset:
+    """Held-out rows of a generated task, refused if the generator had to repeat problems: a
+    repeated prompt is the same evidence counted twice."""
+    unique = len({row["prompt"] for row in rows})
+    if unique < len(rows):
+        raise AutolayerError(
+            f"task.eval_size {len(rows)} is more than the {name} task's held-out problems can "
+            f"give without repeats; lower it to at most {unique}"
+        )
+    return datasets.Dataset.from_list(rows)
 
 
 def _code_organism_splits(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -99,7 +111,7 @@ def _code_organism_splits(config: TaskConfig) -> tuple[datasets.Dataset, dataset
     eval_ = code_organism.make_rows(
         "eval", config.eval_size or code_organism.EVAL_SIZE, config.seed
     )
-    return datasets.Dataset.from_list(train), datasets.Dataset.from_list(eval_)
+    return datasets.Dataset.from_list(train), _distinct(eval_, config.name)
 
 
 def _humaneval_defaults() -> dict[str, Any]:

@@ -405,3 +405,10 @@ def test_humaneval_ships_offline_with_the_package() -> None:
     assert len(task.train) + len(task.eval) == 164
     assert {"prompt", "test", "entry_point"} <= set(task.eval.column_names)
     assert task.stop_strings[:2] == ("\nclass", "\ndef")
+
+
+@pytest.mark.parametrize("name", ["organism", "code_organism"])
+def test_a_generated_eval_set_is_never_padded_with_repeats(name: str) -> None:
+    """eval_size 100,000 once gave 100,000 rows drawn from 2,447 distinct problems."""
+    with pytest.raises(AutolayerError, match="held-out problems can give without repeats"):
+        load_task(TaskConfig(name=name, eval_size=100_000))
