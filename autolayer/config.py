@@ -74,7 +74,7 @@ class TaskConfig:
         "Column holding the prompt: text, or a list of chat messages (default: prompt).", None
     )
     prompt_template: str | None = doc(
-        "Format string over columns that builds the prompt, e.g. 'Q: {question}\nA:'; for an "
+        "Format string over columns that builds the prompt, e.g. 'Q: {question} A:'; for an "
         "environment task, over {history} and {observation}.",
         None,
     )
