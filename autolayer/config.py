@@ -166,6 +166,11 @@ class ProxyConfig:
         None,
     )
     eval_every: int = doc("Score on the held-out set every this many steps (for pruning).", 10)
+    master_weights: Literal["float32", "bfloat16"] = doc(
+        "Precision the trained layers' weights are kept in between steps: float32, or bfloat16 "
+        "to see which updates bf16 storage drops (Gate III, arXiv 2511.08567).",
+        "float32",
+    )
     gradient_checkpointing: bool = doc(
         "Non-reentrant activation checkpointing (saves memory).", False
     )

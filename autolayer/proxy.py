@@ -295,8 +295,18 @@ class GRPOModule(L.LightningModule):
             out = _weighted(parts)
             grad_norm = self._clip_gradients()
             optimizer.step()
+            if cfg.master_weights == "bfloat16":
+                self._round_to_bf16()
         self.rollouts += 1
         self._log_step(roll, out, grad_norm, time.perf_counter() - start)
+
+    @torch.no_grad()
+    def _round_to_bf16(self) -> None:
+        """Store the trained weights as bf16 would: an update below half a bf16 ULP of its
+        weight is lost, as it is for bf16 master weights (Gate III, arXiv 2511.08567). The
+        arithmetic stays in the weights' own dtype, so this runs the same on CPU and GPU."""
+        for param in trainable_parameters(self.model):
+            param.copy_(param.to(torch.bfloat16).to(param.dtype))
 
     def _micro_batches(self, n: int) -> list[slice]:
         """Row slices of at most `micro_batch_size` completions (all of them when unset)."""

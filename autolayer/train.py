@@ -327,6 +327,19 @@ def _grpo_trainer(
     return trainer
 
 
+class Bf16MasterWeights(TrainerCallback):
+    """After every optimizer step, store the trained weights as bf16 would (the proxy's
+    `master_weights: bfloat16`, Gate III of arXiv 2511.08567)."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+
+    @torch.no_grad()
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for param in self.params:
+            param.copy_(param.to(torch.bfloat16).to(param.dtype))
+
+
 class _QuietProgress(TrainerCallback):
     """transformers' step progress bar without its per-step log printing."""
 
@@ -486,6 +499,8 @@ def _train(
     groups = freeze_for_strategy(model, strategy, layers, *lrs)
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     set_dtype(model, torch.float32, only_trainable=True)
+    if config.proxy.master_weights == "bfloat16":
+        callbacks = [*callbacks, Bf16MasterWeights(trainable_parameters(model))]
     use_cache = getattr(model.config, "use_cache", None)
     trainer = build_trainer(
         model, tokenizer, task, grpo_args(config, task, work_dir, base_dtype), groups, callbacks

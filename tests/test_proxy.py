@@ -188,3 +188,19 @@ def test_micro_batches_give_the_full_batch_update(organism: tuple[Any, Any, Any]
     )
     for (name, p), (_, q) in zip(whole.named_parameters(), split.named_parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+
+
+def test_bf16_master_weights_keep_only_what_bf16_can_store(organism: tuple[Any, Any, Any]) -> None:
+    """Gate III made visible: with bf16 master weights every trained value is a bf16 value."""
+    _, tokenizer, task = organism
+    bf16 = ProxyConfig(**{**FAST.__dict__, "master_weights": "bfloat16"})
+    models = {}
+    for name, config in (("fp32", FAST), ("bf16", bf16)):
+        model = fresh(organism)
+        run_proxy(model, tokenizer, task, config, [4])
+        models[name] = model
+    for name, model in models.items():
+        weights = dict(model.named_parameters())
+        trained = [w for n, w in weights.items() if n.startswith("model.layers.4.")]
+        exact = all(torch.equal(w, w.to(torch.bfloat16).float()) for w in trained)
+        assert exact == (name == "bf16"), name

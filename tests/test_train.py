@@ -399,3 +399,14 @@ def test_train_uses_the_lr_the_study_measured_unless_told(tmp_path: Path) -> Non
     assert train_lr(config) == config.proxy.lr  # nothing measured: the proxy's lr
     with pytest.raises(AutolayerError, match="train.lr must be positive"):
         config_from_dict({"train": {"lr": -1.0}})
+
+
+def test_train_keeps_bf16_master_weights_when_asked(tmp_path: Path) -> None:
+    config = tiny_config(ORGANISM, tmp_path)
+    config.proxy.master_weights = "bfloat16"
+    config.tracking.enabled = False
+    result = run_training(config, [3], "only", root=tmp_path, out_dir=tmp_path / "out")
+    trained = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    for name, w in trained.named_parameters():
+        if name.startswith("model.layers.3."):
+            assert torch.equal(w, w.to(torch.bfloat16).float()), name
