@@ -7,6 +7,10 @@ subnetwork" (arXiv 2505.11711) and the Three-Gate account of why (arXiv 2511.085
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -115,3 +119,91 @@ def bf16_dropped(w0: Tensor, w1: Tensor) -> float:
     lost = changed & (_bf16(w1) == _bf16(w0))
     n = int(changed.sum())
     return int(lost.sum()) / n if n else 0.0
+
+
+# --- a whole update: per matrix, per layer, and between two runs ----------------------------------
+
+
+@dataclass(frozen=True)
+class MatrixReport:
+    """The metrics of one trained parameter (spectral ones only for matrices)."""
+
+    name: str
+    layer: int | None
+    numel: int
+    sparsity_abs: float
+    sparsity_rel: float
+    relative_norm: float
+    bf16_dropped: float
+    nss: float | None = None
+    max_angle_deg: float | None = None  # largest principal angle of the top-k left subspaces
+    principal_overlap: float | None = None
+    low_magnitude_overlap: float | None = None
+    mask_chance: float | None = None  # alpha: the overlap independent masks would have
+
+
+def layer_of(name: str, stack_path: str) -> int | None:
+    """The decoder-layer index in a parameter name (`model.layers.3.mlp...` -> 3)."""
+    prefix = stack_path + "."
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix) :].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def analyze_matrix(
+    name: str, w0: Tensor, w1: Tensor, layer: int | None, k: int, alpha: float
+) -> MatrixReport:
+    w0, w1 = w0.detach().float().cpu(), w1.detach().float().cpu()
+    update = update_mask_abs(w0, w1)
+    base = dict(
+        name=name,
+        layer=layer,
+        numel=w0.numel(),
+        sparsity_abs=sparsity(update),
+        sparsity_rel=sparsity(update_mask_rel(w0, w1)),
+        relative_norm=relative_update_norm(w0, w1),
+        bf16_dropped=bf16_dropped(w0, w1),
+    )
+    if w0.dim() != 2:
+        return MatrixReport(**base)  # type: ignore[arg-type]
+    k = max(1, min(k, *w0.shape))
+    return MatrixReport(
+        **base,  # type: ignore[arg-type]
+        nss=normalized_spectral_shift(w0, w1),
+        max_angle_deg=float(principal_angles(w0, w1, k).max()) * 180 / math.pi,
+        principal_overlap=overlap(update, principal_mask(w0, k, alpha))[0],
+        low_magnitude_overlap=overlap(update, low_magnitude_mask(w0, alpha))[0],
+        mask_chance=alpha,
+    )
+
+
+def by_layer(reports: Sequence[MatrixReport]) -> list[dict[str, float | int | None]]:
+    """Per layer: parameters, the numel-weighted sparsities, and the update norm of the layer."""
+    layers = sorted({r.layer for r in reports if r.layer is not None})
+    rows: list[dict[str, float | int | None]] = []
+    for layer in layers:
+        mine = [r for r in reports if r.layer == layer]
+        total = sum(r.numel for r in mine)
+        rows.append(
+            {
+                "layer": layer,
+                "params": total,
+                "sparsity_abs": sum(r.sparsity_abs * r.numel for r in mine) / total,
+                "sparsity_rel": sum(r.sparsity_rel * r.numel for r in mine) / total,
+                "max_relative_norm": max(r.relative_norm for r in mine),
+            }
+        )
+    return rows
+
+
+def compare_updates(
+    base: Mapping[str, Tensor], first: Mapping[str, Tensor], second: Mapping[str, Tensor]
+) -> dict[str, float]:
+    """o1, o2 and Jaccard (with chance) of two runs' update masks over their shared params."""
+    names = sorted(set(first) & set(second) & set(base))
+    if not names:
+        raise ValueError("the two runs share no trained parameter")
+    m1 = torch.cat([update_mask_abs(base[n].float(), first[n].float()).flatten() for n in names])
+    m2 = torch.cat([update_mask_abs(base[n].float(), second[n].float()).flatten() for n in names])
+    return run_overlap(m1, m2)

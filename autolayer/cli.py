@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register_train_commands(sub)
+    from autolayer.cli_analyze import register_analyze_command
+
+    register_analyze_command(sub)
     return parser
 
 
