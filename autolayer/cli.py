@@ -122,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register_train_commands(sub)
-    from autolayer.cli_analyze import register_analyze_command
+    from autolayer.cli_analyze import register_analyze_commands
 
-    register_analyze_command(sub)
+    register_analyze_commands(sub)
     return parser
 
 
@@ -352,7 +352,7 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
 
 
 RESUMABLE = ("search", "demo")  # commands whose rerun resumes where the interrupt stopped them
-LIGHT = ("search", "demo", "results", "config")  # they check their input before heavy imports
+LIGHT = ("search", "demo", "results", "config", "compare")  # they check their input before heavy imports
 
 
 def main(argv: Sequence[str] | None = None) -> int:

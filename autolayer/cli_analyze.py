@@ -14,7 +14,150 @@ DEFAULT_K = 8  # top singular directions compared (principal angles, principal m
 DEFAULT_ALPHA = 0.05  # share of entries in the principal and low-magnitude masks
 
 
-def register_analyze_command(sub: Any) -> None:
+def register_analyze_commands(sub: Any) -> None:
+    _analyze_parser(sub)
+    _compare_parser(sub)
+
+
+def _compare_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="How well several studies' layer rankings agree (Spearman, Kendall).",
+        description="Align the single-layer profiles of two or more studies on one model "
+        "(different tasks, algorithms or data) and report Spearman's rho and Kendall's tau "
+        "for every pair, with exact permutation p-values and bootstrap intervals that resample "
+        "each study's held-out prompts. A profile too noisy to rank is flagged. Draws a "
+        "heatmap and the overlaid profiles, and logs them to MLflow.",
+    )
+    p.add_argument("studies", nargs="+", metavar="STUDY", help="Study names (two or more).")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage (default: the journal).")
+    p.add_argument("--root", metavar="DIR", default="mlruns", help="Embedded stores (mlruns).")
+    p.add_argument(
+        "--out", metavar="DIR", help="Where the PNGs and JSON go (default ROOT/compare)."
+    )
+    p.add_argument("--json", action="store_true", help="Print JSON for pipelines.")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI.")
+    p.add_argument("--no-tracking", action="store_true", help="Do not log to MLflow.")
+    p.set_defaults(handler=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from autolayer.compare import agreements, noisiness, profile
+    from autolayer.storage import load_study
+
+    if len(args.studies) < 2:
+        raise AutolayerError("compare needs at least two studies")
+    root = Path(args.root)
+    profiles = [profile(load_study(name, args.storage, root)) for name in args.studies]
+    pairs = agreements(profiles)
+    result = {
+        "profiles": {
+            p.study: {"layers": list(p.layers), "scores": p.scores.tolist(),
+                      "stability": noisiness(p)}
+            for p in profiles
+        },
+        "pairs": [dataclasses.asdict(a) for a in pairs],
+    }  # fmt: skip
+    out = Path(args.out) if args.out else root / "compare"
+    paths = _compare_plots(out, profiles, pairs)
+    _write_json(out / "compare.json", result)
+    if not args.no_tracking:
+        _log_compare(args, root, result, [*paths, out / "compare.json"])
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    _print_compare(result, paths)
+    return 0
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from autolayer.export import write_text_atomic
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    except OSError as err:
+        raise AutolayerError(f"cannot write {path}: {err.strerror}") from None
+
+
+def _compare_plots(out: Path, profiles: list[Any], pairs: list[Any]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from autolayer.report import save_figure
+
+    names = [p.study for p in profiles]
+    rho = np.eye(len(names))
+    for a in pairs:
+        i, j = names.index(a.first), names.index(a.second)
+        rho[i, j] = rho[j, i] = a.spearman
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(names), 1.2 + 1.0 * len(names)))
+    image = ax.imshow(rho, vmin=-1, vmax=1, cmap="RdBu")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{rho[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label="Spearman rho")
+    fig.tight_layout()
+    save_figure(fig, out / "compare_heatmap.png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for p in profiles:  # each profile min-max scaled so tasks of different scale overlay
+        s = p.scores
+        span = float(s.max() - s.min()) or 1.0
+        ax.plot(p.layers, (s - s.min()) / span, marker="o", label=p.study)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("held-out score, scaled to [0, 1] per study")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, out / "compare_profiles.png")
+    plt.close(fig)
+    return [out / "compare_heatmap.png", out / "compare_profiles.png"]
+
+
+def _log_compare(args: argparse.Namespace, root: Path, result: dict, paths: list[Path]) -> None:
+    from autolayer.tracking import make_tracker
+
+    tracker = make_tracker(True, args.tracking_uri, "autolayer-compare", root)
+    run_id = tracker.start_run(
+        "compare " + " ".join(args.studies), tags={"autolayer.role": "compare"}
+    )
+    tracker.log_params(run_id, {"studies": ",".join(args.studies)})
+    for pair in result["pairs"]:
+        key = f"{pair['first']}~{pair['second']}"
+        tracker.log_metrics(run_id, {f"spearman/{key}": pair["spearman"],
+                                     f"kendall/{key}": pair["kendall"]})  # fmt: skip
+    for path in paths:
+        tracker.log_artifact(run_id, path)
+    tracker.end_run(run_id)
+
+
+def _print_compare(result: dict[str, Any], paths: list[Path]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="layer-ranking agreement (95% bootstrap intervals; exact p)")
+    for column in ("first", "second", "layers", "Spearman rho", "p", "Kendall tau", "p", "note"):
+        table.add_column(column)
+    for a in result["pairs"]:
+        table.add_row(
+            a["first"], a["second"], str(a["layers"]),
+            f"{a['spearman']:.2f} [{a['spearman_ci'][0]:.2f}, {a['spearman_ci'][1]:.2f}]",
+            f"{a['spearman_p']:.3g}",
+            f"{a['kendall']:.2f} [{a['kendall_ci'][0]:.2f}, {a['kendall_ci'][1]:.2f}]",
+            f"{a['kendall_p']:.3g}", a["note"],
+        )  # fmt: skip
+    console = Console(width=160)
+    console.print(table)
+    console.print("plots: " + ", ".join(map(str, paths)), highlight=False, soft_wrap=True)
+
+
+def _analyze_parser(sub: Any) -> None:
     p = sub.add_parser(
         "analyze",
         help="What RL changed: sparsity, update norms, spectrum and subspaces, per matrix.",

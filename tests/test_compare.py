@@ -1,0 +1,83 @@
+"""Layer-ranking agreement between studies, against hand-worked values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import create_trial
+
+from autolayer.cli import main
+from autolayer.compare import Profile, agreement, noisiness, profile, spearman_p
+from autolayer.errors import AutolayerError
+from autolayer.storage import make_storage
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def outcomes(score: float, n: int = 40) -> list[float]:
+    """n binary outcomes whose mean is `score` (rounded to 1/n)."""
+    ones = round(score * n)
+    return [1.0] * ones + [0.0] * (n - ones)
+
+
+def make_study(storage: object, name: str, scores: dict[int, float], model: str = "m") -> None:
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    study.set_user_attr("model", model)
+    for layer, score in scores.items():
+        attrs = {"layers": [layer], "outcomes": outcomes(score)}
+        study.add_trial(create_trial(value=score, user_attrs=attrs))
+
+
+def test_spearman_p_is_exact_for_few_layers() -> None:
+    # a perfect ranking of 4 layers: 2 of the 4! = 24 orderings are as extreme (rho = +-1)
+    assert spearman_p(np.array([1.0, 2, 3, 4]), np.array([10.0, 20, 30, 40])) == 2 / 24
+    # 8 layers: 2 / 8! = 2 / 40,320
+    assert spearman_p(np.arange(8.0), np.arange(8.0)) == pytest.approx(2 / 40320)
+    # rho = 1 - 6 * 4 / (4 * 15) = 0.6 for [2, 1, 4, 3]: 10 of 24 orderings have |rho| >= 0.6
+    assert spearman_p(np.array([1.0, 2, 3, 4]), np.array([2.0, 1, 4, 3])) == 10 / 24
+
+
+def test_agreement_of_literal_profiles() -> None:
+    rng = np.random.default_rng(0)
+    up = Profile("up", "m", (0, 1, 2, 3), np.array([outcomes(s) for s in (0.1, 0.4, 0.6, 0.9)]))
+    same = Profile("same", "m", (0, 1, 2, 3), np.array([outcomes(s) for s in (0.2, 0.3, 0.7, 0.8)]))
+    down = Profile("down", "m", (0, 1, 2, 3), np.array([outcomes(s) for s in (0.9, 0.6, 0.4, 0.1)]))
+    a = agreement(up, same)
+    assert (a.spearman, a.kendall, a.spearman_p) == (1.0, 1.0, 2 / 24)
+    assert a.kendall_p == pytest.approx(2 / 24)  # exact: 2 of 24 orderings have |tau| = 1
+    assert a.spearman_ci[1] == 1.0 and a.note == ""
+    assert agreement(up, down).spearman == -1.0
+    flat = Profile("flat", "m", (0, 1, 2, 3), rng.integers(0, 2, size=(4, 40)).astype(float))
+    assert noisiness(flat) < 0.5 and "too noisy to correlate: flat" in agreement(up, flat).note
+    assert noisiness(up) > 0.9
+
+
+def test_compare_command_and_its_refusals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"journal:{tmp_path / 'j.log'}"
+    storage = make_storage(url)
+    make_study(storage, "math", {0: 0.1, 1: 0.5, 2: 0.7, 3: 0.3})
+    make_study(storage, "code", {0: 0.2, 1: 0.6, 2: 0.9, 3: 0.4})
+    make_study(storage, "other", {0: 0.2, 1: 0.6, 2: 0.9}, model="another")
+    make_study(storage, "tiny", {0: 0.2, 1: 0.6})
+    args = ["--storage", url, "--root", str(tmp_path), "--no-tracking"]
+    assert main(["compare", "math", "code", "--json", *args]) == 0
+    [pair] = json.loads(capsys.readouterr().out)["pairs"]
+    assert (pair["first"], pair["second"], pair["layers"], pair["spearman"]) == (
+        "math",
+        "code",
+        4,
+        1.0,
+    )
+    assert (tmp_path / "compare" / "compare_heatmap.png").is_file()
+    assert (tmp_path / "compare" / "compare_profiles.png").is_file()
+    for study, message in [("other", "different models"), ("tiny", "at least 3")]:
+        assert main(["compare", "math", study, *args]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(AutolayerError, match="at least 3"):
+        profile(optuna.load_study(study_name="tiny", storage=storage))
