@@ -352,7 +352,7 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
 
 
 RESUMABLE = ("search", "demo")  # commands whose rerun resumes where the interrupt stopped them
-LIGHT = ("search", "demo", "results", "config", "compare")  # they check their input before heavy imports
+LIGHT = ("search", "demo", "results", "config", "compare")  # they check input before heavy imports
 
 
 def main(argv: Sequence[str] | None = None) -> int:
