@@ -218,6 +218,11 @@ class SearchConfig:
         None,
     )
     warm_start: list[int] | None = doc("Layers to try first (None: the middle layers).", None)
+    signal_steps: int | None = doc(
+        "single_layer spaces: first train all layers this many proxy steps and try the layers "
+        "in order of how far that moved them (None: off).",
+        None,
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -226,7 +231,7 @@ class SearchConfig:
                 and not self.study_name.startswith(".")),
             "search.study_name must be a plain name: no path separators and no leading dot",
         )  # fmt: skip
-        for key in ("n_trials", "timeout", "max_total_steps"):
+        for key in ("n_trials", "timeout", "max_total_steps", "signal_steps"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"search.{key} must be positive")
 

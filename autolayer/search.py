@@ -8,6 +8,7 @@ cost is one copy of those layers). The base model and the all-layers run are the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import signal
@@ -377,8 +378,25 @@ def _enqueue_warm_start(ctx: SearchContext, num_layers: int, storage: Any) -> No
     if not claim(storage, WARM_START_CLAIM.format(study=ctx.study.study_name)):
         return  # another worker enqueued it
     lr = ctx.config.proxy.lr if ctx.space.lr is not None else None
-    for params in warm_start_params(ctx.space, ctx.config.search.warm_start, num_layers, lr):
+    first = ctx.config.search.warm_start
+    if first is None and ctx.config.search.signal_steps and ctx.space.kind == "single_layer":
+        first = _signal_order(ctx)
+    for params in warm_start_params(ctx.space, first, num_layers, lr):
         ctx.study.enqueue_trial(params, skip_if_exists=True)
+
+
+def _signal_order(ctx: SearchContext) -> list[int]:
+    """The eligible layers by how far a short all-layers run moved them (autolayer.presignal)."""
+    from autolayer.presignal import layer_signal, ranking
+
+    steps = int(ctx.config.search.signal_steps or 0)
+    ctx.hooks.on_message(f"pre-search signal: all layers for {steps} steps")
+    signals = layer_signal(
+        ctx.model, ctx.tokenizer, ctx.task, ctx.config.proxy, steps, ctx.config.proxy.full_lr
+    )
+    ctx.study.set_user_attr("presearch_signal", [dataclasses.asdict(s) for s in signals])
+    lo, hi = ctx.space.layers or (0, len(signals) - 1)  # bound by `bind`: inclusive
+    return [layer for layer in ranking(signals) if lo <= layer <= hi]
 
 
 def _same_store(ctx: SearchContext) -> bool:

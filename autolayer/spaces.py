@@ -377,7 +377,8 @@ def warm_start_params(
     layers of an even count (neither side is favoured, for one extra trial); window a centred
     window of width 2 (the paper's Mid-2) clamped to [min_width, max_width]; subset the middle
     layer alone.
-    Named layers are checked against the model and the space; single_layer enqueues each one.
+    Named layers are checked against the model and the space; single_layer enqueues each one,
+    in the order given (the search tries them in that order).
     The lr is `lr` when the space allows it, else the middle choice (or the middle of the range).
     """
     space = bind(space, num_layers)
@@ -386,6 +387,8 @@ def warm_start_params(
     else:
         chosen = validate_layers(layers, num_layers)
         _check_in_space(chosen, space)
+    if space.kind == "single_layer" and layers is not None:
+        chosen = tuple(int(layer) for layer in layers)  # validated above; keep the given order
     groups = [(layer,) for layer in chosen] if space.kind == "single_layer" else [chosen]
     lr_param = _warm_lr(space.lr, lr)
     return [{**_layer_params(group, space), **lr_param} for group in groups]

@@ -244,7 +244,8 @@ def test_default_warm_start_is_the_middle(
 
 
 def test_named_warm_start_layers_and_lr() -> None:
-    assert warm_start_params(Space("single_layer"), [6, 2], 8, None) == [{"layer": 2}, {"layer": 6}]
+    # single_layer keeps the given order: "try these first" is a ranking
+    assert warm_start_params(Space("single_layer"), [6, 2], 8, None) == [{"layer": 6}, {"layer": 2}]
     assert warm_start_params(Space("window"), [3, 4, 5], 8, None) == [{"width": 3, "start": 3}]
     choices = Space("single_layer", lr=(1e-3, 3e-3, 1e-2))
     assert warm_start_params(choices, [1], 8, lr=1e-2) == [{"layer": 1, "lr": 1e-2}]

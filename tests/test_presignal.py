@@ -1,0 +1,46 @@
+"""The pre-search signal: one short all-layers run, measured per layer, model put back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from autolayer.config import ProxyConfig, config_from_dict
+from autolayer.measure import load_for, prepare_task
+from autolayer.presignal import LayerSignal, layer_signal, ranking
+from autolayer.search import run_search
+
+
+def test_the_signal_measures_every_layer_and_leaves_the_model_as_it_was() -> None:
+    config = config_from_dict({"task": {"train_size": 64, "eval_size": 16}})
+    model, tokenizer, task = load_for(config, prepare_task(config))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fast = ProxyConfig(steps=2, prompts_per_step=4, num_generations=4, device="cpu")
+    signals = layer_signal(model, tokenizer, task, fast, steps=2, lr=1e-3)
+    assert [s.layer for s in signals] == list(range(8))
+    assert all(s.update_norm > 0 and s.grad_norm > 0 for s in signals)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
+    assert all(not p._backward_hooks for p in model.parameters())  # hooks removed
+
+
+def test_ranking_is_largest_first() -> None:
+    signals = [LayerSignal(0, 0.1, 3.0), LayerSignal(1, 0.3, 1.0), LayerSignal(2, 0.2, 2.0)]
+    assert ranking(signals) == [1, 2, 0]
+    assert ranking(signals, by="grad_norm") == [0, 2, 1]
+
+
+def test_a_search_can_start_in_signal_order(tmp_path: Path) -> None:
+    config = config_from_dict(
+        {
+            "task": {"train_size": 64, "eval_size": 16},
+            "proxy": {"steps": 1, "prompts_per_step": 2, "num_generations": 2, "device": "cpu"},
+            "search": {"n_trials": 3, "pruner": "none", "signal_steps": 2},
+            "tracking": {"enabled": False},
+        }
+    )
+    study = run_search(config, root=tmp_path).study
+    signals = [LayerSignal(**s) for s in study.user_attrs["presearch_signal"]]
+    tried = [t.user_attrs["layers"][0] for t in study.trials if "layers" in t.user_attrs]
+    assert tried == ranking(signals)[:3]
