@@ -198,7 +198,10 @@ def snapshot(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def restore(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    """Put saved values back, drop trial-time state (grads, checkpointing) and freeze everything."""
+    """Put saved values back, drop trial-time state (grads, checkpointing) and freeze everything.
+
+    The saved tensors become the parameters' storage (no copy, so no second copy of the layers
+    in memory): a snapshot is restored once, then belongs to the model."""
     params = dict(model.named_parameters())
     for name, value in saved.items():
         params[name].data = value  # also restores the dtype if training upcast the layer to fp32
