@@ -245,14 +245,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _write(out: Path, result: dict[str, Any]) -> None:
-    from autolayer.export import write_text_atomic
     from autolayer.report import save_figure
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "analysis.json", json.dumps(result, indent=2) + "\n")
-    except OSError as err:
-        raise AutolayerError(f"cannot write the analysis to {out}: {err.strerror}") from None
+    _write_json(out / "analysis.json", result)
     import matplotlib
 
     matplotlib.use("Agg")
