@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from autolayer import envs
-from autolayer.scoring import completion_mask, decode, generate_completions, masked_ids
+from autolayer.scoring import complete
 from autolayer.tasks import Task, prompt_text
 
 
@@ -83,17 +83,10 @@ def play(
         if not live:
             break
         prompts = [render(task, histories[i], observations[i]) for i in live]
-        _, _, completion_ids = generate_completions(
-            model,
-            tokenizer,
-            [prompt_text(p, tokenizer) for p in prompts],
-            task.max_completion_length,
-            do_sample=do_sample,
-            temperature=temperature,
-            stop_strings=task.stop_strings,
+        done_now = complete(
+            model, tokenizer, task, prompts, do_sample=do_sample, temperature=temperature
         )
-        ids = masked_ids(completion_ids, completion_mask(model, tokenizer, completion_ids))
-        actions = decode(tokenizer, ids)
+        ids, actions = done_now.ids, done_now.texts
         still = []
         for k, i in enumerate(live):
             observation, reward, done = envs.step(instances[i], actions[k])

@@ -22,17 +22,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from autolayer import agent, rl
 from autolayer.config import ProxyConfig
-from autolayer.models import freeze_except, trainable_parameters
+from autolayer.models import freeze_except, store_as_bf16, trainable_parameters
 from autolayer.rewards import repeat_rows, score_completions
-from autolayer.scoring import (
-    Evaluation,
-    completion_mask,
-    decode,
-    evaluate,
-    generate_completions,
-    masked_ids,
-)
-from autolayer.tasks import Task, prompt_text
+from autolayer.scoring import Evaluation, complete, evaluate
+from autolayer.tasks import Task
 
 EvalHook = Callable[[int, Evaluation], bool]  # (global_step, evaluation) -> stop the run?
 
@@ -185,29 +178,23 @@ class GRPOModule(L.LightningModule):
         if self.task.env is not None:
             return self._play(rows["seed"])
         self.model.eval()
-        prompt_ids, prompt_mask, completion_ids = generate_completions(
-            self.model,
-            self.tokenizer,
-            [prompt_text(p, self.tokenizer) for p in rows["prompt"]],
-            self.task.max_completion_length,
-            do_sample=True,
+        done = complete(
+            self.model, self.tokenizer, self.task, rows["prompt"], do_sample=True,
             temperature=cfg.temperature,
-            stop_strings=self.task.stop_strings,
-        )
+        )  # fmt: skip
         self.model.train()
-        mask = completion_mask(self.model, self.tokenizer, completion_ids)
-        ids = masked_ids(completion_ids, mask)
         columns = {k: v for k, v in rows.items() if k != "prompt"}
         rewards = torch.tensor(
-            score_completions(self.task, rows["prompt"], decode(self.tokenizer, ids), columns, ids),
+            score_completions(self.task, rows["prompt"], done.texts, columns, done.ids),
             dtype=torch.float32,
             device=self.device,
         )
+        prompt_mask = done.prompt_mask
         return {
-            "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
-            "attention_mask": torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1),
-            "prompt_len": prompt_ids.shape[1],
-            "mask": mask,
+            "input_ids": torch.cat([done.prompt_ids, done.completion_ids], dim=1),
+            "attention_mask": torch.cat([prompt_mask, done.mask.to(prompt_mask.dtype)], dim=1),
+            "prompt_len": done.prompt_ids.shape[1],
+            "mask": done.mask,
             "rewards": rewards,
         }
 
@@ -296,17 +283,9 @@ class GRPOModule(L.LightningModule):
             grad_norm = self._clip_gradients()
             optimizer.step()
             if cfg.master_weights == "bfloat16":
-                self._round_to_bf16()
+                store_as_bf16(trainable_parameters(self.model))
         self.rollouts += 1
         self._log_step(roll, out, grad_norm, time.perf_counter() - start)
-
-    @torch.no_grad()
-    def _round_to_bf16(self) -> None:
-        """Store the trained weights as bf16 would: an update below half a bf16 ULP of its
-        weight is lost, as it is for bf16 master weights (Gate III, arXiv 2511.08567). The
-        arithmetic stays in the weights' own dtype, so this runs the same on CPU and GPU."""
-        for param in trainable_parameters(self.model):
-            param.copy_(param.to(torch.bfloat16).to(param.dtype))
 
     def _micro_batches(self, n: int) -> list[slice]:
         """Row slices of at most `micro_batch_size` completions (all of them when unset)."""

@@ -166,6 +166,44 @@ def decode(tokenizer: Any, ids: list[list[int]]) -> list[str]:
     return [str(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
+@dataclass(frozen=True)
+class Completions:
+    """A batch of completions as the loss and the rewards need them."""
+
+    prompt_ids: torch.Tensor  # (N, P) left-padded prompts
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor  # (N, T) as generated, padding included
+    mask: torch.Tensor  # (N, T) float: the tokens each completion really produced
+    ids: list[list[int]]  # each completion's produced ids (TRL's completion_ids)
+    texts: list[str]  # their decoded text
+
+
+def complete(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    prompts: list[Any],
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+) -> Completions:
+    """Render `prompts` (text or chat messages), generate with the task's length and stop
+    strings, and mask, cut and decode what each completion produced: the one generation path
+    of scoring, proxy rollouts and agent turns."""
+    prompt_ids, prompt_mask, completion_ids = generate_completions(
+        model,
+        tokenizer,
+        [prompt_text(p, tokenizer) for p in prompts],
+        task.max_completion_length,
+        do_sample=do_sample,
+        temperature=temperature,
+        stop_strings=task.stop_strings,
+    )
+    mask = completion_mask(model, tokenizer, completion_ids)
+    ids = masked_ids(completion_ids, mask)
+    return Completions(prompt_ids, prompt_mask, completion_ids, mask, ids, decode(tokenizer, ids))
+
+
 def evaluate(model: nn.Module, tokenizer: Any, task: Task, batch_size: int = 256) -> Evaluation:
     """Greedy-decode every held-out prompt and score it with the task's verifiable rewards.
 
@@ -185,16 +223,9 @@ def evaluate(model: nn.Module, tokenizer: Any, task: Task, batch_size: int = 256
     prompts: list[Any] = rows["prompt"]
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        _, _, completion_ids = generate_completions(
-            model,
-            tokenizer,
-            [prompt_text(p, tokenizer) for p in chunk],
-            task.max_completion_length,
-            stop_strings=task.stop_strings,
-        )
-        ids = masked_ids(completion_ids, completion_mask(model, tokenizer, completion_ids))
+        done = complete(model, tokenizer, task, chunk)
         columns = {k: v[start : start + batch_size] for k, v in rows.items() if k != "prompt"}
-        outcomes += score_completions(task, chunk, decode(tokenizer, ids), columns, ids)
+        outcomes += score_completions(task, chunk, done.texts, columns, done.ids)
     model.train(was_training)
     return Evaluation.from_outcomes(outcomes)
 
