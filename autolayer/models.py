@@ -190,6 +190,15 @@ def describe_layers(model: nn.Module) -> tuple[list[LayerInfo], int]:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def store_as_bf16(params: Iterable[nn.Parameter]) -> None:
+    """Round weights to what bf16 storage keeps: an update below half a bf16 ULP of its weight
+    is lost, as with bf16 master weights (Gate III, arXiv 2511.08567). The arithmetic stays in
+    the weights' own dtype, so CPU and GPU behave alike."""
+    for param in params:
+        param.copy_(param.to(torch.bfloat16).to(param.dtype))
+
+
 def snapshot(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Copies of the named parameters, to undo a trial's training in place."""
     params = dict(model.named_parameters())

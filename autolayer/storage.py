@@ -237,42 +237,38 @@ def claim(storage: Any, name: str) -> bool:
     return True
 
 
-def exhausted_candidates(study: optuna.Study) -> set[tuple[tuple[str, Any], ...]]:
-    """Candidates that failed MAX_ATTEMPTS times and never finished: no rerun tries them again."""
-    attempts: dict[tuple[tuple[str, Any], ...], int] = {}
-    finished = set()
+Candidate = tuple[tuple[str, Any], ...]
+
+
+def _attempts(study: optuna.Study) -> dict[Candidate, list[FrozenTrial]]:
+    """Each candidate's trials in trial order, a worker's duplicates left out."""
+    grouped: dict[Candidate, list[FrozenTrial]] = {}
     for trial in study.get_trials(deepcopy=False):
-        if not counts(trial):
-            continue
-        key = candidate_key(trial)
-        if trial.state in FINISHED:
-            finished.add(key)
-        elif trial.state == TrialState.FAIL:
-            attempts[key] = attempts.get(key, 0) + 1
-    return {k for k, n in attempts.items() if n >= MAX_ATTEMPTS and k not in finished}
+        if counts(trial):
+            grouped.setdefault(candidate_key(trial), []).append(trial)
+    return grouped
+
+
+def _exhausted(trials: list[FrozenTrial]) -> bool:
+    fails = sum(t.state == TrialState.FAIL for t in trials)
+    return fails >= MAX_ATTEMPTS and not any(t.state in FINISHED for t in trials)
+
+
+def exhausted_candidates(study: optuna.Study) -> set[Candidate]:
+    """Candidates that failed MAX_ATTEMPTS times and never finished: no rerun tries them again."""
+    return {key for key, trials in _attempts(study).items() if _exhausted(trials)}
 
 
 def retry_failed(study: optuna.Study) -> list[FrozenTrial]:
     """Enqueue every failed candidate again, up to MAX_ATTEMPTS tries, unless it finished (a
     COMPLETE or PRUNED trial of the same params) or is already waiting or running. Returns the
     last failed trial of each candidate retried, whose fail_reason says why."""
-    latest: dict[tuple[tuple[str, Any], ...], FrozenTrial] = {}
-    settled = set()
-    for trial in study.get_trials(deepcopy=False):
-        if not counts(trial):
-            continue
-        key = candidate_key(trial)
-        if trial.state == TrialState.FAIL:
-            latest[key] = trial
-        else:  # finished, or already waiting or running again
-            settled.add(key)
-    exhausted = exhausted_candidates(study)
     retried = []
-    for key, trial in latest.items():
-        if key in settled or key in exhausted:
-            continue
-        study.enqueue_trial(dict(key), user_attrs={"retry_of": trial.number})
-        retried.append(trial)
+    for key, trials in _attempts(study).items():
+        if _exhausted(trials) or any(t.state != TrialState.FAIL for t in trials):
+            continue  # spent, finished, or already waiting or running again
+        study.enqueue_trial(dict(key), user_attrs={"retry_of": trials[-1].number})
+        retried.append(trials[-1])
     return retried
 
 

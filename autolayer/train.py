@@ -40,6 +40,7 @@ from autolayer.models import (
     freeze_except,
     layer_param_names,
     resolve_device,
+    store_as_bf16,
     trainable_parameters,
 )
 from autolayer.scoring import Contribution, Evaluation, contribution, evaluate, stop_criteria
@@ -334,10 +335,8 @@ class Bf16MasterWeights(TrainerCallback):
     def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = params
 
-    @torch.no_grad()
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        for param in self.params:
-            param.copy_(param.to(torch.bfloat16).to(param.dtype))
+        store_as_bf16(self.params)
 
 
 class _QuietProgress(TrainerCallback):
