@@ -9,11 +9,12 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from autolayer.config import (
     Config,
     ProxyConfig,
+    PrunerName,
     SearchConfig,
     TrackingConfig,
     field_help,
@@ -70,11 +71,23 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--pruner",
-        choices=["none", "median", "hyperband", "wilcoxon"],
+        choices=list(get_args(PrunerName)),
         help=_help(SearchConfig, "pruner"),
     )
+    parser.add_argument("--seeds", type=int, metavar="N", help=_help(SearchConfig, "seeds"))
+    parser.add_argument(
+        "--no-baselines",
+        dest="baselines",
+        action="store_false",
+        default=None,
+        help="Do not measure the free heuristics' picks after the search.",
+    )
     parser.add_argument("--device", help=_help(ProxyConfig, "device"))
-    parser.add_argument("--seed", type=int, help="Seed of the sampler and of every proxy run.")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="Seed of the sampler and of every proxy run (repeats add 1, 2, ...).",
+    )
     _add_store_options(parser)
 
 
@@ -90,6 +103,8 @@ def apply_overrides(config: Config, args: argparse.Namespace) -> Config:
         "sampler",
         "pruner",
         "storage",
+        "seeds",
+        "baselines",
     ):
         value = getattr(args, key, None)
         if value is not None:
@@ -233,14 +248,14 @@ def _run_search(config: Config, root: Path) -> int:
     quiet_libraries()  # the model libraries load from here on
 
     from autolayer.progress import SearchDisplay
-    from autolayer.report import results_table, study_dir
+    from autolayer.report import study_dir
     from autolayer.search import run_search
     from autolayer.tracking import resolve_tracking_uri
 
     out = console()
     with SearchDisplay(out, config) as display:
         ctx = run_search(config, root, display.hooks())
-    out.print(results_table(ctx.study))
+    print_results(out, ctx.study, trials=False)
     plots = study_dir(root, ctx.study.study_name)
     out.print(f"plots: {plots / 'contribution.png'}, {plots / 'history.png'}")
     storage = config.search.storage or f"{root}/optuna/journal.log"
@@ -283,24 +298,39 @@ def _results_parser(sub: Any) -> None:
     p = sub.add_parser(
         "results",
         help="Show a study's table from storage, at any time.",
-        description="Print layer, score, contribution [CI] and state of every "
-        "trial of a study, reading only the storage.",
+        description="Print each measured candidate over its training seeds (score and C with "
+        "intervals covering seed and prompt noise), the set tied with the best, and the free "
+        "heuristics' picks beside it, reading only the storage. --trials adds every trial.",
     )
     p.add_argument("--study-name", required=True, metavar="NAME", help="The study to show.")
-    p.add_argument("--json", action="store_true", help="Machine-readable output.")
+    p.add_argument(
+        "--trials", action="store_true", help="Also list every trial (seeds, pruned, failed)."
+    )
+    p.add_argument("--json", action="store_true", help="Candidates, baselines and trials as JSON.")
     _add_store_options(p, tracking=False)
     p.set_defaults(handler=cmd_results)
 
 
+def print_results(out: Any, study: Any, trials: bool) -> None:
+    """The candidates table (the answer), its verdict lines, and optionally every trial."""
+    from autolayer.report import candidates_table, results_table, verdict_lines
+
+    if trials:
+        out.print(results_table(study))
+    out.print(candidates_table(study))
+    for line in verdict_lines(study):
+        out.print(line, highlight=False)
+
+
 def cmd_results(args: argparse.Namespace) -> int:
-    from autolayer.report import results_table, trial_rows
+    from autolayer.report import results_json
     from autolayer.storage import load_study
 
     study = load_study(args.study_name, args.storage, Path(args.root))
     if args.json:
-        print(json.dumps([vars(r) for r in trial_rows(study)], indent=2))
+        print(json.dumps(results_json(study), indent=2))
         return 0
-    console().print(results_table(study))
+    print_results(console(), study, trials=args.trials)
     return 0
 
 

@@ -160,6 +160,13 @@ def _train_parser(sub: Any) -> None:
         help="MLflow tracking URI (default: the config's, $MLFLOW_TRACKING_URI, the "
         "study's recorded one, else SQLite under --root).",
     )
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="Also train all layers for the same steps (at proxy.full_lr) and report C at this "
+        "run's horizon against it, instead of against the study's shorter proxy-horizon run. "
+        "Costs a second training run and a second copy of the model in memory.",
+    )
     p.add_argument("--no-tracking", action="store_true", help="Do not log to MLflow.")
     p.add_argument("--device", help=field_help(ProxyConfig)["device"])
     p.set_defaults(handler=cmd_train)
@@ -215,6 +222,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         root=root,
         out_dir=config.train.output_dir,
         overwrite=args.overwrite,
+        reference=args.reference,
     )
     _print_train(result, config)
     return 0
@@ -236,7 +244,7 @@ def _print_train(result: TrainResult, config: Config) -> None:
     )
     c = result.contribution
     if c is not None and c.value is not None:
-        console.print(f"contribution C = {c}")
+        console.print(f"contribution C = {c} ({result.contribution_note})", highlight=False)
     else:
         console.print(f"contribution C: {result.contribution_note}", highlight=False)
     console.print(f"model:   {result.model_dir}", highlight=False, soft_wrap=True)

@@ -21,7 +21,7 @@ from autolayer.errors import AutolayerError
 Algorithm = Literal["grpo", "dr_grpo", "gigpo"]
 Objective = Literal["contribution", "score"]
 SamplerName = Literal["auto", "grid", "tpe", "gp", "random"]
-PrunerName = Literal["none", "median", "hyperband", "wilcoxon"]
+PrunerName = Literal["none", "interval", "median", "hyperband", "wilcoxon"]
 Strategy = Literal["only", "mid", "boost"]
 
 
@@ -209,7 +209,10 @@ class SearchConfig:
     )
     sampler: SamplerName = doc("auto: grid for spaces under 64 points, else TPE.", "auto")
     pruner: PrunerName = doc(
-        "Early stopping of bad trials from intermediate held-out scores.", "median"
+        "Early stopping of bad trials from intermediate held-out scores: interval (stops a trial "
+        "only when an optimistic extrapolation of its curve stays below the best's lower bound), "
+        "median, hyperband, wilcoxon or none.",
+        "interval",
     )
     seed: int = doc("Sampler seed.", 0)
     study_name: str | None = doc("Study name; rerunning with the same name resumes it.", None)
@@ -223,6 +226,18 @@ class SearchConfig:
         "in order of how far that moved them (None: off).",
         None,
     )
+    seeds: int = doc(
+        "Training seeds per contender: after the search, the best candidate and every candidate "
+        "statistically tied with it are rerun with seeds proxy.seed+1, ... until the best "
+        "separates or each contender has this many (racing); 1: one run per candidate, and "
+        "intervals without training-seed noise.",
+        3,
+    )
+    baselines: bool = doc(
+        "After the search, also measure the free heuristics' picks (middle, last, Spectrum's SNR "
+        "ranking, a random candidate) of the pick's size, unpruned, and show them beside it.",
+        True,
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -234,6 +249,7 @@ class SearchConfig:
         for key in ("n_trials", "timeout", "max_total_steps", "signal_steps"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"search.{key} must be positive")
+        _require(self.seeds >= 1, "search.seeds must be at least 1")
 
 
 @dataclass

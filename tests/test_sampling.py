@@ -10,7 +10,7 @@ from optuna.samplers import BruteForceSampler, GPSampler, RandomSampler, TPESamp
 
 from autolayer.config import SamplerName
 from autolayer.errors import AutolayerError
-from autolayer.sampling import make_pruner, make_sampler
+from autolayer.sampling import ATTR_ORIGIN, ATTR_SE, make_pruner, make_sampler, optimistic_final
 from autolayer.spaces import Candidate, LrRange, Space, bind, suggest
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -163,3 +163,63 @@ def test_wilcoxon_prunes_a_trial_clearly_worse_on_the_same_prompts() -> None:
             break
     # All 4 paired differences negative: one-sided p = 1/2^4 = 0.0625 < 0.1 (3 give 0.125).
     assert pruned_at == 0
+
+
+# ---------------------------------------------------------------- interval pruner
+
+
+def _interval_study(best: float, best_se: float, origin: float) -> optuna.Study:
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("interval", 10, 30))
+    study.set_user_attr(ATTR_ORIGIN, origin)
+    trial = study.ask()
+    trial.set_user_attr(ATTR_SE, best_se)
+    study.tell(trial, best)
+    return study
+
+
+def _report(study: optuna.Study, curve: dict[int, float], se: float) -> bool:
+    trial = study.ask()
+    pruned = False
+    for step, value in curve.items():
+        trial.set_user_attr(ATTR_SE, se)
+        trial.report(value, step)
+        pruned = trial.should_prune()
+    return pruned
+
+
+def test_interval_pruner_keeps_a_slow_starter_that_is_still_climbing() -> None:
+    """0.50 at step 10 from 0.30 at step 0: +0.02 a step projects 0.90 at step 30, above the
+    best's 0.80 - 1.96 x 0.01; a median pruner compares 0.50 with 0.80 and stops it."""
+    study = _interval_study(best=0.80, best_se=0.01, origin=0.30)
+    assert not _report(study, {10: 0.50}, se=0.01)
+    median = optuna.create_study(direction="maximize", pruner=make_pruner("median", 10))
+    for early, final in ((0.75, 0.80), (0.70, 0.79)):
+        done = median.ask()
+        done.report(early, 10)
+        median.tell(done, final)
+    late = median.ask()
+    late.report(0.50, 10)
+    assert late.should_prune()
+
+
+def test_interval_pruner_stops_a_flat_curve_below_the_bar() -> None:
+    """0.35 then 0.36: the steeper slope, 0.06 / 20 from step 0, projects 0.39 + 1.96 x 0.015."""
+    study = _interval_study(best=0.80, best_se=0.01, origin=0.30)
+    assert _report(study, {10: 0.35, 20: 0.36}, se=0.015)
+
+
+def test_interval_pruner_counts_noise_on_both_sides() -> None:
+    """Projected 0.74 + 1.96 x 0.02 = 0.779 clears 0.80 - 1.96 x 0.02 = 0.761: kept."""
+    study = _interval_study(best=0.80, best_se=0.02, origin=0.74)
+    assert not _report(study, {10: 0.74, 20: 0.74}, se=0.02)
+
+
+def test_optimistic_final_by_hand() -> None:
+    trial = optuna.trial.create_trial(
+        value=None,
+        state=optuna.trial.TrialState.RUNNING,
+        intermediate_values={10: 0.4, 20: 0.6},
+        user_attrs={ATTR_SE: 0.01},
+    )
+    # slopes: since origin (0.6 - 0.3) / 20 = 0.015, last segment 0.02: 0.6 + 0.02 x 10 + 0.0196
+    assert optimistic_final(trial, 30, origin=0.3) == pytest.approx(0.8196)

@@ -129,8 +129,9 @@ def test_gsm8k_parquet_and_test_split_directory(tmp_path: Path) -> None:
 def test_unknown_task_lists_the_valid_names() -> None:
     with pytest.raises(
         AutolayerError,
-        match="unknown task 'mmlu'; built-in tasks: code_organism, gridworld, gsm8k, humaneval, "
-        "organism; for your own task set task.dataset or task.data_files, and task.reward_funcs",
+        match="unknown task 'mmlu'; built-in tasks: chat_arithmetic, code_organism, gridworld, "
+        "gsm8k, humaneval, organism; for your own task set task.dataset or task.data_files, "
+        "and task.reward_funcs",
     ):
         load_task(TaskConfig(name="mmlu"))
 
@@ -412,3 +413,13 @@ def test_a_generated_eval_set_is_never_padded_with_repeats(name: str) -> None:
     """eval_size 100,000 once gave 100,000 rows drawn from 2,447 distinct problems."""
     with pytest.raises(AutolayerError, match="held-out problems can give without repeats"):
         load_task(TaskConfig(name=name, eval_size=100_000))
+
+
+def test_chat_arithmetic_splits_share_no_question_and_wrap_in_the_chat_template() -> None:
+    from autolayer.tasks import chat_arithmetic_rows
+
+    train = chat_arithmetic_rows("train", 500, 0)
+    held_out = chat_arithmetic_rows("eval", 200, 0)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
+    assert all(int(r["answer"]) == sum(map(int, r["prompt"][8:-1].split(" + "))) for r in train)
+    assert chat_arithmetic_rows("eval", 200, 0) == held_out  # deterministic for a seed

@@ -1,0 +1,327 @@
+"""Does the search find the layer that long RL runs say is best, and does it beat the free picks?
+
+    python benchmarks/fidelity.py --config examples/organism.yaml [--factor 5] [--seeds 3]
+
+Ground truth: every single layer, and all layers, trained for `factor` x the proxy horizon on
+`--seeds` training seeds (seeds 100, 101, ...: none shared with the searches), scored on the
+held-out set every `proxy.eval_every` steps. Their final outcomes give the long-run estimate of
+every layer (`autolayer.estimate`: mean over seeds, intervals over seeds and prompts) and the
+long-run top set: the best layer and every layer statistically tied with it.
+
+Then the real search (`autolayer.search.run_search`, the config's sampler, pruner, racing and
+baselines, tracking off) runs once per search seed 0, 1, ... (`--search-seeds`), and the report
+gives, per run: the pick and its tied set against the long-run top set, Spearman and Kendall of
+the search's layer ranking against the long-run means, and its cost in proxy steps and seconds
+against the long exhaustive sweep. The free heuristics (middle, last, Spectrum, random) are read
+off the same ground truth.
+
+Mis-prunes: both pruners (median, interval) are replayed on the ground-truth curves cut at the
+proxy horizon, one replay per ground-truth seed, through Optuna's own pruners via ask/tell; a
+mis-prune is a pruned layer in the long-run top set.
+
+The ground truth is cached in `--cache` (JSON, one entry per run), so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from scipy import stats
+
+from autolayer.baselines import layer_snr, picks
+from autolayer.config import Config, load_config
+from autolayer.estimate import analyse
+from autolayer.layers import middle_layers
+from autolayer.measure import base_reference, load_for, prepare_task, proxy_and_restore
+from autolayer.models import find_layer_stack
+from autolayer.racing import measured, study_analysis
+from autolayer.sampling import ATTR_ORIGIN, ATTR_SE, make_pruner
+from autolayer.scoring import Evaluation
+from autolayer.search import run_search, steps_used
+
+TRUTH_SEED = 100
+
+
+def long_run(
+    model: Any, tokenizer: Any, task: Any, config: Config, layers: list[int], lr: float, seed: int,
+    steps: int,
+) -> dict[str, Any]:  # fmt: skip
+    """One long proxy run: its held-out curve and final outcomes."""
+    curve: dict[int, tuple[float, float]] = {}
+
+    def hook(step: int, evaluation: Evaluation) -> bool:
+        curve[step] = (evaluation.score, evaluation.stderr)
+        return False
+
+    proxy = dataclasses.replace(config.proxy, steps=steps, seed=seed)
+    start = time.perf_counter()
+    result = proxy_and_restore(model, tokenizer, task, proxy, layers, lr, eval_hook=hook)
+    return {
+        "curve": {str(k): v for k, v in curve.items()},
+        "outcomes": list(result.final.outcomes),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def ground_truth(config: Config, factor: int, seeds: int, cache: Path) -> dict[str, Any]:
+    truth: dict[str, Any] = json.loads(cache.read_text()) if cache.exists() else {}
+    task = prepare_task(config)
+    model, tokenizer, task = load_for(config, task)
+    num_layers = len(find_layer_stack(model))
+    steps = factor * config.proxy.steps
+    truth.setdefault(
+        "base", list(base_reference(config, model, tokenizer, task, cache.parent).outcomes)
+    )
+    truth["snr"] = layer_snr(list(find_layer_stack(model).layers))
+    truth["num_layers"], truth["steps"] = num_layers, steps
+    runs = truth.setdefault("runs", {})
+    jobs = [(str(layer), [layer], config.proxy.lr) for layer in range(num_layers)]
+    jobs.append(("all", list(range(num_layers)), config.proxy.full_lr))
+    for seed in range(TRUTH_SEED, TRUTH_SEED + seeds):
+        for name, layers, lr in jobs:
+            key = f"{name}@{seed}"
+            if key in runs:
+                continue
+            runs[key] = long_run(model, tokenizer, task, config, layers, lr, seed, steps)
+            final = np.mean(runs[key]["outcomes"])
+            print(f"  truth {key}: {final:.3f} ({runs[key]['seconds']:.0f} s)", flush=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(truth))
+            os.replace(tmp, cache)
+    return truth
+
+
+def truth_analysis(truth: dict[str, Any], seeds: int) -> Any:
+    by_layer = {
+        layer: np.array(
+            [
+                truth["runs"][f"{layer}@{s}"]["outcomes"]
+                for s in range(TRUTH_SEED, TRUTH_SEED + seeds)
+            ]
+        )
+        for layer in range(truth["num_layers"])
+    }
+    full = np.array(
+        [truth["runs"][f"all@{s}"]["outcomes"] for s in range(TRUTH_SEED, TRUTH_SEED + seeds)]
+    )
+    return analyse(by_layer, np.asarray(truth["base"], dtype=float), full), by_layer
+
+
+def replay_pruner(
+    name: str, truth: dict[str, Any], seed: int, horizon: int, eval_every: int, order: list[int]
+) -> list[int]:
+    """The layers a pruner stops when the trials follow the ground truth's curves (one seed)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base = float(np.mean(truth["base"]))
+    study = optuna.create_study(
+        direction="maximize",
+        pruner=make_pruner(name, n_warmup_steps=eval_every, final_step=horizon),  # type: ignore[arg-type]
+    )
+    study.set_user_attr(ATTR_ORIGIN, base)
+    pruned = []
+    for layer in order:
+        curve = {int(k): v for k, v in truth["runs"][f"{layer}@{seed}"]["curve"].items()}
+        trial = study.ask()
+        stopped = False
+        for step in range(eval_every, horizon, eval_every):
+            score, se = curve[step]
+            trial.set_user_attr(ATTR_SE, se)
+            trial.report(score, step)
+            if trial.should_prune():
+                stopped = True
+                break
+        if stopped:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            pruned.append(layer)
+        else:
+            score, se = curve[horizon]
+            trial.set_user_attr(ATTR_SE, se)
+            study.tell(trial, score)
+    return pruned
+
+
+def search_once(config: Config, seed: int, root: Path) -> dict[str, Any]:
+    config = dataclasses.replace(
+        config,
+        search=dataclasses.replace(
+            config.search, seed=seed, study_name=f"fidelity-{seed}", space="single_layer"
+        ),
+        proxy=dataclasses.replace(config.proxy, seed=seed),
+        tracking=dataclasses.replace(config.tracking, enabled=False),
+    )
+    start = time.perf_counter()
+    ctx = run_search(config, root)
+    seconds = time.perf_counter() - start
+    analysis = study_analysis(ctx.study)
+    assert analysis is not None and analysis.best is not None
+    scores = {key[0][0]: e.score for key, e in analysis.estimates.items()}
+    for trial in ctx.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,)):
+        layers = trial.user_attrs.get("layers")
+        if layers and layers[0] not in scores and trial.intermediate_values:
+            # a pruned layer ranks by its last held-out score, below what it would have reached
+            last = trial.intermediate_values[max(trial.intermediate_values)]
+            scores[layers[0]] = (
+                ctx.refs.base.score + last * (ctx.refs.full.score - ctx.refs.base.score)
+                if ctx.study.user_attrs.get("objective") == "contribution C"
+                else last
+            )
+    return {
+        "pick": analysis.best[0][0],
+        "tied": sorted(key[0][0] for key in analysis.tied),
+        "scores": scores,
+        "steps": steps_used(ctx.study) + config.proxy.steps,  # + the all-layers reference
+        "seconds": seconds,
+        "runs": sum(len(v) for v in measured(ctx.study).values()),
+        "baselines": ctx.study.user_attrs.get("baselines", {}),
+    }
+
+
+def seeds_of(args: argparse.Namespace) -> range:
+    return range(TRUTH_SEED, TRUTH_SEED + args.seeds)
+
+
+def summarise_truth(truth: dict[str, Any], args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    long, _ = truth_analysis(truth, args.seeds)
+    layers = list(range(truth["num_layers"]))
+    mean = {layer: long.estimates[layer].score for layer in layers}
+    runs = truth["runs"]
+    return long, {
+        "steps": truth["steps"],
+        "seeds": args.seeds,
+        "mean_score": mean,
+        "C": {layer: long.estimates[layer].contribution for layer in layers},
+        "C_interval": {
+            layer: (long.estimates[layer].low, long.estimates[layer].high) for layer in layers
+        },
+        "best": long.best,
+        "top_set": sorted(long.tied),
+        "seed_sd": long.seed_sd,
+        "spearman_depth": float(stats.spearmanr(layers, [mean[x] for x in layers]).statistic),
+        "full_score": float(
+            np.mean([np.mean(runs[f"all@{s}"]["outcomes"]) for s in seeds_of(args)])
+        ),
+        "sweep_steps": len(layers) * args.seeds * truth["steps"],
+        "sweep_seconds": sum(runs[f"{x}@{s}"]["seconds"] for x in layers for s in seeds_of(args)),
+    }
+
+
+def free_heuristics(truth: dict[str, Any], t: dict[str, Any]) -> dict[str, Any]:
+    layers = list(range(truth["num_layers"]))
+    chosen = picks("single_layer", (0, layers[-1]), 1, truth["snr"], seed=0)
+    out = {
+        name: {"layer": pick[0], "C": t["C"][pick[0]], "in_top_set": pick[0] in t["top_set"]}
+        for name, pick in chosen.items()
+        if name != "random"
+    }
+    cs = list(t["C"].values())
+    out["random (expected)"] = {
+        "layer": None,
+        "C": float(np.mean(cs)) if None not in cs else None,
+        "in_top_set": len(t["top_set"]) / len(layers),
+    }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="examples/organism.yaml")
+    parser.add_argument("--factor", type=int, default=5, help="long runs: factor x proxy.steps")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds of the ground truth")
+    parser.add_argument("--search-seeds", type=int, default=3)
+    parser.add_argument("--root", default="/tmp/autolayer-fidelity")
+    parser.add_argument("--cache", default=None, help="ground-truth JSON (default: under --root)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    config = load_config(args.config)
+    root = Path(args.root) / Path(args.config).stem
+    root.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.cache) if args.cache else root / "truth.json"
+    steps = args.factor * config.proxy.steps
+    print(f"ground truth: {args.config}, {steps} steps, {args.seeds} seeds", flush=True)
+    truth = ground_truth(config, args.factor, args.seeds, cache)
+    long, t = summarise_truth(truth, args)
+    layers = list(range(truth["num_layers"]))
+    results: dict[str, Any] = {"config": args.config, "truth": t}
+    results["heuristics"] = free_heuristics(truth, t)
+    searches = []
+    for seed in range(args.search_seeds):
+        print(f"search seed {seed}", flush=True)
+        run = search_once(config, seed, root)
+        ranked = [run["scores"].get(x, -np.inf) for x in layers]
+        truth_order = [t["mean_score"][x] for x in layers]
+        run["spearman"] = float(stats.spearmanr(ranked, truth_order).statistic)
+        run["kendall"] = float(stats.kendalltau(ranked, truth_order).statistic)
+        run["pick_in_top_set"] = run["pick"] in t["top_set"]
+        run["tied_contains_long_best"] = long.best in run["tied"]
+        run["pick_long_C"] = t["C"][run["pick"]]
+        run["step_fraction"] = run["steps"] / t["sweep_steps"]
+        searches.append(run)
+    results["searches"] = searches
+    first = middle_layers(len(layers), 1 if len(layers) % 2 else 2)  # the search's warm start
+    order = [*first, *[layer for layer in layers if layer not in first]]
+    results["misprunes"] = {
+        pruner: [
+            {"pruned": (pruned := replay_pruner(
+                pruner, truth, s, config.proxy.steps, config.proxy.eval_every, order
+            )), "mis_pruned": [x for x in pruned if x in t["top_set"]]}
+            for s in seeds_of(args)
+        ]
+        for pruner in ("median", "interval")
+    }  # fmt: skip
+    report(results)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+
+
+def _c(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def report(r: dict[str, Any]) -> None:
+    t = r["truth"]
+    print(f"\n## {r['config']}: ground truth {t['steps']} steps x {t['seeds']} seeds")
+    print("long-run score: " + ", ".join(f"L{x} {v:.3f}" for x, v in t["mean_score"].items()))
+    print("long-run C: " + ", ".join(f"L{x} {_c(v)}" for x, v in t["C"].items()))
+    print(
+        f"all layers {t['full_score']:.3f}; seed sd {t['seed_sd']:.3f}; "
+        f"Spearman(depth, score) {t['spearman_depth']:+.2f}"
+    )
+    print(f"long-run best L{t['best']}; top set (tied with it): {t['top_set']}")
+    print("\n| heuristic | layer | long-run C | in top set |\n|---|---|---|---|")
+    for name, h in r["heuristics"].items():
+        layer = "-" if h["layer"] is None else h["layer"]
+        print(f"| {name} | {layer} | {_c(h['C'])} | {h['in_top_set']} |")
+    print(
+        "\n| search seed | pick | tied set | pick in top set | tied set has long-run best "
+        "| pick's long-run C | Spearman | Kendall | steps (% of sweep) | seconds |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for i, s in enumerate(r["searches"]):
+        print(
+            f"| {i} | {s['pick']} | {s['tied']} | {s['pick_in_top_set']} "
+            f"| {s['tied_contains_long_best']} | {_c(s['pick_long_C'])} | {s['spearman']:+.2f} "
+            f"| {s['kendall']:+.2f} | {s['steps']} ({100 * s['step_fraction']:.0f}%) "
+            f"| {s['seconds']:.0f} |"
+        )
+    print(f"\nlong exhaustive sweep: {t['sweep_steps']} steps, {t['sweep_seconds']:.0f} s")
+    print("\n| pruner | pruned, per truth seed | mis-pruned (in the long-run top set) |")
+    print("|---|---|---|")
+    for name, per_seed in r["misprunes"].items():
+        pruned = "; ".join(str(p["pruned"]) for p in per_seed)
+        mis = sum(len(p["mis_pruned"]) for p in per_seed)
+        total = sum(len(p["pruned"]) for p in per_seed)
+        print(f"| {name} | {pruned} | {mis} of {total} prunes |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Racing over seeds and the baseline runs, driven by a fake proxy run: no training."""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autolayer import racing
+from autolayer.config import Config
+from autolayer.search import ATTR_BASE, ATTR_FULL, SearchHooks
+from autolayer.spaces import bind, space_from_dict, suggest
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+N = 400  # held-out prompts
+
+
+def outcomes(p: float, offset: int = 0) -> list[float]:
+    out = np.zeros(N)
+    out[(offset + np.arange(round(p * N))) % N] = 1.0
+    return out.tolist()
+
+
+class FakeProxy:
+    """Held-out outcomes of layer l on seed s: `truth[l]` plus a seed shift of +-`seed_sd`."""
+
+    def __init__(self, truth: dict[int, float], seed_sd: float, fail_at: int | None = None):
+        self.truth, self.seed_sd, self.fail_at = truth, seed_sd, fail_at
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, ctx: Any, trial: optuna.Trial) -> float:
+        if self.fail_at is not None and len(self.calls) == self.fail_at:
+            raise KeyboardInterrupt  # the search is killed mid-race
+        candidate = suggest(trial, ctx.space)
+        assert candidate is not None
+        layer, seed = candidate.layers[0], int(trial.user_attrs.get("seed", 0))
+        self.calls.append((layer, seed))
+        shift = self.seed_sd * (1, -1, 0.5, -0.5, 0)[seed % 5]
+        score_p = self.truth[layer] + shift
+        trial.set_user_attr("layers", [layer])
+        trial.set_user_attr("lr", 1e-3)
+        trial.set_user_attr("seed", seed)
+        trial.set_user_attr("outcomes", outcomes(score_p))
+        trial.set_user_attr("steps", 30)
+        return score_p
+
+
+def make_ctx(seeds: int = 3, baselines: bool = True) -> Any:
+    config = Config()
+    config.search.seeds, config.search.baselines = seeds, baselines
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr(ATTR_BASE, outcomes(0.5))
+    study.set_user_attr(ATTR_FULL, outcomes(0.8))
+    study.set_user_attr("objective", "contribution C")
+    study.set_user_attr(racing.ATTR_SNR, [0.1, 0.2, 0.9, 0.3, 0.4, 0.5, 0.6, 0.7])
+    space = bind(space_from_dict({"kind": "single_layer"}), 8)
+    return SimpleNamespace(
+        config=config, study=study, space=space, hooks=SearchHooks(), time_left=lambda: True
+    )
+
+
+def first_pass(ctx: Any, layers: list[int]) -> None:
+    for layer in layers:
+        ctx.study.enqueue_trial({"layer": layer}, user_attrs={"seed": 0})
+    racing.drain(ctx)
+
+
+def seeds_by_layer(ctx: Any) -> dict[int, list[int]]:
+    return {key[0][0]: sorted(runs) for key, runs in racing.measured(ctx.study).items()}
+
+
+TRUTH = {0: 0.55, 1: 0.6, 2: 0.65, 3: 0.7, 4: 0.72, 5: 0.74, 6: 0.76, 7: 0.78}
+
+
+def test_a_separated_best_gets_one_repeat_and_the_rest_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    truth = {**TRUTH, 7: 0.95}
+    monkeypatch.setattr(racing, "run_trial", FakeProxy(truth, seed_sd=0.005))
+    ctx = make_ctx()
+    first_pass(ctx, list(range(8)))
+    racing.race(ctx)
+    seeds = seeds_by_layer(ctx)
+    assert seeds[7] == [0, 1] and seeds[6] == [0, 1]  # the first round: the best two
+    assert all(seeds[layer] == [0] for layer in range(6))
+    analysis = racing.study_analysis(ctx.study)
+    assert analysis is not None and analysis.tied == {((7,), 1e-3)}
+
+
+def test_close_contenders_race_to_the_seed_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    truth = {**TRUTH, 6: 0.80, 7: 0.80}
+    fake = FakeProxy(truth, seed_sd=0.04)
+    monkeypatch.setattr(racing, "run_trial", fake)
+    ctx = make_ctx(seeds=3)
+    first_pass(ctx, list(range(8)))
+    racing.race(ctx)
+    seeds = seeds_by_layer(ctx)
+    analysis = racing.study_analysis(ctx.study)
+    assert analysis is not None
+    tied_layers = {key[0][0] for key in analysis.tied}
+    assert {6, 7} <= tied_layers
+    for layer in tied_layers:
+        assert seeds[layer] == [0, 1, 2]  # every contender reached the limit
+    assert max(Counter(fake.calls).values()) == 1  # no (layer, seed) ran twice
+
+
+def test_seeds_1_never_races(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeProxy(TRUTH, seed_sd=0.04)
+    monkeypatch.setattr(racing, "run_trial", fake)
+    ctx = make_ctx(seeds=1)
+    first_pass(ctx, list(range(8)))
+    racing.race(ctx)
+    assert len(fake.calls) == 8
+
+
+def test_a_killed_race_resumes_without_rerunning_finished_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    truth = {**TRUTH, 6: 0.80, 7: 0.80}
+    ctx = make_ctx(seeds=3)
+    monkeypatch.setattr(racing, "run_trial", FakeProxy(truth, seed_sd=0.04))
+    first_pass(ctx, list(range(8)))
+    killer = FakeProxy(truth, seed_sd=0.04, fail_at=1)  # dies on its second run
+    monkeypatch.setattr(racing, "run_trial", killer)
+    with pytest.raises(KeyboardInterrupt):
+        racing.race(ctx)
+    assert [t.state for t in ctx.study.trials].count(TrialState.FAIL) == 1
+    resumed = FakeProxy(truth, seed_sd=0.04)
+    monkeypatch.setattr(racing, "run_trial", resumed)
+    racing.race(ctx)
+    done = [(layer, s) for layer, seeds in seeds_by_layer(ctx).items() for s in seeds]
+    assert len(done) == len(set(done))
+    assert killer.calls[0] not in resumed.calls  # the repeat that finished before the kill
+
+
+def test_baselines_measure_the_heuristics_picks_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeProxy(TRUTH, seed_sd=0.0)
+    monkeypatch.setattr(racing, "run_trial", fake)
+    ctx = make_ctx()
+    first_pass(ctx, [3, 4, 6, 7])  # 0, 1, 2, 5 never completed (pruned, say)
+    racing.measure_baselines(ctx)
+    chosen = ctx.study.user_attrs[racing.ATTR_BASELINES]
+    assert chosen["middle"] == [3] and chosen["last"] == [7] and chosen["spectrum"] == [2]
+    ran = [layer for layer, _ in fake.calls[4:]]
+    assert 2 in ran and 3 not in ran and 7 not in ran  # only the missing picks were run
+    roles = {t.user_attrs.get("role") for t in ctx.study.trials if t.number >= 4}
+    assert "baseline:spectrum" in roles
+    racing.measure_baselines(ctx)
+    assert len(fake.calls) == 4 + len(ran)  # nothing left to measure
+
+
+def test_off_means_no_baseline_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeProxy(TRUTH, seed_sd=0.0)
+    monkeypatch.setattr(racing, "run_trial", fake)
+    ctx = make_ctx(baselines=False)
+    first_pass(ctx, [3, 4])
+    racing.measure_baselines(ctx)
+    assert len(fake.calls) == 2
