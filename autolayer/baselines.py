@@ -28,7 +28,7 @@ def matrix_snr(weight: torch.Tensor) -> float:
     sigma (1 + sqrt(beta)) are signal (sigma from the IQR of the singular values, beta the aspect
     ratio), SNR = (sum of signal / sum of noise) / largest singular value."""
     values = torch.linalg.svdvals(weight.detach().float())
-    q25, q75 = torch.quantile(values, torch.tensor([0.25, 0.75]))
+    q25, q75 = torch.quantile(values, torch.tensor([0.25, 0.75], device=values.device))
     sigma = float(q75 - q25) / IQR_TO_SIGMA
     rows, cols = weight.shape
     edge = sigma * (1 + (min(rows, cols) / max(rows, cols)) ** 0.5)

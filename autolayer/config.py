@@ -200,7 +200,8 @@ class SearchConfig:
     )
     objective: Objective = doc("What trials maximise: contribution C or raw score.", "contribution")
     n_trials: int | None = doc(
-        "Trials to run in this invocation (default: the rest of an exhaustive space, else 20).",
+        "Trials to run in this invocation, baseline and racing runs included (default: the rest "
+        "of an exhaustive space, else 20, then the baselines and racing).",
         None,
     )
     timeout: float | None = doc("Stop starting new trials after this many seconds.", None)
@@ -233,6 +234,11 @@ class SearchConfig:
         "intervals without training-seed noise.",
         3,
     )
+    contenders: int = doc(
+        "Racing: only the top this many candidates (by their first run) may get more seeds, so "
+        "a race costs at most contenders x (seeds - 1) runs where many candidates stay tied.",
+        4,
+    )
     baselines: bool = doc(
         "After the search, also measure the free heuristics' picks (middle, last, Spectrum's SNR "
         "ranking, a random candidate) of the pick's size, unpruned, and show them beside it.",
@@ -250,6 +256,7 @@ class SearchConfig:
             value = getattr(self, key)
             _require(value is None or value > 0, f"search.{key} must be positive")
         _require(self.seeds >= 1, "search.seeds must be at least 1")
+        _require(self.contenders >= 2, "search.contenders must be at least 2")
 
 
 @dataclass

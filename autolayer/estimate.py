@@ -8,7 +8,10 @@ outcomes. One resample of the study:
 2. averages each candidate's outcomes over its training seeds on those prompts;
 3. adds a normal training-seed term with variance `sigma2 / k` for a candidate run on k seeds,
    where `sigma2` is the between-seed variance of held-out scores pooled over every candidate run
-   on at least two seeds (so a candidate measured once still carries seed noise).
+   on at least two seeds (so a candidate measured once still carries seed noise). With few
+   degrees of freedom that variance is itself uncertain, so each resample draws it from its
+   scaled-inverse-chi-square distribution, `sigma2 * df / chi2(df)`, which gives the seed term
+   Student-t tails instead of trusting 2 df as if they were known.
 
 Intervals are percentiles of 2,000 such resamples. Pooling assumes seeds scatter scores about
 equally for every candidate; it is what makes a seed term available at all for candidates run once,
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
+
+from autolayer.errors import AutolayerError
 
 K = TypeVar("K", bound=Hashable)  # what identifies a candidate (racing: its layers and lr)
 RESAMPLES = 2000
@@ -77,7 +82,9 @@ def method_line(seed_df: int, resamples: int = RESAMPLES) -> str:
     )
     if seed_df == 0:
         return f"{prompts}; no candidate was repeated, so training-seed noise is not included"
-    return f"{prompts} plus a training-seed term (pooled between-seed variance, {seed_df} df)"
+    return (
+        f"{prompts} plus a training-seed term (pooled between-seed variance, {seed_df} df, t tails)"
+    )
 
 
 def analyse(
@@ -99,7 +106,7 @@ def analyse(
     rng = np.random.default_rng(seed)
     n = len(base)
     if any(outcomes.shape[1] != n for outcomes in runs.values()):
-        raise ValueError("every run must be scored on the same held-out prompts")
+        raise AutolayerError("every run must be scored on the same held-out prompts")
     sigma2, df = pooled_seed_variance(runs)
     # Each row of `weights` is one resample of the prompts as multiplicities / n, so a resampled
     # mean is one matrix product (2,000 x 1,000: 16 MB), shared by every run for pairing.
@@ -107,14 +114,23 @@ def analyse(
     weights = np.stack(counts) / n
     base_star = weights @ base
 
-    def resampled(outcomes: np.ndarray, own_variance: float | None = None) -> np.ndarray:
-        variance = sigma2 if own_variance is None else own_variance
-        noise = rng.normal(0.0, np.sqrt(variance / len(outcomes)), resamples) if variance else 0.0
-        return weights @ outcomes.mean(axis=0) + noise
+    def variances(variance: float, dof: int) -> np.ndarray | float:
+        return variance * dof / rng.chisquare(dof, resamples) if variance and dof else 0.0
+
+    pooled = variances(sigma2, df)
+
+    def resampled(outcomes: np.ndarray, own: np.ndarray | float | None = None) -> np.ndarray:
+        variance = pooled if own is None else own
+        sd = np.sqrt(np.asarray(variance) / len(outcomes))
+        return weights @ outcomes.mean(axis=0) + rng.normal(0.0, 1.0, resamples) * sd
 
     full_star = None
     if full is not None and contribution_defined:
-        own = float(full.mean(axis=1).var(ddof=1)) if len(full) >= 2 else None
+        own = (
+            variances(float(full.mean(axis=1).var(ddof=1)), len(full) - 1)
+            if len(full) >= 2
+            else None
+        )
         full_star = resampled(full, own)
     alpha = (1 - CONFIDENCE) / 2
     stars, estimates = {}, {}

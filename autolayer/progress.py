@@ -50,10 +50,16 @@ class SearchDisplay:
             on_eval=self.evaluated,
             on_trial_end=self.trial_end,
             on_total=self.set_total,
+            on_more=self.more,
         )
 
     def set_total(self, total: int | None) -> None:
         self.progress.update(self.bar, total=total)
+
+    def more(self, count: int) -> None:
+        """Baselines and racing add trials after the search's own: extend the bar."""
+        task = self.progress.tasks[self.bar]
+        self.progress.update(self.bar, total=max(task.total or 0, task.completed) + count)
 
     def message(self, text: str) -> None:
         self.console.log(text)

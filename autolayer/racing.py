@@ -3,9 +3,10 @@
 A search runs every candidate once, on seed `proxy.seed`. One seed says nothing about training
 noise, which on small RL runs is often larger than the held-out prompts' noise. Racing spends
 repeats only where they decide something: the best candidate and those statistically tied with it
-(`autolayer.estimate`) get one more seed per round, until the best separates from the rest or
-every contender has `search.seeds` runs. The first round always repeats the best two, so the
-pooled seed variance exists before any tie is decided.
+(`autolayer.estimate`), among the top `search.contenders`, get one more seed per round, until the
+best separates from the rest or every contender has `search.seeds` runs. While no
+candidate has been repeated there is no seed variance to judge ties by, so that round always
+repeats the best two.
 
 Repeats and baselines are ordinary trials of the same study (user attrs `seed`, `role`), queued
 with their params, so a killed search resumes them like any other trial and never reruns one that
@@ -14,15 +15,19 @@ finished. They are never pruned: a contender's repeat and a baseline are measure
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import optuna
+import torch
+from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 
 from autolayer import baselines
+from autolayer.errors import AutolayerError
 from autolayer.estimate import Analysis, analyse
 from autolayer.search import (
     ATTR_BASE,
@@ -32,10 +37,12 @@ from autolayer.search import (
     can_start_trial,
     run_trial,
 )
-from autolayer.spaces import Space, baseline_params
+from autolayer.spaces import Space, baseline_params, candidate_from_params
+from autolayer.storage import MAX_ATTEMPTS, trial_seed
 
 Key = tuple[tuple[int, ...], float]  # a measured candidate: its layers and lr
 ATTR_BASELINES = "baselines"  # study attr: heuristic name -> layers of its pick
+ATTR_BASELINES_LR = "baselines_lr"  # study attr: the lr the heuristics' picks were measured at
 ATTR_SNR = "spectrum_snr"  # study attr: Spectrum's score per layer
 
 
@@ -52,8 +59,9 @@ class Run:
         return {"seed": self.seed, "role": self.role}
 
 
-def trial_seed(trial: FrozenTrial, default: int = 0) -> int:
-    return int(trial.user_attrs.get("seed", default))
+def _params(trial: FrozenTrial) -> dict[str, Any]:
+    """A trial's params; a WAITING (queued) trial keeps them in Optuna's `fixed_params`."""
+    return dict(trial.params or trial.system_attrs.get("fixed_params", {}))
 
 
 def measured(study: optuna.Study) -> dict[Key, dict[int, FrozenTrial]]:
@@ -64,17 +72,26 @@ def measured(study: optuna.Study) -> dict[Key, dict[int, FrozenTrial]]:
         if "outcomes" not in attrs:
             continue  # infeasible subsets are complete without a run
         key = (tuple(attrs["layers"]), float(attrs["lr"]))
-        runs.setdefault(key, {}).setdefault(trial_seed(trial), trial)
+        runs.setdefault(key, {}).setdefault(trial_seed(study, trial), trial)
     return runs
 
 
-def study_analysis(study: optuna.Study, seed: int = 0) -> Analysis[Key] | None:
-    """Estimates, best and tied set of a study's completed candidates, from storage alone."""
+def study_analysis(study: optuna.Study) -> Analysis[Key] | None:
+    """Estimates, best and tied set of a study's completed candidates, from storage alone.
+
+    The resampling seed is fixed, so racing, the table and `autolayer results` agree on the tied
+    set."""
     runs = measured(study)
     base = study.user_attrs.get(ATTR_BASE)
     if not runs or base is None:
         return None
     full = study.user_attrs.get(ATTR_FULL)
+    lengths = {len(t.user_attrs["outcomes"]) for by_seed in runs.values() for t in by_seed.values()}
+    if lengths != {len(base)}:
+        raise AutolayerError(
+            f"study '{study.study_name}' holds trials scored on different held-out sets "
+            f"({', '.join(map(str, sorted(lengths | {len(base)})))} prompts); use a new study name"
+        )
     outcomes = {
         key: np.array([by_seed[s].user_attrs["outcomes"] for s in sorted(by_seed)], dtype=float)
         for key, by_seed in runs.items()
@@ -84,30 +101,35 @@ def study_analysis(study: optuna.Study, seed: int = 0) -> Analysis[Key] | None:
         np.asarray(base, dtype=float),
         None if full is None else np.asarray([full], dtype=float),
         contribution_defined=study.user_attrs.get("objective") == "contribution C",
-        seed=seed,
     )
 
 
-def _params_of(study: optuna.Study, key: Key) -> dict[str, Any]:
-    trial = next(iter(measured(study)[key].values()))
-    return dict(trial.params)
+def next_repeats(ctx: SearchContext, analysis: Analysis[Key]) -> list[Run]:
+    """One more seed for each contender with fewer than `search.seeds` runs (empty: done).
 
-
-def next_repeats(ctx: SearchContext, analysis: Analysis[Key], first_round: bool) -> list[Run]:
-    """One more seed for every contender that has fewer than `search.seeds` (empty: done)."""
+    Contenders are the candidates tied with the best, among the race's pool: the top
+    `search.contenders` by their first run's score, a ranking later seeds cannot reshuffle, so a
+    race costs at most contenders x (seeds - 1) runs however flat the landscape is.
+    """
     target = ctx.config.search.seeds
-    ranked = sorted(analysis.estimates, key=lambda k: -analysis.estimates[k].score)
-    contenders = set(analysis.tied)
-    if first_round:
-        contenders |= set(ranked[:2])  # a seed variance to judge ties by
+    runs = measured(ctx.study)
+
+    def first_score(key: Key) -> float:
+        return float(np.mean(runs[key][min(runs[key])].user_attrs["outcomes"]))
+
+    pool = sorted(runs, key=lambda k: -first_score(k))[: ctx.config.search.contenders]
+    ranked = sorted(pool, key=lambda k: -analysis.estimates[k].score)
+    if analysis.seed_df == 0:
+        contenders = set(ranked[:2]) | set(analysis.tied)  # a seed variance to judge ties by
     elif analysis.tied == {analysis.best}:
         return []  # the best is separated from every other candidate
-    runs = measured(ctx.study)
-    repeats = []
+    else:
+        contenders = set(analysis.tied)
+    repeats: list[Run] = []
     for key in ranked:
         if key not in contenders or len(runs[key]) >= target:
             continue
-        params = _params_of(ctx.study, key)
+        params = _params(next(iter(runs[key].values())))
         tried = _tried_seeds(ctx.study, params)  # a seed whose run failed is not tried again here
         first = ctx.config.proxy.seed
         seed = next((s for s in range(first, first + target) if s not in tried), None)
@@ -117,11 +139,7 @@ def next_repeats(ctx: SearchContext, analysis: Analysis[Key], first_round: bool)
 
 
 def _tried_seeds(study: optuna.Study, params: dict[str, Any]) -> set[int]:
-    return {
-        trial_seed(t, -1)
-        for t in study.get_trials(deepcopy=False)
-        if (t.params or t.system_attrs.get("fixed_params", {})) == params
-    }
+    return {trial_seed(study, t) for t in study.get_trials(deepcopy=False) if _params(t) == params}
 
 
 def race(ctx: SearchContext) -> None:
@@ -130,98 +148,94 @@ def race(ctx: SearchContext) -> None:
         return
     if not drain(ctx):  # a killed race's queued repeats first
         return
-    first = True
     while True:
-        analysis = study_analysis(ctx.study, ctx.config.search.seed)
+        analysis = study_analysis(ctx.study)
         if analysis is None:
             return
-        repeats = next_repeats(ctx, analysis, first)
+        repeats = next_repeats(ctx, analysis)
         if not repeats:
             return
-        ctx.hooks.on_message(
-            f"racing: {len(repeats)} contender(s) on one more training seed "
-            f"({', '.join(_label(r.params, ctx.study) for r in repeats)})"
-        )
+        labels = ", ".join(_label(r.params, ctx.space) for r in repeats)
+        ctx.hooks.on_message(f"racing: {len(repeats)} contender(s) on another seed ({labels})")
         if not run_queued(ctx, repeats):
-            return  # the budget or the timeout ended the race
-        first = False
+            return  # n_trials, the budget or the timeout ended the race
 
 
-def _label(params: dict[str, Any], study: optuna.Study) -> str:
-    for key, by_seed in measured(study).items():
-        if dict(next(iter(by_seed.values())).params) == params:
-            return ",".join(map(str, key[0]))
-    return str(params)
+def _label(params: dict[str, Any], space: Space) -> str:
+    return ",".join(map(str, candidate_from_params(params, space).layers))
 
 
 def pick_baselines(ctx: SearchContext, analysis: Analysis[Key]) -> dict[str, tuple[int, ...]]:
-    """The heuristics' candidates of the pick's size, recorded in the study."""
+    """The heuristics' candidates of the pick's size, recorded in the study with the pick's lr."""
     assert analysis.best is not None
-    layers, _ = analysis.best
+    layers, lr = analysis.best
     snr = ctx.study.user_attrs.get(ATTR_SNR)
     if snr is None:
         from autolayer.models import find_layer_stack
 
         snr = baselines.layer_snr(list(find_layer_stack(ctx.model).layers))
         ctx.study.set_user_attr(ATTR_SNR, snr)
-    chosen = baselines.picks(
-        ctx.space.kind, ctx.space.bounds, len(layers), snr, ctx.config.search.seed
-    )
+    seed = ctx.config.search.seed
+    chosen = baselines.picks(ctx.space.kind, ctx.space.bounds, len(layers), snr, seed)
     ctx.study.set_user_attr(ATTR_BASELINES, {name: list(ls) for name, ls in chosen.items()})
+    ctx.study.set_user_attr(ATTR_BASELINES_LR, lr)
     return chosen
 
 
 def measure_baselines(ctx: SearchContext) -> None:
-    """Run, unpruned, each heuristic's pick that has no completed run yet."""
+    """Run, unpruned, each heuristic's pick that has no completed run at the pick's lr yet."""
     if not ctx.config.search.baselines:
         return
-    analysis = study_analysis(ctx.study, ctx.config.search.seed)
+    analysis = study_analysis(ctx.study)
     if analysis is None or analysis.best is None:
         return
     _, lr = analysis.best
-    done = {key[0] for key in measured(ctx.study)}
+    done = set(measured(ctx.study))
     todo = []
     for name, layers in pick_baselines(ctx, analysis).items():
         params = baseline_params(ctx.space, layers, lr)
-        if layers not in done and params is not None:
-            todo.append(Run(params, ctx.config.proxy.seed, f"baseline:{name}"))
-            done.add(layers)
+        if (layers, lr) in done or params is None:
+            continue
+        run = Run(params, ctx.config.proxy.seed, f"baseline:{name}")
+        if _failures(ctx.study, run) < MAX_ATTEMPTS:  # one that keeps failing is given up
+            todo.append(run)
+            done.add((layers, lr))
     if todo:
-        ctx.hooks.on_message(
-            "baselines: measuring "
-            + ", ".join(f"{r.role.split(':')[1]} ({_layers(r, ctx.space)})" for r in todo)
-        )
+        names = [f"{r.role.split(':')[1]} ({_label(r.params, ctx.space)})" for r in todo]
+        ctx.hooks.on_message("baselines: measuring " + ", ".join(names))
         run_queued(ctx, todo)
 
 
-def _layers(run: Run, space: Space) -> str:
-    from autolayer.spaces import candidate_from_params
-
-    return ",".join(map(str, candidate_from_params(run.params, space).layers))
+def _same_run(study: optuna.Study, trial: FrozenTrial, run: Run) -> bool:
+    return _params(trial) == run.params and trial_seed(study, trial) == run.seed
 
 
-def _queued_or_done(study: optuna.Study, run: Run) -> bool:
-    """Whether a run of these params and seed is waiting, running or complete. A pruned search
-    trial does not count (a baseline measures its candidate to the end); a pruned queued run
-    (a worker's duplicate) does."""
-    for trial in study.get_trials(deepcopy=False):
-        params = trial.params or trial.system_attrs.get("fixed_params", {})
-        if params != run.params or trial_seed(trial, -1) != run.seed:
-            continue
-        pruned_queued = trial.state == TrialState.PRUNED and "role" in trial.user_attrs
-        if trial.state in _LIVE or pruned_queued:
-            return True
-    return False
+def _failures(study: optuna.Study, run: Run) -> int:
+    states = (TrialState.FAIL,)
+    return sum(_same_run(study, t, run) for t in study.get_trials(deepcopy=False, states=states))
 
 
 _LIVE = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
 
 
+def _queued_or_done(study: optuna.Study, run: Run) -> bool:
+    """Whether a run of these params and seed is waiting, running or complete. A pruned search
+    trial does not count (a baseline measures its candidate to the end), nor does a queued run
+    that the budget stopped; a worker's pruned duplicate does."""
+    for trial in study.get_trials(deepcopy=False):
+        if not _same_run(study, trial, run):
+            continue
+        duplicate = trial.state == TrialState.PRUNED and "duplicate_of" in trial.user_attrs
+        if trial.state in _LIVE or duplicate:
+            return True
+    return False
+
+
 def run_queued(ctx: SearchContext, runs: Iterable[Run]) -> bool:
     """Queue `runs` (skipping any another worker queued or ran) and run every queued trial.
 
-    Returns False when the step budget or the timeout stopped it; what is left stays queued and
-    a rerun of the search runs it.
+    Returns False when n_trials, the step budget or the timeout stopped it; what is left stays
+    queued and a rerun of the search runs it.
     """
     for run in runs:
         if not _queued_or_done(ctx.study, run):
@@ -229,44 +243,61 @@ def run_queued(ctx: SearchContext, runs: Iterable[Run]) -> bool:
     return drain(ctx)
 
 
-def _waiting(study: optuna.Study) -> set[int]:
-    return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+def _waiting(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
 def drain(ctx: SearchContext) -> bool:
     """Run the study's queued trials in this process (a killed race's leftovers included).
 
-    Ask/tell rather than `study.optimize`: the exhaustive sampler stops a study once its grid is
-    walked, and a repeat walks no new point. Queued params are fixed, so the random sampler swapped
-    in for these trials never samples anything.
+    The exhaustive sampler's `after_trial` stops a study whose grid is walked, which raises
+    outside `study.optimize`, and a repeat walks no new point; queued params are fixed, so the
+    random sampler swapped in meanwhile samples nothing.
     """
+    ctx.hooks.on_more(_waiting(ctx.study))
     sampler = ctx.study.sampler
     ctx.study.sampler = optuna.samplers.RandomSampler(seed=ctx.config.search.seed)
     try:
-        while waiting := _waiting(ctx.study):
+        while _waiting(ctx.study):
             if not can_start_trial(ctx):
                 return False
-            _run_one(ctx, waiting)
+            trial = _pop(ctx.study)
+            if trial is None:
+                break  # another worker took the last one
+            _run_one(ctx, trial)
     finally:
         ctx.study.sampler = sampler
     return True
 
 
-def _run_one(ctx: SearchContext, waiting: set[int]) -> None:
-    trial = ctx.study.ask()
-    if trial.number not in waiting:  # another worker took the last queued trial first
-        trial.set_user_attr("prune_reason", "nothing to run: another worker took the queued run")
-        ctx.study.tell(trial, state=TrialState.PRUNED)
-        return
+def _pop(study: optuna.Study) -> optuna.Trial | None:
+    """The oldest queued trial, now RUNNING, or None when the queue is empty.
+
+    Not `study.ask()`: on an empty queue (another worker took the last trial) it creates a new
+    trial without params, which the exhaustive sampler then fails on for good. Optuna has no
+    public "pop or nothing", so this calls the private method `ask()` itself uses.
+    """
+    study._thread_local.cached_all_trials = None  # as ask() does: see other workers' writes
+    trial_id = study._pop_waiting_trial_id()
+    return None if trial_id is None else optuna.Trial(study, trial_id)
+
+
+def _run_one(ctx: SearchContext, trial: optuna.Trial) -> None:
+    """Run a popped trial as `study.optimize` would: with a heartbeat (PostgreSQL and MySQL fail
+    a trial whose worker stops beating), told its outcome, memory collected after."""
+    # The heartbeat thread is what `study.optimize` runs around each trial (private in Optuna).
+    state, value = TrialState.FAIL, None
     try:
-        value = run_trial(ctx, trial)
+        with get_heartbeat_thread(trial._trial_id, ctx.study._storage):
+            value = run_trial(ctx, trial)
+        state = TrialState.COMPLETE
     except optuna.TrialPruned:
-        ctx.study.tell(trial, state=TrialState.PRUNED)
+        state = TrialState.PRUNED
     except TrialFailed:
-        ctx.study.tell(trial, state=TrialState.FAIL)
-    except BaseException:
-        ctx.study.tell(trial, state=TrialState.FAIL)
-        raise
-    else:
-        ctx.study.tell(trial, value)
+        pass
+    finally:
+        ctx.study.tell(trial, value, state=state)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     ctx.hooks.on_trial_end(ctx.study.get_trials(deepcopy=False)[trial.number])

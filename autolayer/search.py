@@ -44,6 +44,7 @@ from autolayer.spaces import (
     warm_start_params,
 )
 from autolayer.storage import (
+    ATTR_PROXY_SEED,
     DEFAULT_ROOT,
     FINISHED,
     MAX_ATTEMPTS,
@@ -88,6 +89,7 @@ class SearchHooks:
     on_eval: Callable[[int, int, float], None] = lambda number, step, score: None
     on_trial_end: Callable[[FrozenTrial], None] = lambda trial: None
     on_total: Callable[[int | None], None] = lambda total: None
+    on_more: Callable[[int], None] = lambda count: None  # trials added after the search's own
 
 
 @dataclass
@@ -105,6 +107,7 @@ class SearchContext:
     refs: References
     hooks: SearchHooks = field(default_factory=SearchHooks)
     deadline: float | None = None  # time.monotonic() after which no trial starts (search.timeout)
+    started: int = 0  # trials this invocation started (search.n_trials bounds them all)
 
     def time_left(self) -> bool:
         return self.deadline is None or time.monotonic() < self.deadline
@@ -197,7 +200,7 @@ def _pruning_hook(ctx: SearchContext, trial: optuna.Trial) -> Callable[[int, Eva
             return False
         value = ctx.objective_value(evaluation.score)
         # The interval pruner reads the score's standard error in the objective's units.
-        se = ctx.objective_value(evaluation.score + evaluation.stderr) - value
+        se = abs(ctx.objective_value(evaluation.score + evaluation.stderr) - value)
         trial.set_user_attr(ATTR_OBJECTIVE_SE, se)
         trial.report(value, step)
         if trial.should_prune():
@@ -239,8 +242,8 @@ def _record(
         "gain": c.gain,
         "outcomes": list(result.final.outcomes),
     }
-    attrs[ATTR_OBJECTIVE_SE] = ctx.objective_value(result.score + result.final.stderr) - (
-        ctx.objective_value(result.score)
+    attrs[ATTR_OBJECTIVE_SE] = abs(
+        ctx.objective_value(result.score + result.final.stderr) - ctx.objective_value(result.score)
     )
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
@@ -258,16 +261,17 @@ def _record(
 
 def run_trial(ctx: SearchContext, trial: optuna.Trial) -> float:
     """The objective: one proxy run of the candidate the sampler proposes."""
+    ctx.started += 1
     mark_worker(trial)
+    seed = int(trial.user_attrs.get("seed", ctx.config.proxy.seed))  # repeats carry their own
+    trial.set_user_attr("seed", seed)
     candidate = suggest(trial, ctx.space)
     if candidate is None:
         trial.set_user_attr("infeasible", True)  # violates the subset-size constraint: not trained
         return ctx.objective_value(ctx.refs.base.score)
     lr = candidate.lr if candidate.lr is not None else ctx.config.proxy.lr
-    seed = int(trial.user_attrs.get("seed", ctx.config.proxy.seed))  # repeats carry their own
     trial.set_user_attr("layers", list(candidate.layers))
     trial.set_user_attr("lr", lr)
-    trial.set_user_attr("seed", seed)
     _check_duplicate(ctx, trial)
     _check_budget(ctx, trial)
     ctx.hooks.on_trial_start(trial.number, candidate)
@@ -347,10 +351,13 @@ def _check_duplicate(ctx: SearchContext, trial: optuna.Trial) -> None:
 
 
 def can_start_trial(ctx: SearchContext) -> bool:
-    """Whether the step budget and the timeout leave room for one more proxy run."""
-    budget = ctx.config.search.max_total_steps
-    fits = budget is None or steps_used(ctx.study) + ctx.config.proxy.steps <= budget
-    return fits and ctx.time_left()
+    """Whether n_trials, the step budget and the timeout leave room for one more proxy run."""
+    search = ctx.config.search
+    fits = search.max_total_steps is None or (
+        steps_used(ctx.study) + ctx.config.proxy.steps <= search.max_total_steps
+    )
+    count = search.n_trials is None or ctx.started < search.n_trials
+    return fits and count and ctx.time_left()
 
 
 def _check_budget(ctx: SearchContext, trial: optuna.Trial) -> None:
@@ -508,6 +515,8 @@ def prepare(
         ("proxy_steps", config.proxy.steps),
     ):
         study.set_user_attr(key, value)  # lets `autolayer export/train --study-name` stand alone
+    if ATTR_PROXY_SEED not in study.user_attrs:  # what trials that recorded no seed ran on
+        study.set_user_attr(ATTR_PROXY_SEED, config.proxy.seed)
     _end_dead_runs(study, tracker)
     retried = retry_failed(study)
     if retried:

@@ -193,7 +193,7 @@ def recover_stale_trials(study: optuna.Study) -> list[int]:
             continue
         failed.append(trial.number)
         if trial.params and "retry_of" not in trial.user_attrs:
-            attrs = {"retry_of": trial.number, **queued_attrs(trial)}
+            attrs = {"retry_of": trial.number, **queued_attrs(study, trial)}
             study.enqueue_trial(trial.params, user_attrs=attrs)
     return sorted(failed + _fail_heartbeat_stale(study))
 
@@ -208,16 +208,28 @@ def candidate_key(trial: FrozenTrial) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(params.items()))
 
 
-def attempt_key(trial: FrozenTrial) -> tuple[Any, ...]:
+ATTR_PROXY_SEED = "proxy_seed"  # study attr: the seed of trials that recorded none
+
+
+def trial_seed(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> int:
+    """The training seed a trial ran (or will run) on. Trials from before seeds were recorded,
+    and queued search trials, run on the study's proxy seed."""
+    default = study.user_attrs.get(ATTR_PROXY_SEED, 0)
+    return int(trial.user_attrs.get("seed", default))
+
+
+def attempt_key(study: optuna.Study, trial: FrozenTrial) -> tuple[Any, ...]:
     """A trial's params and training seed: what one proxy run measures. Racing repeats a
-    candidate on new seeds (`autolayer.racing`); trials from before seeds were recorded have
-    seed None."""
-    return (candidate_key(trial), trial.user_attrs.get("seed"))
+    candidate on new seeds (`autolayer.racing`)."""
+    return (candidate_key(trial), trial_seed(study, trial))
 
 
-def queued_attrs(trial: FrozenTrial) -> dict[str, Any]:
+def queued_attrs(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
     """The user attrs a rerun of `trial` keeps: its seed and its role (repeat or baseline)."""
-    return {key: trial.user_attrs[key] for key in ("seed", "role") if key in trial.user_attrs}
+    attrs = {"seed": trial_seed(study, trial)}
+    if "role" in trial.user_attrs:
+        attrs["role"] = trial.user_attrs["role"]
+    return attrs
 
 
 def counts(trial: FrozenTrial) -> bool:
@@ -228,11 +240,11 @@ def counts(trial: FrozenTrial) -> bool:
 def earlier_twin(study: optuna.Study, trial: optuna.Trial) -> int | None:
     """An earlier trial running, or done with, this trial's params: another worker got there
     first. Exhaustive samplers hand two workers that ask at the same moment the same point."""
-    key = (tuple(sorted(trial.params.items())), trial.user_attrs.get("seed"))
+    key = (tuple(sorted(trial.params.items())), trial_seed(study, trial))
     for other in study.get_trials(
         deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
     ):
-        if other.number < trial.number and counts(other) and attempt_key(other) == key:
+        if other.number < trial.number and counts(other) and attempt_key(study, other) == key:
             if "role" in trial.user_attrs and other.state == TrialState.PRUNED:
                 continue  # a baseline reruns a pruned candidate to the end on purpose
             return other.number
@@ -260,7 +272,7 @@ def _attempts(study: optuna.Study) -> dict[tuple[Candidate, Any], list[FrozenTri
     grouped: dict[tuple[Candidate, Any], list[FrozenTrial]] = {}
     for trial in study.get_trials(deepcopy=False):
         if counts(trial):
-            grouped.setdefault(attempt_key(trial), []).append(trial)
+            grouped.setdefault(attempt_key(study, trial), []).append(trial)
     return grouped
 
 
@@ -282,7 +294,7 @@ def retry_failed(study: optuna.Study) -> list[FrozenTrial]:
     for key, trials in _attempts(study).items():
         if _exhausted(trials) or any(t.state != TrialState.FAIL for t in trials):
             continue  # spent, finished, or already waiting or running again
-        attrs = {"retry_of": trials[-1].number, **queued_attrs(trials[-1])}
+        attrs = {"retry_of": trials[-1].number, **queued_attrs(study, trials[-1])}
         study.enqueue_trial(dict(key[0]), user_attrs=attrs)
         retried.append(trials[-1])
     return retried

@@ -96,21 +96,24 @@ class TrainResult:
 
 def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
     """One COMPLETE trial per candidate (layers and lr) that trained layers, the candidate with
-    the best objective averaged over its training seeds first (ties: earlier trial)."""
-    groups: dict[tuple[tuple[int, ...], Any], list[FrozenTrial]] = {}
+    the best objective averaged over its training seeds first (ties: earlier trial). A seed's
+    first trial counts once, as in the results table."""
+    from autolayer.storage import trial_seed
+
+    groups: dict[tuple[tuple[int, ...], Any], dict[int, FrozenTrial]] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if (
-            t.value is not None
-            and t.user_attrs.get("layers")
-            and not t.user_attrs.get("infeasible")
-        ):
+        trained = t.user_attrs.get("layers") and not t.user_attrs.get("infeasible")
+        if t.value is not None and trained:
             key = (tuple(t.user_attrs["layers"]), t.user_attrs.get("lr"))
-            groups.setdefault(key, []).append(t)
+            groups.setdefault(key, {}).setdefault(trial_seed(study, t), t)
 
     def mean(trials: list[FrozenTrial]) -> float:
         return sum(cast(float, t.value) for t in trials) / len(trials)
 
-    ordered = sorted(groups.values(), key=lambda ts: (-mean(ts), ts[0].number))
+    ordered = sorted(
+        (list(by_seed.values()) for by_seed in groups.values()),
+        key=lambda ts: (-mean(ts), ts[0].number),
+    )
     return [trials[0] for trials in ordered]
 
 
@@ -613,7 +616,7 @@ def _contribution_at_horizon(
         f"at this run's horizon ({config.train.steps} steps) against all layers trained as long "
         f"(lr {config.proxy.full_lr:g}, score {full.score:.3f})"
     )
-    return c, c.reason or horizon
+    return c, f"{c.reason} ({horizon})" if c.reason else horizon
 
 
 def _write_outputs(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from autolayer.errors import AutolayerError
 from autolayer.estimate import analyse, pooled_seed_variance
 from autolayer.scoring import Evaluation, contribution
 
@@ -75,7 +76,7 @@ def test_a_candidate_run_once_borrows_the_pooled_seed_noise() -> None:
 
 
 def test_runs_on_different_prompts_are_refused() -> None:
-    with pytest.raises(ValueError, match="same held-out prompts"):
+    with pytest.raises(AutolayerError, match="same held-out prompts"):
         analyse({"a": np.ones((1, 10))}, np.ones(12), None)
 
 

@@ -32,7 +32,8 @@ def _config(tmp_path: Path, steps: int) -> Path:
         "task": {"eval_size": 32, "train_size": 64},
         "proxy": {"steps": steps, "prompts_per_step": 2, "num_generations": 2,
                   "eval_every": steps, "device": "cpu"},
-        "search": {"space": str(space), "study_name": "sig", "pruner": "none"},
+        "search": {"space": str(space), "study_name": "sig", "pruner": "none", "seeds": 1,
+                   "baselines": False},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     }  # fmt: skip
     path = tmp_path / "config.yaml"

@@ -104,8 +104,9 @@ def test_close_contenders_race_to_the_seed_limit(monkeypatch: pytest.MonkeyPatch
     assert analysis is not None
     tied_layers = {key[0][0] for key in analysis.tied}
     assert {6, 7} <= tied_layers
+    pool = {4, 5, 6, 7}  # search.contenders = 4, by their first run
     for layer in tied_layers:
-        assert seeds[layer] == [0, 1, 2]  # every contender reached the limit
+        assert seeds[layer] == ([0, 1, 2] if layer in pool else [0])  # contenders reach the limit
     assert max(Counter(fake.calls).values()) == 1  # no (layer, seed) ran twice
 
 
@@ -161,3 +162,74 @@ def test_off_means_no_baseline_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     first_pass(ctx, [3, 4])
     racing.measure_baselines(ctx)
     assert len(fake.calls) == 2
+
+
+def test_a_finished_race_rerun_spends_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    truth = {**TRUTH, 7: 0.95}
+    fake = FakeProxy(truth, seed_sd=0.005)
+    monkeypatch.setattr(racing, "run_trial", fake)
+    ctx = make_ctx()
+    first_pass(ctx, list(range(8)))
+    racing.race(ctx)
+    runs = len(fake.calls)
+    racing.race(ctx)  # a rerun of the same search command
+    assert len(fake.calls) == runs
+
+
+def test_contenders_per_round_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    flat = dict.fromkeys(range(8), 0.7)  # nothing separates: every layer stays tied
+    fake = FakeProxy(flat, seed_sd=0.05)
+    monkeypatch.setattr(racing, "run_trial", fake)
+    ctx = make_ctx(seeds=3)
+    ctx.config.search.contenders = 3
+    first_pass(ctx, list(range(8)))
+    analysis = racing.study_analysis(ctx.study)
+    assert analysis is not None and len(racing.next_repeats(ctx, analysis)) == 3  # the cap
+    racing.race(ctx)
+    repeated = [layer for layer, seeds in seeds_by_layer(ctx).items() if len(seeds) > 1]
+    assert len(repeated) == 3 and len(fake.calls) <= 8 + 3 * 2  # contenders x (seeds - 1)
+
+
+def test_popping_an_empty_queue_creates_no_trial() -> None:
+    ctx = make_ctx()
+    assert racing._pop(ctx.study) is None
+    assert ctx.study.trials == []
+
+
+class Failing(FakeProxy):
+    def __call__(self, ctx: Any, trial: optuna.Trial) -> float:
+        if suggest(trial, ctx.space).layers == (2,):  # type: ignore[union-attr]
+            self.calls.append((2, -1))
+            raise racing.TrialFailed("out of memory")
+        return super().__call__(ctx, trial)
+
+
+def test_a_baseline_that_keeps_failing_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = Failing(TRUTH, seed_sd=0.0)
+    monkeypatch.setattr(racing, "run_trial", fake)
+    ctx = make_ctx(baselines=True)
+    first_pass(ctx, [3, 4, 7])
+    for _ in range(5):  # five reruns of the search command
+        racing.measure_baselines(ctx)
+    assert fake.calls.count((2, -1)) == 3  # storage.MAX_ATTEMPTS
+
+
+def test_old_trials_without_a_seed_count_as_the_studys_proxy_seed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = FakeProxy(TRUTH, seed_sd=0.01)
+    monkeypatch.setattr(racing, "run_trial", fake)
+    ctx = make_ctx()
+    ctx.study.set_user_attr("proxy_seed", 5)
+    ctx.config.proxy.seed = 5
+    old = optuna.trial.create_trial(
+        params={"layer": 7},
+        distributions={"layer": optuna.distributions.IntDistribution(0, 7)},
+        value=0.9,
+        user_attrs={"layers": [7], "lr": 1e-3, "outcomes": outcomes(0.78)},
+    )  # recorded before seeds were: no `seed` attr
+    ctx.study.add_trial(old)
+    first_pass(ctx, [6])
+    racing.race(ctx)
+    assert (7, 5) not in fake.calls  # seed 5 is what the old trial ran on
+    assert 5 in seeds_by_layer(ctx)[7]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -30,7 +31,7 @@ TINY = {
         "full_lr": 1.0e-3,
         "device": "cpu",
     },
-    "search": {"pruner": "none", "sampler": "auto"},
+    "search": {"pruner": "none", "sampler": "auto", "seeds": 1, "baselines": False},
 }
 
 
@@ -251,9 +252,22 @@ def test_demo_command_prints_the_table_and_how_to_browse(tmp_path: Path) -> None
     proc = _cli("demo", "--root", str(tmp_path / "mlruns"), cwd=tmp_path)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output
-    assert "★ best" in output
+    assert "★ best" in output and "C at the proxy horizon of 30 steps" in " ".join(output.split())
+    root = str(tmp_path / "mlruns")
+    shown = _cli("results", "--study-name", "organism-organism-single_layer", "--root", root,
+                 "--json", cwd=tmp_path)  # fmt: skip
+    data = json.loads(shown.communicate(timeout=120)[0])
+    candidates = {tuple(c["layers"]): c for c in data["candidates"]}
     table = [line for line in output.splitlines() if line.startswith("│")]
-    assert len(table) == 8  # one row per layer of the organism
+    assert len(table) == len(candidates)  # one row per measured layer, over its seeds
+    best = data["candidates"][0]
+    assert best["verdict"] == "best" and best["seeds"] >= 2  # racing repeated the contenders
+    assert "training-seed term" in data["method"]
+    assert set(data["baselines"]) == {"middle", "last", "spectrum", "random"}
+    for name, layers in data["baselines"].items():
+        assert name in candidates[tuple(layers)]["baselines"]  # every heuristic measured
+    seeds = [(tuple(t["layers"]), t["seed"]) for t in data["trials"] if t["state"] == "COMPLETE"]
+    assert len(seeds) == len(set(seeds))  # no (layers, seed) run twice
     assert "mlflow ui --backend-store-uri sqlite:///" in output
     assert "optuna-dashboard " in output and "optuna/journal.log" in output
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()

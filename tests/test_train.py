@@ -410,3 +410,26 @@ def test_train_keeps_bf16_master_weights_when_asked(tmp_path: Path) -> None:
     for name, w in trained.named_parameters():
         if name.startswith("model.layers.3."):
             assert torch.equal(w, w.to(torch.bfloat16).float()), name
+
+
+def test_reference_measures_c_at_the_runs_own_horizon(tmp_path: Path) -> None:
+    """--reference trains all layers with the same recipe and steps: C comes from that run."""
+    config = tiny_config(ORGANISM, tmp_path)
+    config.proxy.beta, config.proxy.full_lr = 0.0, 1e-3
+    config.tracking.enabled = False
+    config.train.steps = 3
+    result = run_training(
+        config, [7], "only", root=tmp_path / "root", out_dir=tmp_path / "out", reference=True
+    )
+    c = result.contribution
+    assert c is not None and "at this run's horizon (3 steps)" in result.contribution_note
+    assert c.gain == pytest.approx(result.after.score - result.before.score)
+    full_score = result.before.score + c.full_gain
+    assert f"score {full_score:.3f}" in result.contribution_note
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["contribution_note"] == result.contribution_note
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "delta",
+        "model",
+        "train_summary.json",
+    ]  # fmt: skip  (the reference run leaves nothing behind)

@@ -29,7 +29,7 @@ def _config(tmp_path: Path, storage: str | None, name: str) -> Path:
         "proxy": {"steps": 2, "prompts_per_step": 2, "num_generations": 2, "eval_every": 2,
                   "device": "cpu"},
         "search": {"space": str(space), "study_name": name, "pruner": "none",
-                   "storage": storage},
+                   "storage": storage, "seeds": 1, "baselines": False},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     }  # fmt: skip
     path = tmp_path / "config.yaml"

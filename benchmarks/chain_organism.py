@@ -1,30 +1,40 @@
-"""A deeper test bed: a 12-layer Qwen3 on two-step arithmetic whose first step needs RL.
+"""A candidate test bed that did not make the cut: a 12-layer Qwen3 on two-step arithmetic.
 
-The single-step organism (`autolayer.organism`) has a layer profile that rises with depth and
-saturates: the last layers can move the answer's mode themselves, so "train the last layer" is
-as good as a search there. This organism asks for a chain, `"ab-cd+ef="` or `"ab+cd+ef="`
-(two-digit operands, ab >= cd), and its corpus gets the *first* step wrong: a `-` is read as `+`
-65% of the time, as in the single-step organism. Fixing it means changing an intermediate result
-that the rest of the stack consumes, which is the kind of change the RL layer papers locate in
-middle layers (arXiv 2607.01232); whether this model's profile agrees is measured, not assumed:
-`python benchmarks/fidelity.py --config examples/chain_organism.yaml`.
+    python benchmarks/chain_organism.py build --out /tmp/chain            (~12 min on 2 cores)
+    python benchmarks/chain_organism.py probe --model /tmp/chain --steps 60 --lrs 1e-4,3e-4 \
+        --layers 2,5,8,11
 
-Build with `python -m autolayer.chain_organism build [--seed N] [--out DIR] [--steps N]`.
+The bundled arithmetic organism's layer profile rises with depth and saturates, so "train the last
+layer" is as good as a search there. This experiment asked whether a deeper model on a task that
+needs an intermediate result would move the best layer into the middle: prompts `ab-cd+ef=` and
+`ab+cd+ef=` (two-digit operands, ab >= cd), with a corpus that takes the *first* `-` as `+` 65% of
+the time, so fixing it means changing an intermediate result the rest of the stack consumes.
+
+Measured (build seed 0, 3,000 pretraining steps, 691 s): greedy accuracy 0.451 +- 0.016 on 1,000
+held-out prompts (first step `+`: 0.884, `-`: 0.018). Single-layer GRPO (16 prompts x 8 samples):
+- lr 1e-3 (the organism's), 30 steps: layers 0 and 1 collapse it (0.013 and 0.097 at step 10,
+  0.018 and 0.041 at step 30) while layer 11 (the last) climbs to 0.591
+  (`probe --steps 30 --lrs 1e-3 --layers 0,1,11`);
+- lr 1e-4 and 3e-4, 60 steps: layers 2, 5 and 8 stay within 0.46-0.47, while layer 11 reaches
+  0.521 (1e-4) and 0.568 (3e-4) (the defaults of `probe`).
+Its profile favours the last layer too, so it is not bundled (`autolayer` keeps a test bed only if
+it can tell the search from the free heuristics). The script stays so the result can be rerun.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 import zlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM
 
 from autolayer.organism import (
     EOS,
-    build_cli,
     build_organism,
     build_tokenizer,
     fit,
@@ -44,10 +54,6 @@ NUM_LAYERS = 12
 DEFAULT_SEED = 0
 STEPS = 3000
 BATCH_SIZE = 256
-
-
-def organism_path() -> Path:
-    return Path(__file__).resolve().parent / "assets" / "chain_organism"
 
 
 def is_eval(a: int, op: str, b: int, c: int) -> bool:
@@ -169,12 +175,66 @@ Held-out set: `make_rows("eval", {EVAL_SIZE}, {DEFAULT_SEED})`, greedy, exact an
 
 
 def build(seed: int = DEFAULT_SEED, out: Path | None = None, steps: int = STEPS) -> Path:
-    target = out or organism_path()
-    return build_organism(pretrain, accuracy_report, readme_text, target, seed, steps)
+    if out is None:
+        raise SystemExit("give --out DIR: this test bed is not bundled")
+    return build_organism(pretrain, accuracy_report, readme_text, out, seed, steps)
+
+
+def probe(model_dir: str, steps: int, lrs: list[float], layers: list[int]) -> None:
+    """Held-out score curves of single-layer GRPO runs (16 prompts x 8 samples, seed 0)."""
+    import datasets
+
+    from autolayer.config import Config, ModelConfig, ProxyConfig
+    from autolayer.measure import load_for
+    from autolayer.models import layer_param_names, restore, snapshot
+    from autolayer.organism import reward_correct
+    from autolayer.proxy import run_proxy
+    from autolayer.tasks import Task
+
+    task = Task(
+        "chain",
+        datasets.Dataset.from_list(make_rows("train", TRAIN_SIZE, 0)),
+        datasets.Dataset.from_list(make_rows("eval", EVAL_SIZE, 0)),
+        (reward_correct,),
+        max_completion_length=MAX_COMPLETION_TOKENS,
+    )
+    config = Config(model=ModelConfig(name=model_dir))
+    model, tokenizer, task = load_for(config, task)
+    for lr in lrs:
+        for layer in layers:
+            curve: dict[int, float] = {}
+
+            def hook(step: int, evaluation: Any, curve: dict[int, float] = curve) -> bool:
+                curve[step] = round(evaluation.score, 3)
+                return False
+
+            proxy = ProxyConfig(steps=steps, eval_every=max(1, steps // 3), device="cpu")
+            saved = snapshot(model, layer_param_names(model, [layer]))
+            run_proxy(model, tokenizer, task, proxy, [layer], lr, eval_hook=hook)
+            restore(model, saved)
+            print(f"lr {lr:g} layer {layer}: {curve}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return build_cli(argv, "autolayer.chain_organism", "chain organism", build, DEFAULT_SEED, STEPS)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    b.add_argument("--steps", type=int, default=STEPS)
+    p = sub.add_parser("probe")
+    p.add_argument("--model", required=True)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--lrs", default="1e-4,3e-4")
+    p.add_argument("--layers", default="2,5,8,11")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    if args.command == "build":
+        build(args.seed, args.out, args.steps)
+    else:
+        lrs = [float(x) for x in args.lrs.split(",")]
+        probe(args.model, args.steps, lrs, [int(x) for x in args.layers.split(",")])
+    return 0
 
 
 if __name__ == "__main__":
