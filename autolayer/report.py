@@ -107,7 +107,7 @@ class CandidateRow:
 
 def candidate_rows(study: optuna.Study) -> tuple[list[CandidateRow], Analysis[Key] | None]:
     """Every measured candidate, best score first, with its heuristics and verdict."""
-    from autolayer.racing import ATTR_BASELINES, study_analysis
+    from autolayer.racing import ATTR_BASELINES, ATTR_BASELINES_LR, study_analysis
 
     analysis = study_analysis(study)
     if analysis is None:
@@ -115,14 +115,16 @@ def candidate_rows(study: optuna.Study) -> tuple[list[CandidateRow], Analysis[Ke
     named: dict[tuple[int, ...], list[str]] = {}
     for name, layers in study.user_attrs.get(ATTR_BASELINES, {}).items():
         named.setdefault(tuple(layers), []).append(name)
+    baseline_lr = study.user_attrs.get(ATTR_BASELINES_LR)  # the heuristics ran at the pick's lr
     rows = []
     for key, e in analysis.estimates.items():
         layers, lr = key
+        heuristics = named.get(layers, ()) if baseline_lr in (None, lr) else ()
         verdict = "best" if key == analysis.best else "tied" if key in analysis.tied else ""
         rows.append(
             CandidateRow(
                 layers, lr, e.seeds, e.score, e.score_low, e.score_high, e.contribution, e.low,
-                e.high, verdict, tuple(named.get(layers, ())),
+                e.high, verdict, tuple(heuristics),
             )
         )  # fmt: skip
     return sorted(rows, key=lambda r: -r.score), analysis
@@ -317,16 +319,23 @@ def plot_contributions(study: optuna.Study, path: Path) -> Path | None:
         if b[5]:
             ax.annotate(b[5], (i, b[1] + b[3]), ha="center", va="bottom", fontsize=8,
                         xytext=(0, 2), textcoords="offset points")  # fmt: skip
-    if use_c:
-        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="all layers (C = 1)")
-        ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.bar([], [], color="yellowgreen", label="tied with the best")
+    from matplotlib.patches import Patch
+
+    handles: list[Any] = [Patch(color="tab:green", label="best")]
+    handles.append(Patch(color="yellowgreen", label="tied with the best"))
     if pruned:
-        ax.bar([], [], color="lightgray", label="pruned (value when stopped)")
-    ax.legend(loc="lower right", fontsize=8)
+        handles.append(Patch(color="lightgray", label="pruned (value when stopped)"))
+    if use_c:
+        line = ax.axhline(
+            1.0, color="gray", linestyle="--", linewidth=1, label="all layers (C = 1)"
+        )
+        handles.append(line)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.legend(handles=handles, loc="upper left", fontsize=7)
+    ax.margins(y=0.15)  # room for the heuristics' letters above the tallest bar
     ax.set_xlabel("trained layer(s); M middle, L last, S Spectrum, R random")
     ax.set_ylabel("contribution C (95% CI)" if use_c else "held-out score (95% CI)")
-    ax.set_title(f"{study.study_name}: {horizon(study)}; best in green", fontsize=10)
+    ax.set_title(f"{study.study_name}\n{horizon(study)}; seed and prompt noise", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, path)

@@ -194,7 +194,7 @@ BUILTINS: dict[str, Builtin] = {
         lambda: {
             "reward_funcs": ["autolayer.gsm8k.gsm8k_correct"],
             "chat_template": "always",
-            "max_completion_length": 16,
+            "max_completion_length": 64,  # SmolLM2 explains before it answers
         },
         make_splits=_chat_arithmetic_splits,
     ),

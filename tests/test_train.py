@@ -178,7 +178,11 @@ def test_contribution_against_the_study_reference() -> None:
     c, note = contribution_vs_study(after, base, study_with_refs(BASE, FULL), 0)
     assert c is not None and c.value == pytest.approx((0.75 - 0.5) / (1.0 - 0.5))
     assert c.low is not None and c.high is not None and c.low <= 0.5 <= c.high
-    assert note == ""
+    assert note == "against the study's all-layers proxy run"  # the study recorded no horizon
+    study = study_with_refs(BASE, FULL)
+    study.set_user_attr("proxy_steps", 30)
+    _, note = contribution_vs_study(after, base, study, 0)
+    assert "all-layers run of 30 proxy steps" in note and "--reference" in note
 
 
 def test_contribution_needs_the_same_prompts() -> None:
