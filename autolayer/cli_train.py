@@ -15,7 +15,6 @@ from autolayer.errors import AutolayerError
 
 if TYPE_CHECKING:
     import optuna
-    from torch import nn
 
     from autolayer.export import LayerChoice
     from autolayer.train import TrainResult
@@ -65,29 +64,8 @@ def _check_selectors(args: argparse.Namespace, needs_one: bool = True) -> None:
         raise AutolayerError("say which layers: --study-name NAME (the study's best) or --layers")
 
 
-def model_skeleton(name: str, revision: str | None = None) -> nn.Module:
-    """The model's module tree on the meta device: names and shapes without loading weights.
-
-    Layer counts, parameter names and sizes are all an export needs, and reading them this way
-    costs no memory even for an 8B model.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from autolayer.layers import resolve_model_path
-
-    path = resolve_model_path(name)
-    try:
-        hf_config = AutoConfig.from_pretrained(path, revision=revision)
-        with torch.device("meta"):
-            model: nn.Module = AutoModelForCausalLM.from_config(hf_config)
-    except (OSError, ValueError) as err:
-        raise AutolayerError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from err
-    return model
-
-
 def num_layers_of(name: str, revision: str | None = None) -> int:
-    from autolayer.models import find_layer_stack
+    from autolayer.models import find_layer_stack, model_skeleton
 
     return len(find_layer_stack(model_skeleton(name, revision)))
 
@@ -359,7 +337,7 @@ def study_evidence(
 def build_choice(args: argparse.Namespace) -> LayerChoice:
     """The LayerChoice the export options describe."""
     from autolayer.export import choice_from_model
-    from autolayer.models import find_layer_stack
+    from autolayer.models import find_layer_stack, model_skeleton
     from autolayer.storage import default_storage_url, load_study
 
     _check_selectors(args)

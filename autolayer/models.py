@@ -123,6 +123,33 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def model_skeleton(name: str, revision: str | None = None) -> nn.Module:
+    """The model's module tree on the meta device, from its config alone: names, shapes and exact
+    parameter counts without reading weights or a tokenizer (a 70B config builds in about a
+    second, where loading it would read 140 GB)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = _existing_path(name)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, revision=revision)
+        with torch.device("meta"):
+            model: nn.Module = AutoModelForCausalLM.from_config(hf_config)
+    except (OSError, ValueError) as err:
+        raise AutolayerError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from err
+    return model
+
+
+def _existing_path(name: str) -> str:
+    """The bundled model's directory, a local path that exists, or a hub id the hub can serve."""
+    path = resolve_model_path(name)
+    looks_local = path.startswith((".", "/", "~")) or os.sep in path and Path(path).exists()
+    if looks_local and not Path(path).expanduser().exists():
+        raise AutolayerError(f"model path {path} does not exist")
+    if not Path(path).expanduser().exists():
+        require_hub(f"the model '{name}'")
+    return path
+
+
 def load_model(
     name: str,
     *,
@@ -137,13 +164,8 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(name)
-    looks_local = path.startswith((".", "/", "~")) or os.sep in path and Path(path).exists()
-    if looks_local and not Path(path).expanduser().exists():
-        raise AutolayerError(f"model path {path} does not exist")
+    path = _existing_path(name)
     target = resolve_device(device)
-    if not Path(path).expanduser().exists():
-        require_hub(f"the model '{name}'")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
         usable = len(tokenizer) > 1 and bool(tokenizer("0 a")["input_ids"])
@@ -189,7 +211,6 @@ def describe_layers(model: nn.Module) -> tuple[list[LayerInfo], int]:
     return infos, total - sum(info.num_params for info in infos)
 
 
-@torch.no_grad()
 @torch.no_grad()
 def store_as_bf16(params: Iterable[nn.Parameter]) -> None:
     """Round weights to what bf16 storage keeps: an update below half a bf16 ULP of its weight

@@ -282,7 +282,7 @@ def test_export_from_a_study_records_the_evidence(
         (["--format", "json"], "say which layers"),
         (["--format", "json", "--layers", "3", "--study-name", "found"], "not both"),
         (["--format", "json", "--layers", "3"], "say which model"),
-        (["--format", "json", "--layers", "3", "--model", "/nonexistent/model"], "cannot load"),
+        (["--format", "json", "--layers", "3", "--model", "/nonexistent/model"], "does not exist"),
     ],
 )
 def test_export_user_errors(

@@ -1,4 +1,7 @@
+import json
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -135,3 +138,69 @@ def test_a_model_directory_without_a_tokenizer_is_one_sentence(tmp_path: Path) -
         (path / name).unlink(missing_ok=True)
     with pytest.raises(AutolayerError, match="cannot load a tokenizer for model .* save one"):
         load_model(str(path), device="cpu")
+
+
+# ---------------------------------------------------------------- the meta skeleton
+
+SKELETONS = [
+    "llama", "mistral", "phi3", "olmo2", "granite", "falcon", "qwen2", "qwen3", "gemma",
+    "gemma2", "gpt2", "gpt_neox", "stablelm",
+]  # fmt: skip
+
+
+def _tiny_config(model_type: str) -> Any:
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, n_embd=64, n_layer=3, n_head=4, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
+    )  # fmt: skip
+    if model_type != "falcon":  # Falcon derives head_dim and has no key-value head count here
+        kwargs.update(num_key_value_heads=2, head_dim=16)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+@pytest.mark.parametrize("model_type", SKELETONS)
+def test_layers_reads_only_the_config_and_counts_exactly(
+    model_type: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`autolayer layers` on a directory holding config.json alone: no weights, no tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from autolayer.cli import main
+
+    config = _tiny_config(model_type)
+    config.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    real = AutoModelForCausalLM.from_config(config)  # random init: the counts to match
+    stack = find_layer_stack(real)
+    start = time.perf_counter()
+    assert main(["layers", str(tmp_path), "--json"]) == 0
+    seconds = time.perf_counter() - start
+    shown = json.loads(capsys.readouterr().out)
+    per_layer = [sum(p.numel() for p in block.parameters()) for block in stack.layers]
+    assert [row["num_params"] for row in shown["layers"]] == per_layer
+    total = sum(p.numel() for p in real.parameters())
+    assert shown["frozen_rest_params"] == total - sum(per_layer)
+    assert shown["stack_path"] == stack.path
+    assert seconds < 3.0
+
+
+def test_a_70b_config_lists_in_seconds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Llama-3-70B's shape: reading its 140 GB of weights would take minutes; the skeleton not."""
+    from transformers import AutoConfig
+
+    from autolayer.cli import main
+
+    AutoConfig.for_model(
+        "llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+    ).save_pretrained(tmp_path)  # fmt: skip
+    start = time.perf_counter()
+    assert main(["layers", str(tmp_path), "--json"]) == 0
+    assert time.perf_counter() - start < 3.0
+    shown = json.loads(capsys.readouterr().out)
+    assert len(shown["layers"]) == 80
+    # q and o 8192^2, k and v 8192x1024, MLP 3 x 8192x28672, two RMSNorms of 8192
+    assert shown["layers"][0]["num_params"] == 855_654_400
