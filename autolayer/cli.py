@@ -83,6 +83,7 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
         help="Do not measure the free heuristics' picks after the search.",
     )
     parser.add_argument("--device", help=_help(ProxyConfig, "device"))
+    parser.add_argument("--threads", type=int, metavar="N", help=_help(ProxyConfig, "threads"))
     parser.add_argument(
         "--seed",
         type=int,
@@ -111,6 +112,9 @@ def apply_overrides(config: Config, args: argparse.Namespace) -> Config:
             setattr(search, key, value)
     if getattr(args, "device", None):
         proxy.device = args.device
+    if getattr(args, "threads", None) is not None:
+        proxy.threads = args.threads
+        ProxyConfig.__post_init__(proxy)  # re-validate what the flag changed
     if getattr(args, "seed", None) is not None:
         search.seed = proxy.seed = args.seed
     if getattr(args, "tracking_uri", None):

@@ -175,6 +175,11 @@ class ProxyConfig:
         "Non-reentrant activation checkpointing (saves memory).", False
     )
     device: str = doc("auto (CUDA when present, else CPU), cpu, cuda or cuda:N.", "auto")
+    threads: int | None = doc(
+        "CPU threads for torch (None: $OMP_NUM_THREADS if set, else the cores this process may "
+        "use, from its CPU affinity and cgroup quota). Lower it when runs share a machine.",
+        None,
+    )
     seed: int = doc("Seed of sampling and data order; CPU runs are deterministic for it.", 0)
 
     def __post_init__(self) -> None:
@@ -189,6 +194,7 @@ class ProxyConfig:
         )
         for key in ("lr", "full_lr", "temperature"):
             _require(getattr(self, key) > 0, f"proxy.{key} must be positive")
+        _require(self.threads is None or self.threads >= 1, "proxy.threads must be at least 1")
         _require(self.beta >= 0 and self.epsilon > 0, "proxy.beta must be >= 0 and epsilon > 0")
         _require(0 <= self.gigpo_gamma <= 1, "proxy.gigpo_gamma must be between 0 and 1")
 

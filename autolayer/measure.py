@@ -15,7 +15,14 @@ from torch import nn
 
 from autolayer.config import Config, ProxyConfig
 from autolayer.errors import AutolayerError
-from autolayer.models import find_layer_stack, layer_param_names, load_model, restore, snapshot
+from autolayer.models import (
+    find_layer_stack,
+    layer_param_names,
+    load_model,
+    restore,
+    set_threads,
+    snapshot,
+)
 from autolayer.proxy import EvalHook, ProxyResult, run_proxy
 from autolayer.rewards import check_rewards
 from autolayer.scoring import (
@@ -51,6 +58,7 @@ def load_for(config: Config, task: Task | None = None) -> tuple[nn.Module, Any, 
     `task` is one `prepare_task` returned; without it, `config.task` is loaded and checked first.
     """
     task = task if task is not None else prepare_task(config)
+    set_threads(config.proxy.threads)
     model, tokenizer = load_model(
         config.model.name,
         revision=config.model.revision,

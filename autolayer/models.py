@@ -6,6 +6,7 @@ other parameter is frozen: embeddings, the final norm, the LM head and anything 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,35 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise AutolayerError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def cores_given() -> int:
+    """The CPU cores this process may use: its affinity mask (taskset, a scheduler's cpuset),
+    capped by a cgroup v2 CPU quota (containers), at least 1. `os.cpu_count()` counts the whole
+    machine, which oversubscribes a shared one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores or 1, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores or 1)
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads: `threads`, else $OMP_NUM_THREADS if set, else the cores
+    given. Threads beyond the cores a process has make OpenMP spin against itself: on a 2-core
+    machine two runs of 2+ threads each slowed a proxy step 10x. Returns the count in use."""
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()  # the user's setting, already applied by OpenMP
+    count = threads if threads is not None else cores_given()
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

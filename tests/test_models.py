@@ -204,3 +204,37 @@ def test_a_70b_config_lists_in_seconds(tmp_path: Path, capsys: pytest.CaptureFix
     assert len(shown["layers"]) == 80
     # q and o 8192^2, k and v 8192x1024, MLP 3 x 8192x28672, two RMSNorms of 8192
     assert shown["layers"][0]["num_params"] == 855_654_400
+
+
+# ---------------------------------------------------------------- threads
+
+
+def test_cores_given_follows_affinity_and_the_cgroup_quota(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from autolayer import models
+
+    monkeypatch.setattr(models.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(models, "CPU_MAX", cpu_max)
+    assert models.cores_given() == 4  # no cgroup file: the affinity mask
+    cpu_max.write_text("max 100000\n")
+    assert models.cores_given() == 4
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs of quota: 2 threads
+    assert models.cores_given() == 2
+
+
+def test_set_threads_takes_the_setting_then_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from autolayer.models import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert set_threads(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        assert set_threads(None) == 1  # the user's OMP_NUM_THREADS is left alone
+    finally:
+        torch.set_num_threads(before)
