@@ -7,6 +7,7 @@ steps, so pruning callbacks and any Lightning logger see them by global step.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -133,6 +134,7 @@ class GRPOModule(L.LightningModule):
         self.config = config
         self.lr = lr
         self.trainable_names = freeze_except(model, layers)
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         upcast_trainable(model)
         self.rollouts = 0  # sampled batches done: the unit of `steps`, evals and pruning reports
         # (Lightning's global_step counts optimizer steps: num_iterations per batch)
@@ -159,16 +161,20 @@ class GRPOModule(L.LightningModule):
     def _logprobs(
         self, input_ids: torch.Tensor, mask: torch.Tensor, prompt_len: int, reference: bool = False
     ) -> torch.Tensor:
-        kwargs = {
+        kwargs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": mask,
             "position_ids": position_ids(mask),
         }
+        if self.keeps_logits:
+            # Only the positions that predict completion tokens need logits, as TRL asks for:
+            # the LM head over the prompt positions is skipped instead of computed and sliced.
+            kwargs["logits_to_keep"] = input_ids.shape[1] - prompt_len + 1
         if reference:
             out = torch.func.functional_call(self.model, self.reference, (), kwargs, strict=False)
         else:
             out = self.model(**kwargs)
-        logits = out.logits[:, prompt_len - 1 : -1]
+        logits = out.logits[:, -(input_ids.shape[1] - prompt_len) - 1 : -1]
         return rl.token_logprobs(logits, input_ids[:, prompt_len:], self.config.temperature)
 
     def _rollout(self, batch: dict[str, list[Any]]) -> dict[str, Any]:

@@ -204,3 +204,32 @@ def test_bf16_master_weights_keep_only_what_bf16_can_store(organism: tuple[Any, 
         trained = [w for n, w in weights.items() if n.startswith("model.layers.4.")]
         exact = all(torch.equal(w, w.to(torch.bfloat16).float()) for w in trained)
         assert exact == (name == "bf16"), name
+
+
+def test_log_probs_from_completion_logits_only_equal_the_full_pass(
+    organism: tuple[Any, Any, Any],
+) -> None:
+    """`logits_to_keep` skips the LM head over prompt positions; the log-probs and their
+    gradient are those of the full-logits pass."""
+    _, tokenizer, task = organism
+    model = fresh(organism)
+    module = GRPOModule(model, tokenizer, task, FAST, [3], lr=1e-3)
+    assert module.keeps_logits  # Qwen3 takes logits_to_keep
+    torch.manual_seed(0)
+    ids = torch.randint(4, 20, (6, 10))
+    mask = torch.ones_like(ids)
+    mask[:2, :2] = 0  # left padding on two rows
+
+    def logps_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad()
+        logp = module._logprobs(ids, mask, prompt_len=6)
+        logp.sum().backward()
+        weight = model.model.layers[3].mlp.down_proj.weight
+        return logp.detach(), weight.grad.detach().clone()
+
+    kept, kept_grad = logps_and_grad()
+    module.keeps_logits = False
+    full, full_grad = logps_and_grad()
+    assert kept.shape == (6, 4)
+    torch.testing.assert_close(kept, full, rtol=0, atol=1e-6)
+    torch.testing.assert_close(kept_grad, full_grad, rtol=0, atol=1e-6)
