@@ -12,7 +12,8 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from autolayer import agent, rl
 from autolayer.config import ProxyConfig
-from autolayer.models import freeze_except, store_as_bf16, trainable_parameters
+from autolayer.models import (
+    find_layer_stack,
+    freeze_except,
+    store_as_bf16,
+    trainable_parameters,
+)
 from autolayer.rewards import repeat_rows, score_completions
 from autolayer.scoring import Evaluation, complete, evaluate
 from autolayer.tasks import Task
@@ -114,8 +120,29 @@ class ProxyResult:
         return self.final.score
 
 
+class _Passthrough(nn.Module):
+    """Stands in for a frozen layer below the trained ones while its output is replayed from
+    the cache: hands its input on, in the return form of the layer it replaces."""
+
+    def __init__(self, as_tuple: bool) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) if self.as_tuple else hidden
+
+
+def _with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> Any:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
 class GRPOModule(L.LightningModule):
     """GRPO / Dr. GRPO with manual optimisation over the chosen layers only."""
+
+    share_prefix = True  # replay the frozen layers below the trained ones (tests turn it off)
 
     def __init__(
         self,
@@ -134,6 +161,9 @@ class GRPOModule(L.LightningModule):
         self.config = config
         self.lr = lr
         self.trainable_names = freeze_except(model, layers)
+        self.stack = find_layer_stack(model)
+        self.lowest = min(layers)
+        self._as_tuple: bool | None = None  # what a decoder layer returns, seen on first capture
         self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         upcast_trainable(model)
         self.rollouts = 0  # sampled batches done: the unit of `steps`, evals and pruning reports
@@ -252,19 +282,25 @@ class GRPOModule(L.LightningModule):
         if advantages is None:
             advantages = rl.group_advantages(roll["rewards"], cfg.num_generations, loss_algorithm)
         chunks = self._micro_batches(ids.shape[0])
+        prefix: dict[int, torch.Tensor] = {}  # per micro-batch: the frozen layers' output
         with torch.no_grad():
             ref_logp = (
-                self._chunked_logprobs(ids, attn, plen, chunks, True) if cfg.beta > 0 else None
+                self._chunked_logprobs(ids, attn, plen, chunks, prefix, True)
+                if cfg.beta > 0
+                else None
             )
             old_logp = (
-                self._chunked_logprobs(ids, attn, plen, chunks) if cfg.num_iterations > 1 else None
+                self._chunked_logprobs(ids, attn, plen, chunks, prefix)
+                if cfg.num_iterations > 1
+                else None
             )
         optimizer: Any = self.optimizers()  # one optimizer, configured below
         for _ in range(cfg.num_iterations):
             optimizer.zero_grad(set_to_none=True)
             parts = []
             for rows in chunks:
-                logp = self._logprobs(ids[rows], attn[rows], plen)
+                with self._frozen_prefix(prefix, rows.start):
+                    logp = self._logprobs(ids[rows], attn[rows], plen)
                 out = rl.policy_loss(
                     logp,
                     logp.detach() if old_logp is None else old_logp[rows],
@@ -293,6 +329,53 @@ class GRPOModule(L.LightningModule):
         self.rollouts += 1
         self._log_step(roll, out, grad_norm, time.perf_counter() - start)
 
+    @contextmanager
+    def _frozen_prefix(self, cache: dict[int, torch.Tensor], key: int) -> Iterator[None]:
+        """Compute the frozen layers below the lowest trained one once per micro-batch.
+
+        Those layers see the same input with the same weights in the reference, old-policy and
+        policy passes, so their output (the lowest trained layer's input) is the same in all of
+        them: the first pass of a micro-batch keeps it, the later ones swap the layers below for
+        pass-throughs and feed the kept hidden states in. Nothing below the lowest trained layer
+        needs a gradient, so replaying a detached tensor changes no gradient.
+        """
+        if not self.share_prefix or self.lowest == 0 or self.config.micro_batch_size:
+            # With micro-batches, keeping every one's hidden states would hold a full batch of
+            # activations that micro-batching exists to avoid.
+            yield
+            return
+        layers, first = self.stack.layers, self.stack.layers[self.lowest]
+        if key not in cache:
+
+            def keep(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                cache[key] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+            def shape(_: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+                self._as_tuple = isinstance(output, tuple)
+
+            handles = [
+                first.register_forward_pre_hook(keep, with_kwargs=True),
+                layers[self.lowest - 1].register_forward_hook(shape, with_kwargs=True),
+            ]
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+            return
+        below = [layers[i] for i in range(self.lowest)]
+        for i in range(self.lowest):
+            layers[i] = _Passthrough(bool(self._as_tuple))
+        handle = first.register_forward_pre_hook(
+            lambda _, args, kwargs: _with_hidden(args, kwargs, cache[key]), with_kwargs=True
+        )
+        try:
+            yield
+        finally:
+            handle.remove()
+            for i, layer in enumerate(below):
+                layers[i] = layer
+
     def _micro_batches(self, n: int) -> list[slice]:
         """Row slices of at most `micro_batch_size` completions (all of them when unset)."""
         size = self.config.micro_batch_size or n
@@ -304,9 +387,14 @@ class GRPOModule(L.LightningModule):
         attn: torch.Tensor,
         plen: int,
         chunks: list[slice],
+        prefix: dict[int, torch.Tensor],
         reference: bool = False,
     ) -> torch.Tensor:
-        return torch.cat([self._logprobs(ids[r], attn[r], plen, reference) for r in chunks])
+        parts = []
+        for rows in chunks:
+            with self._frozen_prefix(prefix, rows.start):
+                parts.append(self._logprobs(ids[rows], attn[rows], plen, reference))
+        return torch.cat(parts)
 
     def _clip_gradients(self) -> torch.Tensor:
         params = trainable_parameters(self.model)

@@ -233,3 +233,31 @@ def test_log_probs_from_completion_logits_only_equal_the_full_pass(
     assert kept.shape == (6, 4)
     torch.testing.assert_close(kept, full, rtol=0, atol=1e-6)
     torch.testing.assert_close(kept_grad, full_grad, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("layers", [[4], [3, 6]])
+def test_replaying_the_frozen_prefix_changes_nothing(
+    organism: tuple[Any, Any, Any], layers: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a KL reference and two passes per batch, the layers below the lowest trained one run
+    once per batch; the trained weights end where the full passes take them, to 1e-6."""
+    _, tokenizer, task = organism
+    config = ProxyConfig(**{**FAST.__dict__, "beta": 0.1, "num_iterations": 2})
+    ran: dict[bool, list[int]] = {}
+    trained: dict[bool, dict[str, torch.Tensor]] = {}
+    for share in (True, False):
+        monkeypatch.setattr(GRPOModule, "share_prefix", share)
+        model = fresh(organism)
+        calls = [0]
+        model.model.layers[0].register_forward_hook(lambda *a, c=calls: c.__setitem__(0, c[0] + 1))
+        result = run_proxy(model, tokenizer, task, config, layers)
+        ran[share] = calls
+        trained[share] = {
+            n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+        }
+        assert result.history[-1]["proxy/kl"] > 0
+    assert len(trained[False]) == 11 * len(layers)  # every matrix and norm of the trained layers
+    for name, value in trained[False].items():
+        torch.testing.assert_close(trained[True][name], value, rtol=0, atol=1e-6)
+    # per step, layer 0 runs in the reference pass only, not in the old-policy and 2 policy passes
+    assert ran[False][0] - ran[True][0] == 3 * config.steps
