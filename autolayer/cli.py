@@ -135,14 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in (_layers_parser, _search_parser, _demo_parser, _results_parser, _config_parser):
         register(sub)
-    try:
-        from autolayer.cli_train import register_train_commands
-    except ImportError:  # pragma: no cover - the train/export commands are optional extras
-        pass
-    else:
-        register_train_commands(sub)
     from autolayer.cli_analyze import register_analyze_commands
+    from autolayer.cli_train import register_train_commands
 
+    register_train_commands(sub)
     register_analyze_commands(sub)
     return parser
 
@@ -230,7 +226,7 @@ def _search_parser(sub: Any) -> None:
 def _demo_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
-        help="A real single-layer search on the bundled model (~40 s on 2 CPU cores).",
+        help="A real single-layer search on the bundled model (~1 min on 2 CPU cores).",
         description="Search the bundled tiny model's layers with its arithmetic "
         "task and the single-layer space, then print the table and "
         "the commands that open MLflow and optuna-dashboard.",

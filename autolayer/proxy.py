@@ -172,7 +172,6 @@ class GRPOModule(L.LightningModule):
         self.evals: list[tuple[int, Evaluation]] = []
         self.eval_hook: EvalHook | None = None
         self.stopped_early = False
-        self._eval_outcomes: list[float] = []
         # The reference policy is not a second model: frozen layers are identical in policy and
         # reference, so only the trained layers' original weights are kept (one copy of those
         # layers, not of the model). `functional_call` swaps them in for the reference pass.

@@ -111,15 +111,15 @@ def make_pruner(
     - interval: `IntervalPruner`, same reports as median plus each report's standard error; needs
       `final_step`, the step the trial ends at.
     - median: prunes a trial whose held-out score at a step is below the median of earlier
-      trials at that step. Report the held-out score with `step` = the global optimizer step.
+      trials at that step. Report the held-out score with `step` = the proxy step (sampled batch).
       Starts after 2 finished trials and `n_warmup_steps` steps.
     - hyperband: successive halving over brackets; same reports as median, with `n_warmup_steps`
       as the smallest budget a trial gets (`min_resource`); `max_resource` is learned from the
       first finished trial.
-    - wilcoxon: a paired signed-rank test against the best trial. Report one outcome per held-out
-      prompt with `step` = that prompt's index in the fixed eval set, so values pair across
-      trials on the same prompts. When it says prune, return the objective estimated from the
-      outcomes so far instead of raising TrialPruned (Optuna's advice), so the trial keeps a value.
+    - wilcoxon: a paired signed-rank test against the best trial. Report the objective of
+      consecutive blocks of the fixed held-out prompts with `step` = the block's index, the same
+      blocks for every trial, so values pair across trials; the search reports blocks of 50 after
+      a trial's run and raises TrialPruned when it says prune (the trial keeps its score).
     """
     if name == "none":
         return optuna.pruners.NopPruner()

@@ -61,10 +61,6 @@ class Contribution:
     full_gain: float  # S_full - S_base
     reason: str = ""
 
-    @property
-    def defined(self) -> bool:
-        return self.value is not None
-
     def __str__(self) -> str:
         if self.value is None or self.low is None or self.high is None:
             return f"undefined ({self.reason})"

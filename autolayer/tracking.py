@@ -165,13 +165,6 @@ class MlflowTracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         return str(run.info.run_id)
 
-    def find_run(self, name: str, tag: str, value: str) -> str | None:
-        """A run of this experiment carrying the tag value (a study's parent run on resume)."""
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1
-        )
-        return runs[0].info.run_id if runs else None
-
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 

@@ -52,7 +52,7 @@ def test_contribution_is_undefined_when_the_full_gain_is_noise() -> None:
     base = ev(1, 0, 1, 0, 1, 0, 1, 0, 1, 0)
     full = ev(0, 1, 1, 0, 1, 0, 1, 0, 1, 0)
     c = contribution(ev(*[1] * 10), base, full)
-    assert not c.defined and c.value is None
+    assert c.value is None and c.low is None and c.high is None
     assert "within noise" in c.reason
     assert str(c).startswith("undefined")
 
