@@ -291,12 +291,21 @@ def greedy_accuracy(
 def accuracy_report(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
     """Greedy accuracy on the held-out set, overall with its SE and per operation."""
     rows = make_rows("eval", EVAL_SIZE, DEFAULT_SEED)
-    rewards = greedy_rewards(model, tokenizer, rows)
+    return report_by_op(rows, greedy_rewards(model, tokenizer, rows), lambda p, op: op in p, "")
+
+
+def report_by_op(
+    rows: list[dict[str, str]],
+    rewards: list[float],
+    has_op: Callable[[str, str], bool],
+    label: str,
+) -> str:
+    """Accuracy with its SE, then per operation (`has_op(prompt, op)` picks a row's)."""
     acc = sum(rewards) / len(rewards)
     lines = [f"greedy accuracy {acc:.3f} +/- {math.sqrt(acc * (1 - acc) / len(rows)):.3f} (SE)"]
     for op in OPS:
-        mine = [r for r, row in zip(rewards, rows, strict=True) if op in row["prompt"]]
-        lines.append(f"  {op}: {sum(mine) / len(mine):.3f} on {len(mine)} prompts")
+        mine = [r for r, row in zip(rewards, rows, strict=True) if has_op(row["prompt"], op)]
+        lines.append(f"  {label}{op}: {sum(mine) / len(mine):.3f} on {len(mine)} prompts")
     return "\n".join(lines)
 
 

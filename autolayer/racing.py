@@ -38,7 +38,7 @@ from autolayer.search import (
     run_trial,
 )
 from autolayer.spaces import Space, baseline_params, candidate_from_params
-from autolayer.storage import MAX_ATTEMPTS, trial_seed
+from autolayer.storage import MAX_ATTEMPTS, attempt_key, candidate_key, trial_seed
 
 Key = tuple[tuple[int, ...], float]  # a measured candidate: its layers and lr
 ATTR_BASELINES = "baselines"  # study attr: heuristic name -> layers of its pick
@@ -60,8 +60,7 @@ class Run:
 
 
 def _params(trial: FrozenTrial) -> dict[str, Any]:
-    """A trial's params; a WAITING (queued) trial keeps them in Optuna's `fixed_params`."""
-    return dict(trial.params or trial.system_attrs.get("fixed_params", {}))
+    return dict(candidate_key(trial))
 
 
 def measured(study: optuna.Study) -> dict[Key, dict[int, FrozenTrial]]:
@@ -207,7 +206,7 @@ def measure_baselines(ctx: SearchContext) -> None:
 
 
 def _same_run(study: optuna.Study, trial: FrozenTrial, run: Run) -> bool:
-    return _params(trial) == run.params and trial_seed(study, trial) == run.seed
+    return attempt_key(study, trial) == (tuple(sorted(run.params.items())), run.seed)
 
 
 def _failures(study: optuna.Study, run: Run) -> int:

@@ -196,15 +196,12 @@ def verdict_lines(study: optuna.Study) -> list[str]:
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """The first completed trial of the best candidate (best mean score over its seeds)."""
-    rows, analysis = candidate_rows(study)
-    if not rows:
+    from autolayer.racing import measured, study_analysis
+
+    analysis = study_analysis(study)
+    if analysis is None or analysis.best is None:
         return None
-    best = rows[0]
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        a = t.user_attrs
-        if "score" in a and tuple(a.get("layers", ())) == best.layers and a.get("lr") == best.lr:
-            return t
-    return None
+    return min(measured(study)[analysis.best].values(), key=lambda t: t.number)
 
 
 def references(study: optuna.Study) -> dict[str, float | None]:

@@ -350,19 +350,22 @@ def _check_duplicate(ctx: SearchContext, trial: optuna.Trial) -> None:
         raise optuna.TrialPruned()
 
 
+def _budget_fits(ctx: SearchContext) -> bool:
+    """Whether the step budget leaves room for one more proxy run."""
+    budget = ctx.config.search.max_total_steps
+    return budget is None or steps_used(ctx.study) + ctx.config.proxy.steps <= budget
+
+
 def can_start_trial(ctx: SearchContext) -> bool:
     """Whether n_trials, the step budget and the timeout leave room for one more proxy run."""
-    search = ctx.config.search
-    fits = search.max_total_steps is None or (
-        steps_used(ctx.study) + ctx.config.proxy.steps <= search.max_total_steps
-    )
-    count = search.n_trials is None or ctx.started < search.n_trials
-    return fits and count and ctx.time_left()
+    n_trials = ctx.config.search.n_trials
+    count = n_trials is None or ctx.started < n_trials
+    return _budget_fits(ctx) and count and ctx.time_left()
 
 
 def _check_budget(ctx: SearchContext, trial: optuna.Trial) -> None:
     budget = ctx.config.search.max_total_steps
-    if budget is not None and steps_used(ctx.study) + ctx.config.proxy.steps > budget:
+    if not _budget_fits(ctx):
         trial.set_user_attr(ATTR_BUDGET_SPENT, True)  # the caller stops starting trials
         trial.set_user_attr("prune_reason", f"not run: the budget of {budget} proxy steps is spent")
         raise optuna.TrialPruned()

@@ -24,7 +24,6 @@ it can tell the search from the free heuristics). The script stays so the result
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import zlib
 from pathlib import Path
@@ -40,6 +39,7 @@ from autolayer.organism import (
     fit,
     generation_config,
     greedy_rewards,
+    report_by_op,
 )
 
 OPS = ("+", "-")  # the first operation; the second is always `+`
@@ -147,12 +147,7 @@ def pretrain(seed: int, steps: int = STEPS) -> tuple[Qwen3ForCausalLM, PreTraine
 def accuracy_report(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
     rows = make_rows("eval", EVAL_SIZE, DEFAULT_SEED)
     rewards = greedy_rewards(model, tokenizer, rows)
-    acc = sum(rewards) / len(rewards)
-    lines = [f"greedy accuracy {acc:.3f} +/- {math.sqrt(acc * (1 - acc) / len(rows)):.3f} (SE)"]
-    for op in OPS:
-        mine = [r for r, row in zip(rewards, rows, strict=True) if row["prompt"][2] == op]
-        lines.append(f"  first step {op}: {sum(mine) / len(mine):.3f} on {len(mine)} prompts")
-    return "\n".join(lines)
+    return report_by_op(rows, rewards, lambda prompt, op: prompt[2] == op, "first step ")
 
 
 def readme_text(seed: int, report: str, n_params: int, seconds: float) -> str:
