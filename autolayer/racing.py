@@ -174,7 +174,7 @@ def pick_baselines(ctx: SearchContext, analysis: Analysis[Key]) -> dict[str, tup
 
         snr = baselines.layer_snr(list(find_layer_stack(ctx.model).layers))
         ctx.study.set_user_attr(ATTR_SNR, snr)
-    seed = ctx.config.search.seed
+    seed = ctx.config.proxy.seed  # the study's: every worker draws the same random layers
     chosen = baselines.picks(ctx.space.kind, ctx.space.bounds, len(layers), snr, seed)
     ctx.study.set_user_attr(ATTR_BASELINES, {name: list(ls) for name, ls in chosen.items()})
     ctx.study.set_user_attr(ATTR_BASELINES_LR, lr)

@@ -44,7 +44,6 @@ from autolayer.spaces import (
     warm_start_params,
 )
 from autolayer.storage import (
-    ATTR_PROXY_SEED,
     DEFAULT_ROOT,
     FINISHED,
     MAX_ATTEMPTS,
@@ -58,6 +57,8 @@ from autolayer.storage import (
     mark_worker,
     recover_stale_trials,
     retry_failed,
+    study_proxy_seed,
+    trial_seed,
 )
 from autolayer.tasks import Task
 from autolayer.tracking import Tracker, make_tracker
@@ -230,7 +231,7 @@ def _wilcoxon_check(ctx: SearchContext, trial: optuna.Trial, final: Evaluation) 
 def _record(
     ctx: SearchContext, trial: optuna.Trial, run_id: str, result: ProxyResult
 ) -> Contribution:
-    c = contribution(result.final, ctx.refs.base, ctx.refs.full, seed=ctx.config.search.seed)
+    c = contribution(result.final, ctx.refs.base, ctx.refs.full, seed=ctx.config.proxy.seed)
     attrs = {
         "score": result.score,
         "stderr": result.final.stderr,
@@ -263,7 +264,7 @@ def run_trial(ctx: SearchContext, trial: optuna.Trial) -> float:
     """The objective: one proxy run of the candidate the sampler proposes."""
     ctx.started += 1
     mark_worker(trial)
-    seed = int(trial.user_attrs.get("seed", ctx.config.proxy.seed))  # repeats carry their own
+    seed = trial_seed(ctx.study, trial)  # the study's seed; repeats carry their own
     trial.set_user_attr("seed", seed)
     candidate = suggest(trial, ctx.space)
     if candidate is None:
@@ -518,8 +519,13 @@ def prepare(
         ("proxy_steps", config.proxy.steps),
     ):
         study.set_user_attr(key, value)  # lets `autolayer export/train --study-name` stand alone
-    if ATTR_PROXY_SEED not in study.user_attrs:  # what trials that recorded no seed ran on
-        study.set_user_attr(ATTR_PROXY_SEED, config.proxy.seed)
+    seed = study_proxy_seed(study, storage, config.proxy.seed)
+    if seed != config.proxy.seed:
+        hooks.on_message(
+            f"this study trains on seed {seed}, set by its first worker; "
+            f"--seed {config.proxy.seed} seeds this worker's sampler only"
+        )
+        config = dataclasses.replace(config, proxy=dataclasses.replace(config.proxy, seed=seed))
     _end_dead_runs(study, tracker)
     retried = retry_failed(study)
     if retried:

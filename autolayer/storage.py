@@ -211,6 +211,34 @@ def candidate_key(trial: FrozenTrial) -> tuple[tuple[str, Any], ...]:
 ATTR_PROXY_SEED = "proxy_seed"  # study attr: the seed of trials that recorded none
 
 
+SEED_CLAIM = "{study}.proxy-seed-claimed"  # a marker study; see `claim`
+SEED_WAIT = 60.0  # seconds a joining worker waits for the claiming one to record its seed
+
+
+def study_proxy_seed(study: optuna.Study, storage: Any, seed: int) -> int:
+    """The training seed every worker of `study` runs search trials on: the first worker's.
+
+    Workers started with different `--seed`s would otherwise train the same candidate on
+    different seeds, and an exhaustive search would run it once per worker. Exactly one worker
+    claims the study's seed (an atomic marker, as for the warm start); the others wait the few
+    milliseconds until it is recorded.
+    """
+    if ATTR_PROXY_SEED in study.user_attrs:
+        return int(study.user_attrs[ATTR_PROXY_SEED])
+    if claim(storage, SEED_CLAIM.format(study=study.study_name)):
+        study.set_user_attr(ATTR_PROXY_SEED, seed)
+        return seed
+    deadline = time.monotonic() + SEED_WAIT
+    while ATTR_PROXY_SEED not in study.user_attrs:
+        if time.monotonic() > deadline:
+            raise AutolayerError(
+                f"another worker claimed study '{study.study_name}' but never recorded its "
+                "training seed; rerun the command"
+            )
+        time.sleep(0.05)
+    return int(study.user_attrs[ATTR_PROXY_SEED])
+
+
 def trial_seed(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> int:
     """The training seed a trial ran (or will run) on. Trials from before seeds were recorded,
     and queued search trials, run on the study's proxy seed."""
@@ -257,10 +285,14 @@ def claim(storage: Any, name: str) -> bool:
     Creating a study is atomic in every Optuna storage (a unique name in the journal and in the
     database), so the first worker to create this marker study wins and every other is told so.
     """
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a marker, not a study to announce
     try:
         optuna.create_study(study_name=name, storage=storage)
     except optuna.exceptions.DuplicatedStudyError:
         return False
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     return True
 
 

@@ -177,6 +177,32 @@ def test_claim_is_won_once(tmp_path: Path) -> None:
     assert [claim(storage, "s.warm-start"), claim(storage, "s.warm-start")] == [True, False]
 
 
+def test_every_worker_trains_on_the_first_workers_seed(tmp_path: Path) -> None:
+    from autolayer.storage import ATTR_PROXY_SEED, study_proxy_seed
+
+    storage = make_storage(f"journal:{tmp_path / 'j.log'}")
+    first = optuna.create_study(study_name="s", storage=storage)
+    second = optuna.load_study(study_name="s", storage=storage)  # another worker's handle
+    assert study_proxy_seed(first, storage, 7) == 7
+    assert study_proxy_seed(second, storage, 3) == 7  # the joining worker's own seed loses
+    assert second.user_attrs[ATTR_PROXY_SEED] == 7
+
+
+def test_a_worker_waits_for_the_claimed_seed_then_gives_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autolayer import storage as storage_module
+    from autolayer.errors import AutolayerError
+    from autolayer.storage import SEED_CLAIM, claim, study_proxy_seed
+
+    storage = make_storage(f"journal:{tmp_path / 'j.log'}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    assert claim(storage, SEED_CLAIM.format(study="s"))  # a worker that died before recording
+    monkeypatch.setattr(storage_module, "SEED_WAIT", 0.1)
+    with pytest.raises(AutolayerError, match="never recorded its training seed"):
+        study_proxy_seed(study, storage, 3)
+
+
 def test_the_later_of_two_twins_is_the_duplicate() -> None:
     from autolayer.storage import earlier_twin
 

@@ -62,6 +62,8 @@ def _check_study(storage: str | None, root: Path, tracking: str, name: str) -> N
     study = load_study(name, storage, root)
     complete = Counter(t.params["layer"] for t in study.get_trials(states=(TrialState.COMPLETE,)))
     assert complete == {2: 1, 3: 1, 4: 1, 5: 1}  # every candidate completed exactly once
+    seeds = {t.user_attrs["seed"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert seeds == {study.user_attrs["proxy_seed"]}  # one training seed, whatever each --seed
     for trial in study.get_trials(states=(TrialState.PRUNED,)):
         assert "duplicate_of" in trial.user_attrs  # the only pruned trials: a worker's twin
     assert not study.get_trials(states=(TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING))
