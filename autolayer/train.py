@@ -10,19 +10,21 @@ trains everything with the best k layers at a higher learning rate.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import functools
 import gc
 import json
-import logging
 import os
 import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
+from unittest import mock
 
 import optuna
 import torch
@@ -200,7 +202,7 @@ def check_trainable(model: nn.Module, expected: set[str], optimizer: torch.optim
 # ---- TRL ---------------------------------------------------------------------------------------
 
 
-def grpo_args(config: Config, task: Task, output_dir: Path, base_dtype: torch.dtype) -> GRPOConfig:
+def grpo_args(config: Config, task: Task, output_dir: Path) -> GRPOConfig:
     """GRPOConfig equivalent to one proxy step: `prompts_per_step` prompts x G completions.
 
     TRL's `per_device_train_batch_size` counts completions, not prompts, and one optimizer step
@@ -210,9 +212,6 @@ def grpo_args(config: Config, task: Task, output_dir: Path, base_dtype: torch.dt
 
     p = config.proxy
     device = resolve_device(p.device)
-    init_kwargs: dict[str, Any] = {"dtype": str(base_dtype).removeprefix("torch.")}
-    if config.model.revision is not None:
-        init_kwargs["revision"] = config.model.revision
     return GRPOConfig(
         output_dir=str(output_dir),
         loss_type=p.algorithm,  # our names are TRL's: "grpo" or "dr_grpo"
@@ -245,8 +244,6 @@ def grpo_args(config: Config, task: Task, output_dir: Path, base_dtype: torch.dt
         use_cpu=device.type == "cpu",
         # mixed precision over fp32 trained weights; the Trainer refuses bf16 on CPU
         bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
-        # with beta > 0 TRL reloads the reference from config._name_or_path with these kwargs
-        model_init_kwargs=init_kwargs if p.beta > 0 else None,
         # the same reward combination as the proxy and the scorer
         reward_weights=list(task.reward_weights) if task.reward_weights else None,
         use_vllm=False,
@@ -291,18 +288,35 @@ def build_trainer(
 ) -> GRPOTrainer:
     """A GRPOTrainer stepping our parameter groups (TRL would build one group of all trainables)."""
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=0.0)
-    # TRL logs that `model_init_kwargs` are ignored for an instantiated model, but it does load
-    # the reference model (beta > 0) with them
-    trl_logger = logging.getLogger("trl.trainer.grpo_trainer")
-    trl_logger.addFilter(_drop_init_kwargs_note)
-    try:
-        return _grpo_trainer(model, tokenizer, task, args, callbacks, optimizer)
-    finally:
-        trl_logger.removeFilter(_drop_init_kwargs_note)
+    return _grpo_trainer(model, tokenizer, task, args, callbacks, optimizer)
 
 
-def _drop_init_kwargs_note(record: logging.LogRecord) -> bool:
-    return "model_init_kwargs" not in record.getMessage()
+def frozen_sharing_copy(model: nn.Module) -> nn.Module:
+    """The model as it is now, for the KL term's reference: every frozen tensor is shared with
+    `model` and only the trainable ones are copied, as the proxy's reference keeps them.
+
+    TRL (1.16) would instead reload a whole second model by `config._name_or_path`: twice the
+    memory for a few trained layers, and a crash on a local checkpoint whose config lacks
+    `architectures`, which the policy itself loads fine.
+    """
+    memo: dict[int, Any] = {id(p): p for p in model.parameters() if not p.requires_grad}
+    memo.update({id(b): b for b in model.buffers()})
+    reference = copy.deepcopy(model, memo)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+@contextlib.contextmanager
+def _reference_given(reference: nn.Module | None) -> Iterator[None]:
+    """While TRL builds its trainer, its reference loader returns `reference` (TRL has no
+    argument for a ready reference model)."""
+    if reference is None:
+        yield
+        return
+    from trl.trainer import grpo_trainer
+
+    with mock.patch.object(grpo_trainer, "create_model_from_path", lambda *_, **__: reference):
+        yield
 
 
 def _grpo_trainer(
@@ -324,15 +338,20 @@ def _grpo_trainer(
         criteria = stop_criteria(tokenizer, task.stop_strings)
         hf: Any = model
         hf.generate = functools.partial(hf.generate, stopping_criteria=criteria)
-    trainer = GRPOTrainer(
-        model=cast("PreTrainedModel", model),
-        processing_class=tokenizer,
-        reward_funcs=reward_funcs,
-        args=args,
-        train_dataset=task.train,
-        callbacks=callbacks,
-        optimizers=(optimizer, None),  # the Trainer adds the (constant) scheduler
-    )
+    reference = frozen_sharing_copy(model) if args.beta != 0.0 else None
+    with _reference_given(reference):
+        trainer = GRPOTrainer(
+            model=cast("PreTrainedModel", model),
+            processing_class=tokenizer,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=task.train,
+            callbacks=callbacks,
+            optimizers=(optimizer, None),  # the Trainer adds the (constant) scheduler
+        )
+    built = trainer.ref_model and trainer.accelerator.unwrap_model(trainer.ref_model)
+    if reference is not None and built is not reference:
+        raise AutolayerError("this TRL version builds its own reference model; install trl==1.16")
     # With logging_steps=1 the stock callbacks print every step's log dict; the metrics go to
     # MLflow, so keep the step bar and drop the dumps.
     trainer.remove_callback(PrinterCallback)
@@ -522,7 +541,7 @@ def _train(
         callbacks = [*callbacks, Bf16MasterWeights(trainable_parameters(model))]
     use_cache = getattr(model.config, "use_cache", None)
     trainer = build_trainer(
-        model, tokenizer, task, grpo_args(config, task, work_dir, base_dtype), groups, callbacks
+        model, tokenizer, task, grpo_args(config, task, work_dir), groups, callbacks
     )
     optimizer = cast(torch.optim.Optimizer, trainer.optimizer)
     check_trainable(model, expected, optimizer)

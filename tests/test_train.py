@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from autolayer.config import config_from_dict
 from autolayer.delta import load_delta, merge_to_dir
 from autolayer.errors import AutolayerError
-from autolayer.layers import ORGANISM
+from autolayer.layers import ORGANISM, resolve_model_path
 from autolayer.models import layer_param_names, load_model
 from autolayer.scoring import Evaluation
 from autolayer.tasks import load_task
@@ -322,7 +322,7 @@ def test_grpo_args_keep_one_generation_per_step(
     config = tiny_config(ORGANISM, tmp_path)
     config.proxy.micro_batch_size = micro
     task = load_task(config.task)
-    args = grpo_args(config, task, tmp_path, torch.float32)
+    args = grpo_args(config, task, tmp_path)
     assert args.per_device_train_batch_size == per_device
     assert args.gradient_accumulation_steps == accumulation
     assert args.generation_batch_size == 16 and args.steps_per_generation == accumulation
@@ -343,9 +343,7 @@ def test_trl_optimises_the_proxys_objective_with_a_kl_penalty(
     model, tokenizer = load_model(ORGANISM, device="cpu")
     task = load_task(config.task, tokenizer)
     groups = freeze_for_strategy(model, "only", [3], 1e-3, 0.0)
-    trainer = build_trainer(
-        model, tokenizer, task, grpo_args(config, task, tmp_path, torch.float32), groups, []
-    )
+    trainer = build_trainer(model, tokenizer, task, grpo_args(config, task, tmp_path), groups, [])
     torch.manual_seed(0)
     prompts = [p for p in task.train["prompt"][:4] for _ in range(4)]  # 6 characters: no padding
     prompt_ids, prompt_mask, completion_ids = generate_completions(
@@ -437,3 +435,47 @@ def test_reference_measures_c_at_the_runs_own_horizon(tmp_path: Path) -> None:
         "model",
         "train_summary.json",
     ]  # fmt: skip  (the reference run leaves nothing behind)
+
+
+def test_the_kl_reference_shares_every_frozen_tensor_and_copies_the_trained_ones(
+    tmp_path: Path,
+) -> None:
+    from autolayer.train import build_trainer
+
+    config = tiny_config(ORGANISM, tmp_path)  # beta 0.04
+    model, tokenizer = load_model(ORGANISM, device="cpu")
+    task = load_task(config.task, tokenizer)
+    groups = freeze_for_strategy(model, "only", [3], 1e-3, 0.0)
+    trainer = build_trainer(model, tokenizer, task, grpo_args(config, task, tmp_path), groups, [])
+    reference = trainer.ref_model
+    assert reference is not None and reference is not model
+    trained = set(layer_param_names(model, [3]))
+    for (name, param), (ref_name, ref_param) in zip(
+        model.named_parameters(), reference.named_parameters(), strict=True
+    ):
+        assert name == ref_name and not ref_param.requires_grad
+        assert (ref_param is param) == (name not in trained), name  # shared iff frozen
+    copied = sum(p.numel() for n, p in reference.named_parameters() if n in trained)
+    assert copied == 61_600  # one organism layer: the reference's only extra memory
+    weight = dict(model.named_parameters())["model.layers.3.mlp.up_proj.weight"]
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(1.0)  # a training step moves the policy, never the reference
+    assert torch.equal(
+        dict(reference.named_parameters())["model.layers.3.mlp.up_proj.weight"], original
+    )
+
+
+def test_kl_training_runs_on_a_checkpoint_without_architectures(tmp_path: Path) -> None:
+    """TRL's own reference reload needs `architectures` in config.json; ours does not."""
+    import shutil
+
+    local = tmp_path / "model"
+    shutil.copytree(resolve_model_path(ORGANISM), local)
+    cfg = json.loads((local / "config.json").read_text())
+    cfg.pop("architectures", None)
+    (local / "config.json").write_text(json.dumps(cfg))
+    config = tiny_config(str(local), tmp_path)
+    config.tracking.enabled = False
+    result = run_training(config, [3], "only", root=tmp_path / "root", out_dir=tmp_path / "out")
+    assert result.trainable_params == 61_600
