@@ -180,6 +180,7 @@ def apply_train_overrides(config: Config, args: argparse.Namespace) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from autolayer.processes import is_main_process
     from autolayer.storage import load_study
     from autolayer.train import run_training
 
@@ -202,7 +203,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         reference=args.reference,
     )
-    _print_train(result, config)
+    if is_main_process():  # one report, not one per rank of a distributed launch
+        _print_train(result, config)
     return 0
 
 

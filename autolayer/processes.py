@@ -1,4 +1,4 @@
-"""Whether the process that left something behind (a trial, a run, a temp directory) is gone."""
+"""Processes: whether one that left something behind is gone, and which rank this one is."""
 
 from __future__ import annotations
 
@@ -25,3 +25,15 @@ def died_here(host: object, pid: object) -> bool:
         and pid != os.getpid()
         and not pid_alive(pid)
     )
+
+
+def process_rank() -> tuple[int, int]:
+    """(this process's rank, the number of processes) as a distributed launcher set them:
+    torchrun, `accelerate launch` and SLURM jobs through either export RANK and WORLD_SIZE.
+    A plain process is (0, 1)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the outputs, tracks and prints: rank 0."""
+    return process_rank()[0] == 0

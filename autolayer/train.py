@@ -18,6 +18,7 @@ import gc
 import json
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -45,6 +46,7 @@ from autolayer.models import (
     store_as_bf16,
     trainable_parameters,
 )
+from autolayer.processes import is_main_process, process_rank
 from autolayer.scoring import Contribution, Evaluation, contribution, evaluate, stop_criteria
 from autolayer.tasks import Task
 from autolayer.tracking import DEFAULT_ROOT, Tracker, make_tracker
@@ -212,6 +214,7 @@ def grpo_args(config: Config, task: Task, output_dir: Path) -> GRPOConfig:
 
     p = config.proxy
     device = resolve_device(p.device)
+    per_process, micro = _per_process_batch(config)
     return GRPOConfig(
         output_dir=str(output_dir),
         loss_type=p.algorithm,  # our names are TRL's: "grpo" or "dr_grpo"
@@ -224,9 +227,10 @@ def grpo_args(config: Config, task: Task, output_dir: Path) -> GRPOConfig:
         num_generations=p.num_generations,
         # micro-batches accumulate to one step of prompts_per_step x G completions, so TRL still
         # generates once per optimizer step (steps_per_generation defaults to the accumulation)
-        per_device_train_batch_size=p.micro_batch_size or p.prompts_per_step * p.num_generations,
-        gradient_accumulation_steps=(p.prompts_per_step * p.num_generations)
-        // (p.micro_batch_size or p.prompts_per_step * p.num_generations),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=per_process // micro,
+        # every trainable parameter is used in every forward: skip DDP's extra graph traversal
+        ddp_find_unused_parameters=False,
         num_iterations=p.num_iterations,
         max_completion_length=task.max_completion_length,
         max_steps=config.train.steps,
@@ -252,6 +256,27 @@ def grpo_args(config: Config, task: Task, output_dir: Path) -> GRPOConfig:
         save_strategy="no",
         seed=p.seed,
     )
+
+
+def _per_process_batch(config: Config) -> tuple[int, int]:
+    """(completions per process per optimizer step, per forward pass): one step consumes
+    prompts_per_step x G completions however many processes share it, so N processes train on
+    the same global batch as one (each with 1/N of it, gradients averaged)."""
+    p = config.proxy
+    _, processes = process_rank()
+    total = p.prompts_per_step * p.num_generations
+    if total % processes:
+        raise AutolayerError(
+            f"prompts_per_step x num_generations ({total}) must divide evenly among "
+            f"{processes} processes"
+        )
+    per_process = total // processes
+    micro = min(p.micro_batch_size or per_process, per_process)
+    if per_process % micro:
+        raise AutolayerError(
+            f"micro_batch_size ({micro}) must divide each process's {per_process} completions"
+        )
+    return per_process, micro
 
 
 class TrackerCallback(TrainerCallback):
@@ -514,6 +539,13 @@ def refuse_existing(out_dir: Path, overwrite: bool) -> None:
         )
 
 
+@contextlib.contextmanager
+def _scratch_dir() -> Iterator[Path]:
+    """A non-main rank's working directory: removed at the end, nothing of it is kept."""
+    with tempfile.TemporaryDirectory(prefix="autolayer-rank-") as tmp:
+        yield Path(tmp)
+
+
 def settle(model: nn.Module, base_dtype: torch.dtype) -> None:
     """After training: nothing requires grad and every weight is back in the base dtype."""
     for param in model.parameters():
@@ -725,18 +757,28 @@ def run_training(
         raise AutolayerError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     out = Path(out_dir if out_dir is not None else config.train.output_dir)
     refuse_existing(out, overwrite)
+    main = is_main_process()  # under a distributed launcher only rank 0 tracks and writes
+    if not main:
+        config = dataclasses.replace(
+            config, tracking=dataclasses.replace(config.tracking, enabled=False)
+        )
     if config.train.lr is None:  # train what the search measured: its trial's lr
         found = trial_lr(study, layers)
         lr = found if found is not None else config.proxy.lr
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=lr))
     model, tokenizer, task = load_for(config, prepare_task(config, task))
+    if task.env is not None and process_rank()[1] > 1:
+        raise AutolayerError(
+            f"task {task.name!r} trains in the multi-turn loop, which runs in one process; "
+            "launch it without torchrun or accelerate"
+        )
     chosen = validate_layers(layers, len(find_layer_stack(model)))
     before = base_reference(config, model, tokenizer, task, root)
     base_hashes = hash_parameters(model, layer_param_names(model, chosen))
     params = run_params(config, chosen, strategy, study, task.name)
     tracker, run_id = start_tracking(config, study, root, params)
     try:
-        with atomic_dir(out, overwrite) as tmp:
+        with atomic_dir(out, overwrite) if main else _scratch_dir() as tmp:
             callbacks: list[TrainerCallback] = [TrackerCallback(tracker, run_id)]
             logger = tracker.lightning_logger(run_id)
             trained, seconds, after = _train_and_score(
@@ -762,16 +804,17 @@ def run_training(
                 out,
                 run_id,
             )
-            _write_outputs(
-                tmp,
-                model,
-                tokenizer,
-                config,
-                chosen,
-                strategy,
-                base_hashes,
-                _summary(config, result, study, task.name),
-            )
+            if main:
+                _write_outputs(
+                    tmp,
+                    model,
+                    tokenizer,
+                    config,
+                    chosen,
+                    strategy,
+                    base_hashes,
+                    _summary(config, result, study, task.name),
+                )
     except BaseException as err:
         killed = isinstance(err, (KeyboardInterrupt, Interrupted))
         tracker.end_run(run_id, "KILLED" if killed else "FAILED")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,6 +23,7 @@ from autolayer.scoring import Evaluation
 from autolayer.tasks import load_task
 from autolayer.train import (
     TrackerCallback,
+    _per_process_batch,
     check_trainable,
     contribution_vs_study,
     freeze_for_strategy,
@@ -479,3 +481,78 @@ def test_kl_training_runs_on_a_checkpoint_without_architectures(tmp_path: Path) 
     config.tracking.enabled = False
     result = run_training(config, [3], "only", root=tmp_path / "root", out_dir=tmp_path / "out")
     assert result.trainable_params == 61_600
+
+
+@pytest.mark.parametrize(
+    ("processes", "micro", "expected"),
+    [(1, None, (16, 16)), (2, None, (8, 8)), (2, 4, (8, 4)), (4, 8, (4, 4))],
+)
+def test_processes_share_one_global_batch(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    processes: int,
+    micro: int | None,
+    expected: tuple[int, int],
+) -> None:
+    """4 prompts x G=4 = 16 completions per optimizer step, however many processes split it."""
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
+    config = tiny_config(ORGANISM, tmp_path)
+    config.proxy.micro_batch_size = micro
+    assert _per_process_batch(config) == expected  # (per process and step, per pass)
+
+
+def test_a_batch_that_does_not_split_among_the_processes_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    config = tiny_config(ORGANISM, tmp_path)
+    with pytest.raises(AutolayerError, match=r"\(16\) must divide evenly among 3 processes"):
+        grpo_args(config, load_task(config.task), tmp_path)
+
+
+def test_train_under_accelerate_launch_with_two_cpu_processes(tmp_path: Path) -> None:
+    """Two ranks over gloo train one model (DDP averages their gradients); only rank 0 writes
+    the outputs and prints. The cap is a safety net for a hung rank, not a timing assertion."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = {
+        "model": {"name": ORGANISM, "dtype": "float32"},
+        "task": {"name": "organism", "train_size": 64, "eval_size": 32},
+        "proxy": {"prompts_per_step": 4, "num_generations": 4, "beta": 0.04, "device": "cpu"},
+        "train": {"steps": 2, "lr": 3e-3},
+        "tracking": {"enabled": False},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port),
+        "-m", "autolayer.cli", "train", "--config", "config.yaml", "--layers", "3", "--out", "out",
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        output = proc.communicate(timeout=600)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, output
+    assert output.count("trained layers 3") == 1  # rank 0 reports, rank 1 does not
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "mlruns", "out"]
+    trained = dict(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").named_parameters()
+    )
+    base, _ = load_model(ORGANISM, dtype="float32", device="cpu")
+    chosen = set(layer_param_names(base, [3]))
+    for name, param in base.named_parameters():
+        assert torch.equal(trained[name], param) == (name not in chosen), name
