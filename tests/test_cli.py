@@ -42,3 +42,44 @@ def test_input_errors_come_before_any_model_library_loads(
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("autolayer: error:") and message in done.stderr
     assert "HEAVY []" in done.stdout  # no torch, transformers, datasets or lightning yet
+
+
+CLUSTER = Path(__file__).resolve().parents[1] / "examples" / "cluster"
+
+
+def _autolayer_commands(text: str) -> list[list[str]]:
+    """The autolayer command lines of a job script, continuation lines joined, as argv."""
+    import shlex
+
+    joined = text.replace("\\\n", " ")
+    if text.lstrip().startswith("#") and "apiVersion" in text:  # a Kubernetes manifest
+        containers = yaml.safe_load(text)["spec"]["template"]["spec"]["containers"]
+        joined = "\n".join(arg for c in containers for arg in c["args"])
+    commands = []
+    for line in joined.splitlines():
+        words = shlex.split(line.split("#", 1)[0]) if "autolayer" in line else []
+        for marker in ("autolayer", "autolayer.cli"):
+            if marker in words and not line.lstrip().startswith("#"):
+                commands.append(words[words.index(marker) + 1 :])
+    return commands
+
+
+@pytest.mark.parametrize("name", ["search.sbatch", "train.sbatch", "search-job.yaml"])
+def test_the_cluster_recipes_use_flags_that_exist(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from autolayer.cli import build_parser
+
+    for var, value in {"SLURM_ARRAY_TASK_ID": "3", "SLURM_CPUS_PER_TASK": "8",
+                       "JOB_COMPLETION_INDEX": "3", "AUTOLAYER_STORAGE": "postgresql://db/x",
+                       "MLFLOW_TRACKING_URI": "http://mlflow:5000"}.items():  # fmt: skip
+        monkeypatch.setenv(var, value)
+    commands = _autolayer_commands((CLUSTER / name).read_text())
+    assert commands, name
+    for argv in commands:
+        args = build_parser().parse_args([os.path.expandvars(a) for a in argv])
+        assert args.storage == "postgresql://db/x" and args.study_name == "my-model-my-task"
+        if args.command == "search":
+            assert args.seed == 3  # each worker's own sampler seed
