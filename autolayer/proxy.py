@@ -133,6 +133,35 @@ class _Passthrough(nn.Module):
         return (hidden,) if self.as_tuple else hidden
 
 
+def _generated_prefix(parts: list[torch.Tensor], shape: torch.Size) -> torch.Tensor | None:
+    """The hidden states generation handed the lowest trained layer, laid out as the training
+    batch `shape` (rows, prompt + completion): the prefill's prompt positions, then one position
+    per decoding step. The last sampled token never went through the model; its slot is zeros,
+    which changes nothing scored (its logits predict past the completion, and causal attention
+    hides it from every earlier position). None when generation ran in another layout."""
+    rows, length = shape
+    if (
+        not parts
+        or any(p.shape[0] != rows for p in parts)
+        or any(p.shape[1] != 1 for p in parts[1:])
+    ):
+        return None
+    hidden = torch.cat(parts, dim=1)
+    if hidden.shape[1] != length - 1:
+        return None
+    return torch.cat([hidden, hidden.new_zeros(rows, 1, hidden.shape[2])], dim=1)
+
+
+def _has_dropout(model: nn.Module, layers: list[nn.Module]) -> bool:
+    """Whether the embeddings or `layers` drop anything out in training mode."""
+    config = getattr(model, "config", None)
+    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
+        return True
+    hf: Any = model
+    parts = [hf.get_input_embeddings(), *layers]
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for part in parts for m in part.modules())
+
+
 def _with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> Any:
     if args:
         return (hidden, *args[1:]), kwargs
@@ -143,6 +172,7 @@ class GRPOModule(L.LightningModule):
     """GRPO / Dr. GRPO with manual optimisation over the chosen layers only."""
 
     share_prefix = True  # replay the frozen layers below the trained ones (tests turn it off)
+    capture_prefix = True  # take their output from generation (tests and benchmarks turn it off)
 
     def __init__(
         self,
@@ -165,6 +195,7 @@ class GRPOModule(L.LightningModule):
         self.lowest = min(layers)
         self._as_tuple: bool | None = None  # what a decoder layer returns, seen on first capture
         self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._dropout_below = _has_dropout(model, list(self.stack.layers)[: self.lowest])
         upcast_trainable(model)
         self.rollouts = 0  # sampled batches done: the unit of `steps`, evals and pruning reports
         # (Lightning's global_step counts optimizer steps: num_iterations per batch)
@@ -213,10 +244,12 @@ class GRPOModule(L.LightningModule):
         if self.task.env is not None:
             return self._play(rows["seed"])
         self.model.eval()
-        done = complete(
-            self.model, self.tokenizer, self.task, rows["prompt"], do_sample=True,
-            temperature=cfg.temperature,
-        )  # fmt: skip
+        parts: list[torch.Tensor] = []
+        with self._capture_prefix(parts):
+            done = complete(
+                self.model, self.tokenizer, self.task, rows["prompt"], do_sample=True,
+                temperature=cfg.temperature,
+            )  # fmt: skip
         self.model.train()
         columns = {k: v for k, v in rows.items() if k != "prompt"}
         rewards = torch.tensor(
@@ -225,13 +258,54 @@ class GRPOModule(L.LightningModule):
             device=self.device,
         )
         prompt_mask = done.prompt_mask
-        return {
-            "input_ids": torch.cat([done.prompt_ids, done.completion_ids], dim=1),
+        input_ids = torch.cat([done.prompt_ids, done.completion_ids], dim=1)
+        roll = {
+            "input_ids": input_ids,
             "attention_mask": torch.cat([prompt_mask, done.mask.to(prompt_mask.dtype)], dim=1),
             "prompt_len": done.prompt_ids.shape[1],
             "mask": done.mask,
             "rewards": rewards,
         }
+        prefix = _generated_prefix(parts, input_ids.shape)
+        if prefix is not None:
+            roll["prefix"] = prefix
+        return roll
+
+    @contextmanager
+    def _capture_prefix(self, parts: list[torch.Tensor]) -> Iterator[None]:
+        """While sampling, keep what the frozen layers below the trained ones hand up.
+
+        Generation already runs those layers over every prompt position (the prefill) and every
+        sampled token (one position per decoding step), on the weights the passes below use, so
+        the policy pass need not run them again: with beta = 0 and one iteration that pass is
+        the only one, and the frozen-prefix cache has nothing else to save. Off when the frozen
+        layers hold dropout, which is inactive in generation but not in the passes.
+        """
+        if not (self.capture_prefix and self._shares_prefix()) or self._dropout_below:
+            yield
+            return
+        layers = self.stack.layers
+
+        def keep(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            parts.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+        def shape(_: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            self._as_tuple = isinstance(output, tuple)
+
+        handles = [
+            layers[self.lowest].register_forward_pre_hook(keep, with_kwargs=True),
+            layers[self.lowest - 1].register_forward_hook(shape, with_kwargs=True),
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _shares_prefix(self) -> bool:
+        # With micro-batches, keeping every one's hidden states would hold a full batch of
+        # activations that micro-batching exists to avoid.
+        return self.share_prefix and self.lowest > 0 and not self.config.micro_batch_size
 
     def _play(self, seeds: list[int]) -> dict[str, Any]:
         """G trajectories per seed; each action is a loss row with its trajectory's advantage
@@ -281,7 +355,8 @@ class GRPOModule(L.LightningModule):
         if advantages is None:
             advantages = rl.group_advantages(roll["rewards"], cfg.num_generations, loss_algorithm)
         chunks = self._micro_batches(ids.shape[0])
-        prefix: dict[int, torch.Tensor] = {}  # per micro-batch: the frozen layers' output
+        # per micro-batch: the frozen layers' output, kept from generation when it could be
+        prefix: dict[int, torch.Tensor] = {0: roll["prefix"]} if "prefix" in roll else {}
         with torch.no_grad():
             ref_logp = (
                 self._chunked_logprobs(ids, attn, plen, chunks, prefix, True)
@@ -338,9 +413,7 @@ class GRPOModule(L.LightningModule):
         pass-throughs and feed the kept hidden states in. Nothing below the lowest trained layer
         needs a gradient, so replaying a detached tensor changes no gradient.
         """
-        if not self.share_prefix or self.lowest == 0 or self.config.micro_batch_size:
-            # With micro-batches, keeping every one's hidden states would hold a full batch of
-            # activations that micro-batching exists to avoid.
+        if not self._shares_prefix():
             yield
             return
         layers, first = self.stack.layers, self.stack.layers[self.lowest]

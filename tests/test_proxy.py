@@ -173,8 +173,12 @@ def test_single_middle_layer_grpo_beats_base_by_three_standard_errors(
     assert result.score - base.score >= 3 * base.stderr, (base.score, result.score)
 
 
-def test_micro_batches_give_the_full_batch_update(organism: tuple[Any, Any, Any]) -> None:
+def test_micro_batches_give_the_full_batch_update(
+    organism: tuple[Any, Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Gradient accumulation over micro-batches of 4 completions equals one pass over all 16."""
+    # micro-batches never take the frozen prefix from generation (float rounding apart, the same)
+    monkeypatch.setattr(GRPOModule, "capture_prefix", False)
     _, tokenizer, task = organism
     whole, split = fresh(organism), fresh(organism)
     one = ProxyConfig(**{**FAST.__dict__, "steps": 1, "eval_every": 1, "beta": 0.1})
@@ -245,6 +249,7 @@ def test_replaying_the_frozen_prefix_changes_nothing(
     config = ProxyConfig(**{**FAST.__dict__, "beta": 0.1, "num_iterations": 2})
     ran: dict[bool, list[int]] = {}
     trained: dict[bool, dict[str, torch.Tensor]] = {}
+    monkeypatch.setattr(GRPOModule, "capture_prefix", False)  # exact replay; see the next test
     for share in (True, False):
         monkeypatch.setattr(GRPOModule, "share_prefix", share)
         model = fresh(organism)
@@ -261,3 +266,36 @@ def test_replaying_the_frozen_prefix_changes_nothing(
         torch.testing.assert_close(trained[True][name], value, rtol=0, atol=1e-6)
     # per step, layer 0 runs in the reference pass only, not in the old-policy and 2 policy passes
     assert ran[False][0] - ran[True][0] == 3 * config.steps
+
+
+@pytest.mark.parametrize("lowest", [1, 4])
+def test_generation_hands_the_frozen_prefix_to_the_policy_pass(
+    organism: tuple[Any, Any, Any], lowest: int
+) -> None:
+    """The frozen layers' output kept while sampling (prefill plus one position per decoding
+    step, through the KV cache) is what a full forward computes at every position that counts,
+    to float rounding, and so are the log-probs taken from it."""
+    _, tokenizer, task = organism
+    model = fresh(organism)
+    module = GRPOModule(model, tokenizer, task, FAST, [lowest, 6], FAST.lr)
+    torch.manual_seed(0)
+    batch = {k: list(task.train[k][:4]) for k in task.train.column_names}
+    roll = module._rollout(batch)
+    ids, attn, plen = roll["input_ids"], roll["attention_mask"], roll["prompt_len"]
+    mask = roll["mask"].bool()
+    kept = roll["prefix"]
+    assert kept.shape[:2] == ids.shape
+    seen: list[torch.Tensor] = []
+    hook = model.model.layers[lowest].register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True,
+    )
+    with torch.no_grad():
+        full_logp = module._logprobs(ids, attn, plen)
+    hook.remove()
+    counts = attn.bool()
+    counts[:, -1] = False  # the last token's slot: its output predicts nothing scored
+    torch.testing.assert_close(kept[counts], seen[0][counts], rtol=0, atol=1e-5)
+    with torch.no_grad(), module._frozen_prefix({0: kept}, 0):
+        replayed = module._logprobs(ids, attn, plen)
+    torch.testing.assert_close(replayed[mask], full_logp[mask], rtol=0, atol=1e-5)
