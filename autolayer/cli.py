@@ -19,6 +19,7 @@ from autolayer.config import (
     TrackingConfig,
     field_help,
     load_config,
+    require_one_device,
 )
 
 EXIT_USER_ERROR = 2
@@ -241,6 +242,7 @@ def _run_search(config: Config, root: Path) -> int:
     from autolayer.storage import make_storage
 
     # Fail on a bad space, layer range or storage URL in seconds, before the model loads.
+    require_one_device(config.proxy)
     space = load_space(config.search.space)
     num_layers = layer_count_from_config(config.model.name)
     if num_layers is not None:

@@ -175,6 +175,15 @@ class ProxyConfig:
         "Non-reentrant activation checkpointing (saves memory).", False
     )
     device: str = doc("auto (CUDA when present, else CPU), cpu, cuda or cuda:N.", "auto")
+    devices: int = doc(
+        "Devices one proxy run spans, one process each (Lightning's `devices`): a step's "
+        "prompts are split among them and their gradients averaged. Above 1, launch with "
+        "torchrun --nproc_per_node N (or let Lightning start the processes).",
+        1,
+    )
+    strategy: Literal["auto", "ddp"] = doc(
+        "Lightning strategy across `devices`: auto (one device) or ddp.", "auto"
+    )
     threads: int | None = doc(
         "CPU threads for torch (None: $OMP_NUM_THREADS if set, else the cores this process may "
         "use, from its CPU affinity and cgroup quota). Lower it when runs share a machine.",
@@ -195,6 +204,17 @@ class ProxyConfig:
         for key in ("lr", "full_lr", "temperature"):
             _require(getattr(self, key) > 0, f"proxy.{key} must be positive")
         _require(self.threads is None or self.threads >= 1, "proxy.threads must be at least 1")
+        _require(self.devices >= 1, "proxy.devices must be at least 1")
+        _require(self.strategy in ("auto", "ddp"), "proxy.strategy must be auto or ddp")
+        _require(
+            self.prompts_per_step % self.devices == 0,
+            f"proxy.prompts_per_step ({self.prompts_per_step}) must divide evenly among "
+            f"proxy.devices ({self.devices})",
+        )
+        _require(
+            self.devices == 1 or self.micro_batch_size is None,
+            "proxy.micro_batch_size works on one device; use proxy.devices 1 with it",
+        )
         _require(self.beta >= 0 and self.epsilon > 0, "proxy.beta must be >= 0 and epsilon > 0")
         _require(0 <= self.gigpo_gamma <= 1, "proxy.gigpo_gamma must be between 0 and 1")
 
@@ -455,3 +475,13 @@ def read_yaml(path: Path, what: str) -> Any:
 def field_help(cls: type) -> dict[str, str]:
     """Field name -> help text, for `--help` and docs."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def require_one_device(proxy: ProxyConfig) -> None:
+    """The search runs each proxy run in one process: several devices per run need a launcher."""
+    if proxy.devices > 1:
+        raise AutolayerError(
+            "the search runs every proxy run in its own single process, so proxy.devices must "
+            "be 1 (share a study among several workers instead; one run spans N devices when "
+            "autolayer.proxy.run_proxy is launched under torchrun)"
+        )

@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -526,7 +527,10 @@ def make_trainer(
     cuda = torch.cuda.is_available() and accelerator != "cpu"
     return L.Trainer(
         accelerator=accelerator,
-        devices=1,
+        devices=config.devices,
+        # DDP (gloo on CPU, NCCL on CUDA) averages the trained layers' gradients in backward;
+        # every trainable parameter is used in every step, so no unused-parameter search
+        strategy=DDPStrategy(find_unused_parameters=False) if config.strategy == "ddp" else "auto",
         precision="bf16-mixed" if cuda else "32-true",
         max_epochs=1,
         val_check_interval=min(config.eval_every, config.steps),
@@ -562,9 +566,10 @@ def run_proxy(
     module = GRPOModule(model, tokenizer, task, config, layers, lr)
     module.eval_hook = eval_hook
     rows = training_rows(task, config.steps, config.prompts_per_step, config.seed)
-    train = DataLoader(
-        _Rows(rows), batch_size=config.prompts_per_step, shuffle=False, collate_fn=_collate
-    )
+    # With N devices Lightning gives each process every N-th row (a DistributedSampler), so
+    # a step's prompts_per_step prompts are split N ways: the global batch of one device.
+    per_device = config.prompts_per_step // config.devices
+    train = DataLoader(_Rows(rows), batch_size=per_device, shuffle=False, collate_fn=_collate)
     val = DataLoader(_Rows([{"prompt": ""}]), batch_size=1, collate_fn=_collate)
     start = time.perf_counter()
     trainer = make_trainer(config, logger=logger, progress=progress)

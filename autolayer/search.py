@@ -25,7 +25,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from autolayer.config import Config
+from autolayer.config import Config, require_one_device
 from autolayer.errors import Interrupted, TrialInterrupted
 from autolayer.measure import base_reference, load_for, prepare_task, proxy_and_restore
 from autolayer.models import find_layer_stack
@@ -494,6 +494,7 @@ def prepare(
     `task` replaces the one `config.task` describes (the Python way to bring your own task).
     """
     hooks = hooks or SearchHooks()
+    require_one_device(config.proxy)
     # Everything a user can get wrong cheaply (space file, storage URL, tracking URI) is checked
     # before the model loads, so a typo fails in a second and leaves no study behind.
     unbound = load_space(config.search.space)

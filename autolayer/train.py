@@ -767,7 +767,7 @@ def run_training(
         lr = found if found is not None else config.proxy.lr
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=lr))
     model, tokenizer, task = load_for(config, prepare_task(config, task))
-    if task.env is not None and process_rank()[1] > 1:
+    if task.env is not None and (process_rank()[1] > 1 or config.proxy.devices > 1):
         raise AutolayerError(
             f"task {task.name!r} trains in the multi-turn loop, which runs in one process; "
             "launch it without torchrun or accelerate"

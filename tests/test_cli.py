@@ -29,6 +29,7 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         ({"search": {"study_name": "../x"}}, None, "study_name must be a plain name"),
         ({}, {"kind": "single_layer", "layers": [3, 12]}, "do not fit the model; valid layers"),
         ({}, {"kind": "nope"}, "kind"),
+        ({"proxy": {"devices": 2, "strategy": "ddp"}}, None, "proxy.devices must be 1"),
     ],
 )
 def test_input_errors_come_before_any_model_library_loads(
@@ -42,6 +43,7 @@ def test_input_errors_come_before_any_model_library_loads(
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("autolayer: error:") and message in done.stderr
     assert "HEAVY []" in done.stdout  # no torch, transformers, datasets or lightning yet
+    assert not (tmp_path / "mlruns").exists()  # nothing written
 
 
 CLUSTER = Path(__file__).resolve().parents[1] / "examples" / "cluster"

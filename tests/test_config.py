@@ -28,10 +28,20 @@ def test_sections_are_read_and_ints_accepted_for_floats() -> None:
         ({"search": {"warm_start": [1, "x"]}}, "'search.warm_start' must be"),
         ({"proxy": {"num_generations": 1}}, "num_generations must be at least 2"),
         ({"proxy": 3}, "section 'proxy' must be a mapping"),
+        ({"proxy": {"devices": 0}}, "proxy.devices must be at least 1"),
+        ({"proxy": {"strategy": "fsdp"}}, "'proxy.strategy' must be one of 'auto', 'ddp'"),
+        (
+            {"proxy": {"devices": 3, "prompts_per_step": 16}},
+            "proxy.prompts_per_step (16) must divide evenly among proxy.devices (3)",
+        ),
+        (
+            {"proxy": {"devices": 2, "micro_batch_size": 8}},
+            "proxy.micro_batch_size works on one device",
+        ),
     ],
 )
 def test_bad_configs_name_the_key(data: dict, message: str) -> None:
-    with pytest.raises(AutolayerError, match=message.replace("(", r"\(")):
+    with pytest.raises(AutolayerError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config_from_dict(data)
 
 

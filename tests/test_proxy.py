@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -299,3 +301,32 @@ def test_generation_hands_the_frozen_prefix_to_the_policy_pass(
     with torch.no_grad(), module._frozen_prefix({0: kept}, 0):
         replayed = module._logprobs(ids, attn, plen)
     torch.testing.assert_close(replayed[mask], full_logp[mask], rtol=0, atol=1e-5)
+
+
+def test_two_cpu_processes_over_gloo_take_the_one_process_gradient(tmp_path: Path) -> None:
+    """proxy.devices 2 with DDP: each process trains on half a step's prompts and the averaged
+    gradient is the one-process gradient of the whole batch (same sampled batch, fixed once)."""
+    import subprocess
+    import sys
+
+    driver = Path(__file__).with_name("ddp_driver.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
+    for devices in (1, 2):
+        proc = subprocess.run(
+            [sys.executable, str(driver), str(tmp_path), str(devices)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    one, two = (torch.load(tmp_path / f"grad-{n}.pt") for n in (1, 2))
+    assert (one["world"], one["rows"], two["world"], two["rows"]) == (1, [16], 2, [8])
+    assert max(float(g.abs().max()) for g in one["grads"]) > 1e-2  # a real gradient
+    for mine, theirs in zip(one["grads"], two["grads"], strict=True):
+        torch.testing.assert_close(theirs, mine, rtol=1e-5, atol=1e-7)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
