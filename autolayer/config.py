@@ -8,6 +8,7 @@ a valid config.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -349,6 +350,9 @@ def _type_name(tp: Any) -> str:
     return names.get(tp, "null" if tp is type(None) else str(tp))
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
@@ -379,6 +383,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads 1e-5, without a dot, as a string
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

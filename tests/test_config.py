@@ -83,3 +83,14 @@ def test_micro_batch_must_divide_the_step() -> None:
 def test_a_study_name_cannot_be_a_path(name: str) -> None:
     with pytest.raises(AutolayerError, match="study_name must be a plain name"):
         config_from_dict({"search": {"study_name": name}})
+
+
+def test_yaml_floats_without_a_dot_are_numbers(tmp_path) -> None:
+    """PyYAML (YAML 1.1) reads `1e-5` as a string; the schema takes it as the number it means."""
+    path = tmp_path / "c.yaml"
+    path.write_text("proxy:\n  lr: 1e-5\n  full_lr: 3E-4\ntrain:\n  lr: 2e-6\n")
+    config = load_config(path)
+    assert (config.proxy.lr, config.proxy.full_lr, config.train.lr) == (1e-5, 3e-4, 2e-6)
+    path.write_text("proxy:\n  lr: 1e\n")
+    with pytest.raises(AutolayerError, match="'proxy.lr' must be a number, got '1e'"):
+        load_config(path)
