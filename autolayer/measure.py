@@ -14,74 +14,12 @@ from typing import Any
 from torch import nn
 
 from autolayer.config import Config, ProxyConfig
-from autolayer.errors import AutolayerError
-from autolayer.models import (
-    find_layer_stack,
-    layer_param_names,
-    load_model,
-    restore,
-    set_threads,
-    snapshot,
-)
+from autolayer.loading import base_reference, load_for, prepare_task
+from autolayer.models import find_layer_stack, layer_param_names, restore, snapshot
 from autolayer.proxy import EvalHook, ProxyResult, run_proxy
-from autolayer.rewards import check_rewards
-from autolayer.scoring import (
-    Contribution,
-    Evaluation,
-    ScoreCache,
-    contribution,
-    eval_fingerprint,
-    evaluate,
-)
-from autolayer.tasks import Task, for_tokenizer, load_task
+from autolayer.scoring import Contribution, Evaluation, contribution
+from autolayer.tasks import Task
 from autolayer.tracking import DEFAULT_ROOT
-
-
-def prepare_task(config: Config, task: Task | None = None) -> Task:
-    """`task`, or the one `config.task` describes, with its reward functions tried on real rows.
-
-    Runs before the model loads, so bad data or a broken reward fails in seconds.
-    """
-    task = task if task is not None else load_task(config.task)
-    if config.proxy.algorithm == "gigpo" and task.env is None:
-        raise AutolayerError(
-            "proxy.algorithm gigpo needs a multi-turn environment task (task.env); use grpo or "
-            "dr_grpo for single-turn tasks"
-        )
-    check_rewards(task)
-    return task
-
-
-def load_for(config: Config, task: Task | None = None) -> tuple[nn.Module, Any, Task]:
-    """The model (on the proxy's device), its tokenizer and the task bound to that tokenizer.
-
-    `task` is one `prepare_task` returned; without it, `config.task` is loaded and checked first.
-    """
-    task = task if task is not None else prepare_task(config)
-    set_threads(config.proxy.threads)
-    model, tokenizer = load_model(
-        config.model.name,
-        revision=config.model.revision,
-        dtype=config.model.dtype,
-        device=config.proxy.device,
-    )
-    return model, tokenizer, for_tokenizer(task, tokenizer)
-
-
-def base_reference(
-    config: Config, model: nn.Module, tokenizer: Any, task: Task, root: Path
-) -> Evaluation:
-    """The base model's held-out outcomes, cached on disk per (model, task, eval set)."""
-    cache = ScoreCache(root / "cache")
-    key = "base-" + eval_fingerprint(
-        config.model.name, config.model.revision, model, tokenizer, task
-    )
-    cached = cache.get(key)
-    if cached is not None and len(cached.outcomes) == len(task.eval):
-        return cached
-    evaluation = evaluate(model, tokenizer, task)
-    cache.put(key, evaluation)
-    return evaluation
 
 
 def proxy_and_restore(

@@ -27,7 +27,8 @@ from torch import nn
 
 from autolayer.config import Config, require_one_device
 from autolayer.errors import Interrupted, TrialInterrupted
-from autolayer.measure import base_reference, load_for, prepare_task, proxy_and_restore
+from autolayer.loading import base_reference, load_for, prepare_task
+from autolayer.measure import proxy_and_restore
 from autolayer.models import find_layer_stack
 from autolayer.proxy import ProxyResult
 from autolayer.sampling import ATTR_ORIGIN, make_pruner, make_sampler

@@ -37,7 +37,7 @@ from autolayer.config import Config
 from autolayer.delta import MANIFEST_FILE, atomic_dir, hash_parameters, save_delta
 from autolayer.errors import AutolayerError, Interrupted
 from autolayer.layers import middle_layers, validate_layers
-from autolayer.measure import base_reference, load_for, prepare_task
+from autolayer.loading import base_reference, load_for, prepare_task
 from autolayer.models import (
     find_layer_stack,
     freeze_except,

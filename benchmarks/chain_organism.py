@@ -180,7 +180,7 @@ def probe(model_dir: str, steps: int, lrs: list[float], layers: list[int]) -> No
     import datasets
 
     from autolayer.config import Config, ModelConfig, ProxyConfig
-    from autolayer.measure import load_for
+    from autolayer.loading import load_for
     from autolayer.models import layer_param_names, restore, snapshot
     from autolayer.organism import reward_correct
     from autolayer.proxy import run_proxy

@@ -40,7 +40,8 @@ from autolayer.baselines import layer_snr, picks
 from autolayer.config import Config, load_config
 from autolayer.estimate import analyse
 from autolayer.layers import middle_layers
-from autolayer.measure import base_reference, load_for, prepare_task, proxy_and_restore
+from autolayer.loading import base_reference, load_for, prepare_task
+from autolayer.measure import proxy_and_restore
 from autolayer.models import find_layer_stack
 from autolayer.racing import measured, study_analysis
 from autolayer.sampling import ATTR_ORIGIN, ATTR_SE, make_pruner

@@ -13,7 +13,8 @@ import json
 import time
 
 from autolayer.config import load_config
-from autolayer.measure import base_reference, load_for, proxy_and_restore
+from autolayer.loading import base_reference, load_for
+from autolayer.measure import proxy_and_restore
 from autolayer.models import find_layer_stack
 from autolayer.tracking import DEFAULT_ROOT
 

@@ -23,7 +23,7 @@ import torch
 from transformers import CompileConfig
 
 from autolayer.config import load_config
-from autolayer.measure import load_for
+from autolayer.loading import load_for
 from autolayer.scoring import eos_token_ids, stop_criteria
 from autolayer.tasks import prompt_text
 

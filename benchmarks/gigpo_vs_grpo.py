@@ -15,7 +15,8 @@ import statistics
 from dataclasses import replace
 
 from autolayer.config import load_config
-from autolayer.measure import load_for, prepare_task, proxy_and_restore
+from autolayer.loading import load_for, prepare_task
+from autolayer.measure import proxy_and_restore
 from autolayer.scoring import evaluate
 
 

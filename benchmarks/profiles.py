@@ -21,7 +21,7 @@ from scipy import stats
 
 from autolayer.compare import agreement, noisiness, profile
 from autolayer.config import Config, load_config
-from autolayer.measure import load_for, prepare_task
+from autolayer.loading import load_for, prepare_task
 from autolayer.presignal import layer_signal
 from autolayer.search import run_search
 

@@ -20,7 +20,7 @@ import torch
 
 from autolayer.config import load_config
 from autolayer.layers import parse_layers
-from autolayer.measure import load_for
+from autolayer.loading import load_for
 from autolayer.models import find_layer_stack
 from autolayer.proxy import GRPOModule, run_proxy
 from autolayer.scoring import evaluate

@@ -38,7 +38,7 @@ import torch
 from transformers import TrainerCallback
 
 from autolayer.config import Config, load_config
-from autolayer.measure import load_for
+from autolayer.loading import load_for
 from autolayer.models import layer_param_names, restore, snapshot
 from autolayer.proxy import GRPOModule, run_proxy
 from autolayer.tasks import Task

@@ -16,7 +16,7 @@ import time
 import torch
 
 from autolayer.config import Config
-from autolayer.measure import load_for, prepare_task
+from autolayer.loading import load_for, prepare_task
 from autolayer.models import layer_param_names, restore, snapshot
 from autolayer.proxy import run_proxy
 from autolayer.scoring import Evaluation, complete, evaluate

@@ -28,7 +28,7 @@ from autolayer.analysis import (
     update_mask_rel,
 )
 from autolayer.config import load_config
-from autolayer.measure import load_for, prepare_task
+from autolayer.loading import load_for, prepare_task
 from autolayer.models import layer_param_names, restore, snapshot
 from autolayer.proxy import run_proxy
 

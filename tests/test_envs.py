@@ -157,7 +157,7 @@ def test_a_user_environment_from_a_file_with_kwargs(tmp_path: Path) -> None:
 
 def test_gigpo_needs_an_environment_task() -> None:
     from autolayer.config import config_from_dict
-    from autolayer.measure import prepare_task
+    from autolayer.loading import prepare_task
 
     config = config_from_dict({"proxy": {"algorithm": "gigpo"}, "task": {"eval_size": 4}})
     with pytest.raises(AutolayerError, match="gigpo needs a multi-turn environment task"):

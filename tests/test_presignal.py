@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from autolayer.config import ProxyConfig, config_from_dict
-from autolayer.measure import load_for, prepare_task
+from autolayer.loading import load_for, prepare_task
 from autolayer.presignal import LayerSignal, layer_signal, ranking
 from autolayer.search import run_search
 

@@ -64,7 +64,7 @@ def test_layers_lists_30_llama_layers_with_exact_counts(smollm2: Path) -> None:
 
 def test_a_proxy_run_trains_two_layers_and_leaves_the_rest_bit_identical(smollm2: Path) -> None:
     from autolayer.config import Config
-    from autolayer.measure import load_for, prepare_task
+    from autolayer.loading import load_for, prepare_task
     from autolayer.models import layer_param_names
     from autolayer.proxy import run_proxy
 

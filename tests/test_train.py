@@ -556,3 +556,15 @@ def test_train_under_accelerate_launch_with_two_cpu_processes(tmp_path: Path) ->
     chosen = set(layer_param_names(base, [3]))
     for name, param in base.named_parameters():
         assert torch.equal(trained[name], param) == (name not in chosen), name
+
+
+def test_the_trl_recipe_loads_without_lightning() -> None:
+    """`autolayer train` is TRL's recipe: importing it pulls in no Lightning (the proxy's loop)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, autolayer.train; print(sorted(m for m in sys.modules if 'lightning' in m))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -1,0 +1,66 @@
+"""What every run starts from: the task (its rewards tried on real rows), the model on the proxy's
+device with its tokenizer, and the base model's held-out score (cached on disk).
+
+Nothing here imports Lightning: the search, `autolayer train` (TRL) and the benchmarks share it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from autolayer.config import Config
+from autolayer.errors import AutolayerError
+from autolayer.models import load_model, set_threads
+from autolayer.rewards import check_rewards
+from autolayer.scoring import Evaluation, ScoreCache, eval_fingerprint, evaluate
+from autolayer.tasks import Task, for_tokenizer, load_task
+
+
+def prepare_task(config: Config, task: Task | None = None) -> Task:
+    """`task`, or the one `config.task` describes, with its reward functions tried on real rows.
+
+    Runs before the model loads, so bad data or a broken reward fails in seconds.
+    """
+    task = task if task is not None else load_task(config.task)
+    if config.proxy.algorithm == "gigpo" and task.env is None:
+        raise AutolayerError(
+            "proxy.algorithm gigpo needs a multi-turn environment task (task.env); use grpo or "
+            "dr_grpo for single-turn tasks"
+        )
+    check_rewards(task)
+    return task
+
+
+def load_for(config: Config, task: Task | None = None) -> tuple[nn.Module, Any, Task]:
+    """The model (on the proxy's device), its tokenizer and the task bound to that tokenizer.
+
+    `task` is one `prepare_task` returned; without it, `config.task` is loaded and checked first.
+    """
+    task = task if task is not None else prepare_task(config)
+    set_threads(config.proxy.threads)
+    model, tokenizer = load_model(
+        config.model.name,
+        revision=config.model.revision,
+        dtype=config.model.dtype,
+        device=config.proxy.device,
+    )
+    return model, tokenizer, for_tokenizer(task, tokenizer)
+
+
+def base_reference(
+    config: Config, model: nn.Module, tokenizer: Any, task: Task, root: Path
+) -> Evaluation:
+    """The base model's held-out outcomes, cached on disk per (model, task, eval set)."""
+    cache = ScoreCache(root / "cache")
+    key = "base-" + eval_fingerprint(
+        config.model.name, config.model.revision, model, tokenizer, task
+    )
+    cached = cache.get(key)
+    if cached is not None and len(cached.outcomes) == len(task.eval):
+        return cached
+    evaluation = evaluate(model, tokenizer, task)
+    cache.put(key, evaluation)
+    return evaluation
