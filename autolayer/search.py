@@ -31,8 +31,8 @@ from autolayer.loading import base_reference, load_for, prepare_task
 from autolayer.measure import proxy_and_restore
 from autolayer.models import find_layer_stack
 from autolayer.proxy import ProxyResult
-from autolayer.sampling import ATTR_ORIGIN, make_pruner, make_sampler
-from autolayer.sampling import ATTR_SE as ATTR_OBJECTIVE_SE
+from autolayer.samplers import ATTR_ORIGIN, make_pruner, make_sampler
+from autolayer.samplers import ATTR_SE as ATTR_OBJECTIVE_SE
 from autolayer.scoring import Contribution, Evaluation, contribution, full_gain_noise
 from autolayer.spaces import (
     Candidate,

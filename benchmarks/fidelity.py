@@ -44,7 +44,7 @@ from autolayer.loading import base_reference, load_for, prepare_task
 from autolayer.measure import proxy_and_restore
 from autolayer.models import find_layer_stack
 from autolayer.racing import measured, study_analysis
-from autolayer.sampling import ATTR_ORIGIN, ATTR_SE, make_pruner
+from autolayer.samplers import ATTR_ORIGIN, ATTR_SE, make_pruner
 from autolayer.scoring import Evaluation
 from autolayer.search import run_search, steps_used
 

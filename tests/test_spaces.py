@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from autolayer.errors import AutolayerError
-from autolayer.sampling import make_sampler
+from autolayer.samplers import make_sampler
 from autolayer.spaces import (
     Candidate,
     LrRange,

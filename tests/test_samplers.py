@@ -10,7 +10,7 @@ from optuna.samplers import BruteForceSampler, GPSampler, RandomSampler, TPESamp
 
 from autolayer.config import SamplerName
 from autolayer.errors import AutolayerError
-from autolayer.sampling import ATTR_ORIGIN, ATTR_SE, make_pruner, make_sampler, optimistic_final
+from autolayer.samplers import ATTR_ORIGIN, ATTR_SE, make_pruner, make_sampler, optimistic_final
 from autolayer.spaces import Candidate, LrRange, Space, bind, suggest
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
