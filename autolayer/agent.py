@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from autolayer import envs
-from autolayer.scoring import complete
+from autolayer.rollout import complete
 from autolayer.tasks import Task, prompt_text
 
 

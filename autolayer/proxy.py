@@ -32,7 +32,8 @@ from autolayer.models import (
     trainable_parameters,
 )
 from autolayer.rewards import repeat_rows, score_completions
-from autolayer.scoring import Evaluation, complete, evaluate
+from autolayer.rollout import complete
+from autolayer.scoring import Evaluation, evaluate
 from autolayer.tasks import Task
 
 EvalHook = Callable[[int, Evaluation], bool]  # (global_step, evaluation) -> stop the run?

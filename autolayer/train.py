@@ -47,7 +47,8 @@ from autolayer.models import (
     trainable_parameters,
 )
 from autolayer.processes import is_main_process, process_rank
-from autolayer.scoring import Contribution, Evaluation, contribution, evaluate, stop_criteria
+from autolayer.rollout import stop_criteria
+from autolayer.scoring import Contribution, Evaluation, contribution, evaluate
 from autolayer.tasks import Task
 from autolayer.tracking import DEFAULT_ROOT, Tracker, make_tracker
 

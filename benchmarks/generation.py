@@ -5,7 +5,7 @@
         --model models/smollm2-135m-instruct
 
 Samples one proxy step's batch (prompts_per_step x num_generations, the task's max completion
-length, temperature 1) with `model.generate` as `autolayer.scoring.generate_completions` calls it,
+length, temperature 1) with `model.generate` as `autolayer.rollout.generate_completions` calls it,
 under each cache variant in turn, `--repeats` rounds interleaved after a warm-up round (compiling
 happens in the warm-up; its seconds are reported apart). Prints the median seconds per variant
 and per generated token position, as JSON.
@@ -24,7 +24,7 @@ from transformers import CompileConfig
 
 from autolayer.config import load_config
 from autolayer.loading import load_for
-from autolayer.scoring import eos_token_ids, stop_criteria
+from autolayer.rollout import eos_token_ids, stop_criteria
 from autolayer.tasks import prompt_text
 
 VARIANTS: dict[str, dict[str, Any]] = {

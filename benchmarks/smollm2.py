@@ -19,7 +19,8 @@ from autolayer.config import Config
 from autolayer.loading import load_for, prepare_task
 from autolayer.models import layer_param_names, restore, snapshot
 from autolayer.proxy import run_proxy
-from autolayer.scoring import Evaluation, complete, evaluate
+from autolayer.rollout import complete
+from autolayer.scoring import Evaluation, evaluate
 
 
 def main() -> None:

@@ -337,7 +337,7 @@ def test_trl_optimises_the_proxys_objective_with_a_kl_penalty(
     """The same batch through TRL's own _compute_loss and through rl.policy_loss (beta > 0):
     equal loss and equal gradient on the trained layer."""
     from autolayer import rl
-    from autolayer.scoring import completion_mask, generate_completions
+    from autolayer.rollout import completion_mask, generate_completions
     from autolayer.train import build_trainer
 
     config = tiny_config(ORGANISM, tmp_path)
