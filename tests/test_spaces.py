@@ -29,7 +29,6 @@ from autolayer.spaces import (
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 REPO_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
-PACKAGED_SPACES = Path(__file__).resolve().parents[1] / "autolayer" / "assets" / "search_spaces"
 
 
 def _draw(
@@ -54,13 +53,14 @@ def test_shipped_spaces_load_by_name_and_name_their_command(name: str) -> None:
     assert first_line.startswith("# autolayer search ") and f"--space {name}" in first_line
 
 
-def test_packaged_space_copies_match_the_repository() -> None:
-    if not PACKAGED_SPACES.is_dir():
-        pytest.skip("no packaged copies in autolayer/assets/search_spaces/ (wheels need them)")
-    packaged = sorted(p.name for p in PACKAGED_SPACES.glob("*.yaml"))
-    assert packaged == sorted(p.name for p in REPO_SPACES.glob("*.yaml"))
-    for name in packaged:
-        assert (PACKAGED_SPACES / name).read_text() == (REPO_SPACES / name).read_text(), name
+def test_a_wheel_ships_the_one_copy_of_the_spaces() -> None:
+    """No second copy to keep in step: the wheel maps search_spaces/ into the package."""
+    import tomllib
+
+    setup = tomllib.loads((REPO_SPACES.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setup["package-dir"]["autolayer.search_spaces"] == "search_spaces"
+    assert "*.yaml" in setup["package-data"]["autolayer.search_spaces"]
+    assert not (REPO_SPACES.parent / "autolayer" / "assets" / "search_spaces").exists()
 
 
 def test_a_space_loads_from_a_path_with_lr_choices_and_ranges(tmp_path: Path) -> None:
