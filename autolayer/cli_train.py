@@ -294,46 +294,12 @@ def _export_model(
         return args.model, args.revision
     if config is not None:
         return config.model.name, config.model.revision
-    if study is not None and study.user_attrs.get("model"):
-        return str(study.user_attrs["model"]), study.user_attrs.get("model_revision")
+    from autolayer.study import StudyRecord
+
+    record = StudyRecord.of(study) if study is not None else None
+    if record is not None and record.model:
+        return record.model, record.model_revision
     raise AutolayerError("say which model the layers belong to: --model NAME or --config FILE")
-
-
-def study_evidence(
-    study: optuna.Study, layers: tuple[int, ...], storage: str
-) -> tuple[dict[str, Any], float | None]:
-    """The study's results behind a choice, and the lr of a trial of exactly these layers."""
-    from autolayer.report import references
-    from autolayer.train import ranked_trials
-
-    chosen, seen, trials = set(layers), set(), []
-    lr = None
-    for trial in ranked_trials(study):
-        a = trial.user_attrs
-        trained = tuple(sorted(a["layers"]))
-        if not set(trained) <= chosen or trained in seen:
-            continue  # keep the best trial of each subset of the chosen layers
-        seen.add(trained)
-        if trained == layers and lr is None:
-            lr = a.get("lr")
-        trials.append(
-            {
-                "trial": trial.number,
-                "layers": list(trained),
-                "objective": trial.value,
-                **{k: a.get(k) for k in ("lr", "score", "contribution", "ci_low", "ci_high")},
-            }
-        )
-    refs = references(study)
-    evidence = {
-        "source": "autolayer search",
-        "study": study.study_name,
-        "storage": storage,
-        "reference_base_score": refs["base"],
-        "reference_full_score": refs["full"],
-        "trials": trials,
-    }
-    return evidence, lr
 
 
 def build_choice(args: argparse.Namespace) -> LayerChoice:
@@ -341,6 +307,7 @@ def build_choice(args: argparse.Namespace) -> LayerChoice:
     from autolayer.export import choice_from_model
     from autolayer.models import find_layer_stack, model_skeleton
     from autolayer.storage import default_storage_url, load_study
+    from autolayer.study import study_evidence
 
     _check_selectors(args)
     config = load_config(args.config) if args.config else None
@@ -358,7 +325,9 @@ def build_choice(args: argparse.Namespace) -> LayerChoice:
         lr = study_lr if study_lr is not None else lr
     algorithm: str = config.proxy.algorithm if config else "grpo"
     if config is None and study is not None:
-        algorithm = str(study.user_attrs.get("algorithm", algorithm))
+        from autolayer.study import StudyRecord
+
+        algorithm = StudyRecord.of(study).algorithm or algorithm
     return choice_from_model(
         model,
         name,

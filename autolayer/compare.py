@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from scipy import stats
 
 from autolayer.errors import AutolayerError
+from autolayer.study import StudyRecord, records
 
 MIN_LAYERS = 3  # fewer shared layers give no usable rank correlation
 NOISY_BELOW = 0.5  # median Spearman between two resamples of one profile
@@ -44,9 +45,9 @@ class Profile:
 def profile(study: optuna.Study) -> Profile:
     """The study's single-layer profile; fewer than MIN_LAYERS layers is one sentence."""
     best: dict[int, tuple[float, list[float]]] = {}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        layers, outcomes = trial.user_attrs.get("layers"), trial.user_attrs.get("outcomes")
-        if not layers or len(layers) != 1 or not outcomes or trial.user_attrs.get("infeasible"):
+    for record in records(study, states=(TrialState.COMPLETE,)):
+        layers, outcomes = record.layers, record.outcomes
+        if len(layers) != 1 or not outcomes or record.infeasible:
             continue
         score = float(np.mean(outcomes))
         if layers[0] not in best or score > best[layers[0]][0]:
@@ -59,7 +60,7 @@ def profile(study: optuna.Study) -> Profile:
     layers = tuple(sorted(best))
     return Profile(
         study.study_name,
-        str(study.user_attrs.get("model", "")),
+        StudyRecord.of(study).model or "",
         layers,
         np.array([best[layer][1] for layer in layers], dtype=float),
     )

@@ -1,4 +1,4 @@
-"""Turn a layer choice into each trainer's own config, keeping the exact name rules of each (§5).
+"""Turn a layer choice into each trainer's own config, keeping the exact name rules of each.
 
 A `LayerChoice` records which decoder layers to train and why; its canonical form is the `json`
 format. Each other format is a pure function `LayerChoice -> str` whose output a user pastes into

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any
 
 from optuna.trial import FrozenTrial
 from rich.console import Console
@@ -12,6 +11,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from autolayer.config import Config
 from autolayer.search import SearchHooks
 from autolayer.spaces import Candidate
+from autolayer.study import TrialRecord
 
 
 class SearchDisplay:
@@ -79,23 +79,20 @@ class SearchDisplay:
         )
 
     def trial_end(self, trial: FrozenTrial) -> None:
-        a: dict[str, Any] = trial.user_attrs
-        layers = _label(tuple(a.get("layers", ())))
-        if trial.state.name == "COMPLETE" and "score" in a:
-            c = a.get("contribution")
+        r = TrialRecord.of(trial)
+        layers = _label(r.layers)
+        if trial.state.name == "COMPLETE" and r.score is not None:
             c_text = (
-                "C undefined" if c is None else f"C {c:.2f} [{a['ci_low']:.2f}, {a['ci_high']:.2f}]"
+                "C undefined"
+                if r.contribution is None
+                else f"C {r.contribution:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]"
             )
             text = (
-                f"trial {trial.number} layers {layers}: score {a['score']:.3f}, {c_text} "
-                f"({a['seconds']:.0f}s)"
+                f"trial {trial.number} layers {layers}: score {r.score:.3f}, {c_text} "
+                f"({r.seconds or 0:.0f}s)"
             )
         else:
-            reason = (
-                a.get("fail_reason")
-                or a.get("prune_reason")
-                or ("infeasible" if a.get("infeasible") else "")
-            )
+            reason = r.fail_reason or r.prune_reason or ("infeasible" if r.infeasible else "")
             state = trial.state.name.lower()
             text = f"trial {trial.number} layers {layers}: {state} {reason}".rstrip()
         self.console.log(text)

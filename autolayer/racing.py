@@ -27,23 +27,25 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 
 from autolayer import baselines
-from autolayer.errors import AutolayerError
-from autolayer.estimate import Analysis, analyse
+from autolayer.estimate import Analysis
 from autolayer.search import (
-    ATTR_BASE,
-    ATTR_FULL,
     SearchContext,
     TrialFailed,
     can_start_trial,
     run_trial,
 )
 from autolayer.spaces import Space, baseline_params, candidate_from_params
-from autolayer.storage import MAX_ATTEMPTS, attempt_key, candidate_key, trial_seed
-
-Key = tuple[tuple[int, ...], float]  # a measured candidate: its layers and lr
-ATTR_BASELINES = "baselines"  # study attr: heuristic name -> layers of its pick
-ATTR_BASELINES_LR = "baselines_lr"  # study attr: the lr the heuristics' picks were measured at
-ATTR_SNR = "spectrum_snr"  # study attr: Spectrum's score per layer
+from autolayer.storage import MAX_ATTEMPTS, attempt_key, candidate_key
+from autolayer.study import (
+    Key,
+    StudyRecord,
+    TrialRecord,
+    measured,
+    study_analysis,
+    trial_fields,
+    trial_seed,
+    write_study,
+)
 
 
 @dataclass(frozen=True)
@@ -56,51 +58,11 @@ class Run:
 
     @property
     def attrs(self) -> dict[str, Any]:
-        return {"seed": self.seed, "role": self.role}
+        return trial_fields(seed=self.seed, role=self.role)
 
 
 def _params(trial: FrozenTrial) -> dict[str, Any]:
     return dict(candidate_key(trial))
-
-
-def measured(study: optuna.Study) -> dict[Key, dict[int, FrozenTrial]]:
-    """Every completed candidate's trials by seed (the first trial of a seed, if TPE repeats)."""
-    runs: dict[Key, dict[int, FrozenTrial]] = {}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        attrs = trial.user_attrs
-        if "outcomes" not in attrs:
-            continue  # infeasible subsets are complete without a run
-        key = (tuple(attrs["layers"]), float(attrs["lr"]))
-        runs.setdefault(key, {}).setdefault(trial_seed(study, trial), trial)
-    return runs
-
-
-def study_analysis(study: optuna.Study) -> Analysis[Key] | None:
-    """Estimates, best and tied set of a study's completed candidates, from storage alone.
-
-    The resampling seed is fixed, so racing, the table and `autolayer results` agree on the tied
-    set."""
-    runs = measured(study)
-    base = study.user_attrs.get(ATTR_BASE)
-    if not runs or base is None:
-        return None
-    full = study.user_attrs.get(ATTR_FULL)
-    lengths = {len(t.user_attrs["outcomes"]) for by_seed in runs.values() for t in by_seed.values()}
-    if lengths != {len(base)}:
-        raise AutolayerError(
-            f"study '{study.study_name}' holds trials scored on different held-out sets "
-            f"({', '.join(map(str, sorted(lengths | {len(base)})))} prompts); use a new study name"
-        )
-    outcomes = {
-        key: np.array([by_seed[s].user_attrs["outcomes"] for s in sorted(by_seed)], dtype=float)
-        for key, by_seed in runs.items()
-    }
-    return analyse(
-        outcomes,
-        np.asarray(base, dtype=float),
-        None if full is None else np.asarray([full], dtype=float),
-        contribution_defined=study.user_attrs.get("objective") == "contribution C",
-    )
 
 
 def next_repeats(ctx: SearchContext, analysis: Analysis[Key]) -> list[Run]:
@@ -114,7 +76,7 @@ def next_repeats(ctx: SearchContext, analysis: Analysis[Key]) -> list[Run]:
     runs = measured(ctx.study)
 
     def first_score(key: Key) -> float:
-        return float(np.mean(runs[key][min(runs[key])].user_attrs["outcomes"]))
+        return float(np.mean(TrialRecord.of(runs[key][min(runs[key])]).outcomes or ()))
 
     pool = sorted(runs, key=lambda k: -first_score(k))[: ctx.config.search.contenders]
     ranked = sorted(pool, key=lambda k: -analysis.estimates[k].score)
@@ -168,16 +130,19 @@ def pick_baselines(ctx: SearchContext, analysis: Analysis[Key]) -> dict[str, tup
     """The heuristics' candidates of the pick's size, recorded in the study with the pick's lr."""
     assert analysis.best is not None
     layers, lr = analysis.best
-    snr = ctx.study.user_attrs.get(ATTR_SNR)
-    if snr is None:
+    recorded = StudyRecord.of(ctx.study).spectrum_snr
+    if recorded is None:
         from autolayer.models import find_layer_stack
 
         snr = baselines.layer_snr(list(find_layer_stack(ctx.model).layers))
-        ctx.study.set_user_attr(ATTR_SNR, snr)
+        write_study(ctx.study, spectrum_snr=snr)
+    else:
+        snr = list(recorded)
     seed = ctx.config.proxy.seed  # the study's: every worker draws the same random layers
     chosen = baselines.picks(ctx.space.kind, ctx.space.bounds, len(layers), snr, seed)
-    ctx.study.set_user_attr(ATTR_BASELINES, {name: list(ls) for name, ls in chosen.items()})
-    ctx.study.set_user_attr(ATTR_BASELINES_LR, lr)
+    write_study(
+        ctx.study, baselines={name: list(ls) for name, ls in chosen.items()}, baselines_lr=lr
+    )
     return chosen
 
 
@@ -224,7 +189,9 @@ def _queued_or_done(study: optuna.Study, run: Run) -> bool:
     for trial in study.get_trials(deepcopy=False):
         if not _same_run(study, trial, run):
             continue
-        duplicate = trial.state == TrialState.PRUNED and "duplicate_of" in trial.user_attrs
+        duplicate = (
+            trial.state == TrialState.PRUNED and TrialRecord.of(trial).duplicate_of is not None
+        )
         if trial.state in _LIVE or duplicate:
             return True
     return False

@@ -8,14 +8,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
+
+from autolayer.study import (
+    StudyRecord,
+    TrialRecord,
+    best_trial,
+    records,
+    study_analysis,
+)
 
 if TYPE_CHECKING:
     from rich.table import Table
 
     from autolayer.estimate import Analysis
-    from autolayer.racing import Key
     from autolayer.search import SearchContext
+    from autolayer.study import Key
 
 
 @dataclass(frozen=True)
@@ -41,43 +49,23 @@ class Row:
         return ",".join(map(str, ls))
 
 
-def _note(trial: FrozenTrial) -> str:
-    attrs = trial.user_attrs
-    for key in ("fail_reason", "prune_reason"):
-        if key in attrs:
-            return str(attrs[key])
-    if attrs.get("infeasible"):
-        return "infeasible: violates the subset size limit"
-    if "retry_of" in attrs:
-        return f"retry of trial {attrs['retry_of']}"
-    role = str(attrs.get("role", ""))
-    if role == "repeat":
-        return "racing: repeat on another training seed"
-    if role.startswith("baseline:"):
-        return f"free heuristic: {role.split(':', 1)[1]}"
-    return ""
-
-
 def trial_rows(study: optuna.Study) -> list[Row]:
     """One row per trial, in trial order, from what the trials stored."""
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        a = t.user_attrs
-        rows.append(
-            Row(
-                number=t.number,
-                layers=tuple(a.get("layers", ())),
-                lr=a.get("lr"),
-                state=t.state.name,
-                score=a.get("score"),
-                contribution=a.get("contribution"),
-                ci_low=a.get("ci_low"),
-                ci_high=a.get("ci_high"),
-                note=_note(t),
-                seed=a.get("seed"),
-            )
+    return [
+        Row(
+            number=r.number,
+            layers=r.layers,
+            lr=r.lr,
+            state=r.state.name,
+            score=r.score,
+            contribution=r.contribution,
+            ci_low=r.ci_low,
+            ci_high=r.ci_high,
+            note=r.note,
+            seed=r.seed,
         )
-    return rows
+        for r in records(study)
+    ]
 
 
 def layers_label(layers: tuple[int, ...]) -> str:
@@ -107,15 +95,14 @@ class CandidateRow:
 
 def candidate_rows(study: optuna.Study) -> tuple[list[CandidateRow], Analysis[Key] | None]:
     """Every measured candidate, best score first, with its heuristics and verdict."""
-    from autolayer.racing import ATTR_BASELINES, ATTR_BASELINES_LR, study_analysis
-
     analysis = study_analysis(study)
     if analysis is None:
         return [], None
+    record = StudyRecord.of(study)
     named: dict[tuple[int, ...], list[str]] = {}
-    for name, layers in study.user_attrs.get(ATTR_BASELINES, {}).items():
-        named.setdefault(tuple(layers), []).append(name)
-    baseline_lr = study.user_attrs.get(ATTR_BASELINES_LR)  # the heuristics ran at the pick's lr
+    for name, layers in record.baselines.items():
+        named.setdefault(layers, []).append(name)
+    baseline_lr = record.baselines_lr  # the heuristics ran at the pick's lr
     rows = []
     for key, e in analysis.estimates.items():
         layers, lr = key
@@ -131,7 +118,7 @@ def candidate_rows(study: optuna.Study) -> tuple[list[CandidateRow], Analysis[Ke
 
 
 def horizon(study: optuna.Study) -> str:
-    steps = study.user_attrs.get("proxy_steps")
+    steps = StudyRecord.of(study).proxy_steps
     return f"at the proxy horizon of {steps} steps" if steps else "at the proxy horizon"
 
 
@@ -194,19 +181,9 @@ def verdict_lines(study: optuna.Study) -> list[str]:
     return lines
 
 
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The first completed trial of the best candidate (best mean score over its seeds)."""
-    from autolayer.racing import measured, study_analysis
-
-    analysis = study_analysis(study)
-    if analysis is None or analysis.best is None:
-        return None
-    return min(measured(study)[analysis.best].values(), key=lambda t: t.number)
-
-
 def references(study: optuna.Study) -> dict[str, float | None]:
-    a = study.user_attrs
-    return {"base": a.get("reference_base_score"), "full": a.get("reference_full_score")}
+    record = StudyRecord.of(study)
+    return {"base": record.base_score, "full": record.full_score}
 
 
 def format_contribution(value: float, low: float, high: float, gain: float) -> str:
@@ -266,7 +243,7 @@ def _pruned_only(study: optuna.Study, measured: set[tuple[int, ...]]) -> dict[st
     """Candidates that were only ever pruned: label -> last objective value they reported."""
     out: dict[str, float] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
-        layers = tuple(t.user_attrs.get("layers", ()))
+        layers = TrialRecord.of(t).layers
         if layers and layers not in measured and t.intermediate_values:
             out.setdefault(layers_label(layers), t.intermediate_values[max(t.intermediate_values)])
     return out
@@ -354,7 +331,7 @@ def plot_history(study: optuna.Study, path: Path) -> Path | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the matplotlib backend is marked experimental
         ax = optuna.visualization.matplotlib.plot_optimization_history(study)
-    ax.set_ylabel(f"objective ({study.user_attrs.get('objective', 'C or score')})")
+    ax.set_ylabel(f"objective ({StudyRecord.of(study).objective or 'C or score'})")
     ax.legend(loc="lower right", fontsize=8)
     fig: Any = ax.get_figure()
     fig.set_size_inches(6, 3.6)
@@ -409,7 +386,7 @@ def finish_study(ctx: SearchContext, root: Path, seconds: float) -> list[Path]:
     if best is not None:
         summary["search/best"] = float(best.value or 0.0)
         ctx.tracker.set_tags(
-            ctx.parent_run, {"best_layers": ",".join(map(str, best.user_attrs["layers"]))}
+            ctx.parent_run, {"best_layers": ",".join(map(str, TrialRecord.of(best).layers))}
         )
     ctx.tracker.log_metrics(ctx.parent_run, summary)
     return paths
@@ -417,16 +394,15 @@ def finish_study(ctx: SearchContext, root: Path, seconds: float) -> list[Path]:
 
 def results_json(study: optuna.Study) -> dict[str, Any]:
     """The candidates table, the trials and the method, as plain data."""
-    from autolayer.racing import ATTR_BASELINES
-
     rows, analysis = candidate_rows(study)
+    record = StudyRecord.of(study)
     return {
         "study": study.study_name,
-        "horizon_steps": study.user_attrs.get("proxy_steps"),
+        "horizon_steps": record.proxy_steps,
         "references": references(study),
         "method": analysis.method if analysis is not None else None,
         "seed_sd": analysis.seed_sd if analysis is not None else None,
         "candidates": [{**vars(r), "layers": list(r.layers)} for r in rows],
-        "baselines": study.user_attrs.get(ATTR_BASELINES, {}),
+        "baselines": {name: list(layers) for name, layers in record.baselines.items()},
         "trials": [{**vars(r), "layers": list(r.layers)} for r in trial_rows(study)],
     }

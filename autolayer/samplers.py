@@ -9,6 +9,7 @@ import optuna
 from autolayer.config import PrunerName, SamplerName
 from autolayer.errors import AutolayerError
 from autolayer.spaces import Space, grid_size
+from autolayer.study import StudyRecord, TrialRecord
 
 AUTO_GRID_LIMIT = 64  # `auto` walks a space exhaustively up to this many points, else uses TPE
 
@@ -47,8 +48,6 @@ def make_sampler(name: SamplerName, space: Space, seed: int) -> optuna.samplers.
     raise AutolayerError(f"unknown sampler {name!r}; use auto, grid, tpe, gp or random")
 
 
-ATTR_ORIGIN = "objective_origin"  # study attr: the objective of the untrained model (step 0)
-ATTR_SE = "objective_se"  # trial attr: standard error of the trial's last reported value
 Z95 = 1.96
 
 
@@ -81,8 +80,9 @@ class IntervalPruner(optuna.pruners.BasePruner):
         if not complete:
             return False
         best = max(complete, key=lambda t: t.value)  # type: ignore[arg-type, return-value]
-        bar = float(best.value) - Z95 * float(best.user_attrs.get(ATTR_SE, 0.0))  # type: ignore[arg-type]
-        return optimistic_final(trial, self.final_step, study.user_attrs.get(ATTR_ORIGIN)) < bar
+        bar = float(best.value) - Z95 * TrialRecord.of(best).objective_se  # type: ignore[arg-type]
+        origin = StudyRecord.of(study).objective_origin
+        return optimistic_final(trial, self.final_step, origin) < bar
 
 
 def optimistic_final(
@@ -99,7 +99,7 @@ def optimistic_final(
     if len(steps) >= 2:
         slopes.append((value - values[steps[-2]]) / (step - steps[-2]))
     projected = value + max(slopes) * (final_step - step)
-    return projected + Z95 * float(trial.user_attrs.get(ATTR_SE, 0.0))
+    return projected + Z95 * TrialRecord.of(trial).objective_se
 
 
 def make_pruner(

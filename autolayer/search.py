@@ -31,8 +31,7 @@ from autolayer.loading import base_reference, load_for, prepare_task
 from autolayer.measure import proxy_and_restore
 from autolayer.models import find_layer_stack
 from autolayer.proxy import ProxyResult
-from autolayer.samplers import ATTR_ORIGIN, make_pruner, make_sampler
-from autolayer.samplers import ATTR_SE as ATTR_OBJECTIVE_SE
+from autolayer.samplers import make_pruner, make_sampler
 from autolayer.scoring import Contribution, Evaluation, contribution, full_gain_noise
 from autolayer.spaces import (
     Candidate,
@@ -59,16 +58,21 @@ from autolayer.storage import (
     recover_stale_trials,
     retry_failed,
     study_proxy_seed,
+)
+from autolayer.study import (
+    CONTRIBUTION_OBJECTIVE,
+    StudyRecord,
+    TrialRecord,
+    records,
     trial_seed,
+    write_study,
+    write_trial,
 )
 from autolayer.tasks import Task
 from autolayer.tracking import Tracker, make_tracker
 
 WILCOXON_BLOCK = 50  # eval prompts per Wilcoxon report: a report is a storage write (~3.5 ms on
 # the journal file), so per-prompt reports would add ~3.5 s to a 1,000-prompt evaluation
-ATTR_BASE, ATTR_FULL = "reference_base_outcomes", "reference_full_outcomes"
-ATTR_REFERENCE_RUN = "mlflow_reference_run_id"
-ATTR_BUDGET_SPENT = "budget_spent"  # trial attr: not run because the step budget is spent
 
 
 @dataclass
@@ -138,13 +142,13 @@ def train_and_restore(
 
 def full_reference(ctx: SearchContext) -> Evaluation:
     """The all-layers run, measured once per study and stored in it (every worker reuses it)."""
-    stored = ctx.study.user_attrs.get(ATTR_FULL)
-    if stored is not None:
-        return Evaluation.from_outcomes(stored)
+    record = StudyRecord.of(ctx.study)
+    if record.full_outcomes is not None:
+        return Evaluation.from_outcomes(record.full_outcomes)
     all_layers = list(range(len(find_layer_stack(ctx.model))))
     lr = ctx.config.proxy.full_lr
     ctx.hooks.on_message(f"reference: training all {len(all_layers)} layers (lr {lr:g})")
-    run_id = ctx.study.user_attrs.get(ATTR_REFERENCE_RUN)  # a killed reference run is reused
+    run_id = record.reference_run_id  # a killed reference run is reused
     if not run_id or not _same_store(ctx):
         run_id = ctx.tracker.start_run(
             "reference-all-layers", ctx.parent_run, {"autolayer.role": "reference"}
@@ -153,7 +157,7 @@ def full_reference(ctx: SearchContext) -> Evaluation:
             run_id, {"layers": "all", "lr": lr, **proxy_params(ctx.config, ctx.task.name)}
         )
         if run_id:
-            ctx.study.set_user_attr(ATTR_REFERENCE_RUN, run_id)
+            write_study(ctx.study, mlflow_reference_run_id=run_id)
     try:
         result = train_and_restore(ctx, all_layers, lr, logger=ctx.tracker.lightning_logger(run_id))
     except BaseException:
@@ -161,8 +165,11 @@ def full_reference(ctx: SearchContext) -> Evaluation:
         raise
     ctx.tracker.log_metrics(run_id, {"score": result.score, "stderr": result.final.stderr})
     ctx.tracker.end_run(run_id)
-    ctx.study.set_user_attr(ATTR_FULL, list(result.final.outcomes))
-    ctx.study.set_user_attr("reference_full_score", result.score)
+    write_study(
+        ctx.study,
+        reference_full_outcomes=list(result.final.outcomes),
+        reference_full_score=result.score,
+    )
     return result.final
 
 
@@ -194,7 +201,7 @@ def _pruning_hook(ctx: SearchContext, trial: optuna.Trial) -> Callable[[int, Eva
     """Report each held-out score by global step (not by epoch, as optuna-integration's Lightning
     callback would, collapsing every validation of our single epoch into one report)."""
 
-    unprunable = "role" in trial.user_attrs  # a contender's repeat or a baseline runs to the end
+    unprunable = TrialRecord.of(trial).queued  # a contender's repeat or a baseline runs to the end
 
     def hook(step: int, evaluation: Evaluation) -> bool:
         ctx.hooks.on_eval(trial.number, step, evaluation.score)
@@ -203,13 +210,12 @@ def _pruning_hook(ctx: SearchContext, trial: optuna.Trial) -> Callable[[int, Eva
         value = ctx.objective_value(evaluation.score)
         # The interval pruner reads the score's standard error in the objective's units.
         se = abs(ctx.objective_value(evaluation.score + evaluation.stderr) - value)
-        trial.set_user_attr(ATTR_OBJECTIVE_SE, se)
+        write_trial(trial, objective_se=se)
         trial.report(value, step)
         if trial.should_prune():
-            trial.set_user_attr("steps", step)
             pruner = ctx.config.search.pruner
             reason = f"step {step}: score {evaluation.score:.3f} under the {pruner} pruner's bar"
-            trial.set_user_attr("prune_reason", reason)
+            write_trial(trial, steps=step, prune_reason=reason)
             return True
         return False
 
@@ -222,9 +228,10 @@ def _wilcoxon_check(ctx: SearchContext, trial: optuna.Trial, final: Evaluation) 
     for block, start in enumerate(range(0, len(outcomes), WILCOXON_BLOCK)):
         chunk = outcomes[start : start + WILCOXON_BLOCK]
         trial.report(ctx.objective_value(sum(chunk) / len(chunk)), block)
-    if "role" not in trial.user_attrs and trial.should_prune():
-        trial.set_user_attr(
-            "prune_reason", "pruned: Wilcoxon test on paired eval blocks says worse than the best"
+    if not TrialRecord.of(trial).queued and trial.should_prune():
+        write_trial(
+            trial,
+            prune_reason="pruned: Wilcoxon test on paired eval blocks says worse than the best",
         )
         raise optuna.TrialPruned()
 
@@ -233,22 +240,22 @@ def _record(
     ctx: SearchContext, trial: optuna.Trial, run_id: str, result: ProxyResult
 ) -> Contribution:
     c = contribution(result.final, ctx.refs.base, ctx.refs.full, seed=ctx.config.proxy.seed)
-    attrs = {
-        "score": result.score,
-        "stderr": result.final.stderr,
-        "steps": result.steps,
-        "seconds": round(result.seconds, 2),
-        "contribution": c.value,
-        "ci_low": c.low,
-        "ci_high": c.high,
-        "gain": c.gain,
-        "outcomes": list(result.final.outcomes),
-    }
-    attrs[ATTR_OBJECTIVE_SE] = abs(
-        ctx.objective_value(result.score + result.final.stderr) - ctx.objective_value(result.score)
+    write_trial(
+        trial,
+        score=result.score,
+        stderr=result.final.stderr,
+        steps=result.steps,
+        seconds=round(result.seconds, 2),
+        contribution=c.value,
+        ci_low=c.low,
+        ci_high=c.high,
+        gain=c.gain,
+        outcomes=list(result.final.outcomes),
+        objective_se=abs(
+            ctx.objective_value(result.score + result.final.stderr)
+            - ctx.objective_value(result.score)
+        ),
     )
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
     metrics = {
         "score": result.score,
         "stderr": result.final.stderr,
@@ -266,24 +273,23 @@ def run_trial(ctx: SearchContext, trial: optuna.Trial) -> float:
     ctx.started += 1
     mark_worker(trial)
     seed = trial_seed(ctx.study, trial)  # the study's seed; repeats carry their own
-    trial.set_user_attr("seed", seed)
+    write_trial(trial, seed=seed)
     candidate = suggest(trial, ctx.space)
     if candidate is None:
-        trial.set_user_attr("infeasible", True)  # violates the subset-size constraint: not trained
+        write_trial(trial, infeasible=True)  # violates the subset-size constraint: not trained
         return ctx.objective_value(ctx.refs.base.score)
     lr = candidate.lr if candidate.lr is not None else ctx.config.proxy.lr
-    trial.set_user_attr("layers", list(candidate.layers))
-    trial.set_user_attr("lr", lr)
+    write_trial(trial, layers=list(candidate.layers), lr=lr)
     _check_duplicate(ctx, trial)
     _check_budget(ctx, trial)
     ctx.hooks.on_trial_start(trial.number, candidate)
     name = f"trial-{trial.number} layers={','.join(map(str, candidate.layers))}"
     tags = {
         "optuna.trial": str(trial.number),
-        "autolayer.role": trial.user_attrs.get("role", "search"),
+        "autolayer.role": TrialRecord.of(trial).role or "search",
     }
     run_id = ctx.tracker.start_run(name, ctx.parent_run, tags)
-    trial.set_user_attr("mlflow_run_id", run_id)
+    write_trial(trial, mlflow_run_id=run_id)
     ctx.tracker.log_params(
         run_id,
         {
@@ -314,13 +320,13 @@ def run_trial(ctx: SearchContext, trial: optuna.Trial) -> float:
         raise
     except Interrupted as err:
         reason = f"interrupted by {signal.Signals(err.signum).name}"
-        trial.set_user_attr("fail_reason", reason)
+        write_trial(trial, fail_reason=reason)
         ctx.tracker.set_tags(run_id, {"trial_state": "FAIL", "fail_reason": reason})
         ctx.tracker.end_run(run_id, "KILLED")
         raise TrialInterrupted(err.signum) from err
     except Exception as err:
         reason = _failure_reason(err)
-        trial.set_user_attr("fail_reason", reason)
+        write_trial(trial, fail_reason=reason)
         ctx.tracker.set_tags(run_id, {"trial_state": "FAIL", "fail_reason": reason})
         ctx.tracker.end_run(run_id, "FAILED")
         if torch.cuda.is_available():
@@ -333,22 +339,19 @@ def run_trial(ctx: SearchContext, trial: optuna.Trial) -> float:
 
 def steps_used(study: optuna.Study) -> int:
     """Proxy optimizer steps spent by the study's finished trials (the budget's unit)."""
-    return sum(
-        int(t.user_attrs.get("steps", 0))
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    )
+    return sum(t.steps for t in records(study, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
 def _check_duplicate(ctx: SearchContext, trial: optuna.Trial) -> None:
     """Prune this trial if an earlier one of another worker has the same exhaustive candidate
     and seed, or the same queued repeat or baseline (two racing workers may queue one twice)."""
-    queued = "role" in trial.user_attrs
+    queued = TrialRecord.of(trial).queued
     if not queued and not isinstance(ctx.study.sampler, optuna.samplers.BruteForceSampler):
         return  # samplers that may revisit a point on purpose keep their repeats
     twin = earlier_twin(ctx.study, trial)
     if twin is not None:
-        trial.set_user_attr("duplicate_of", twin)
-        trial.set_user_attr("prune_reason", f"duplicate of trial {twin}, run by another worker")
+        reason = f"duplicate of trial {twin}, run by another worker"
+        write_trial(trial, duplicate_of=twin, prune_reason=reason)
         raise optuna.TrialPruned()
 
 
@@ -368,8 +371,8 @@ def can_start_trial(ctx: SearchContext) -> bool:
 def _check_budget(ctx: SearchContext, trial: optuna.Trial) -> None:
     budget = ctx.config.search.max_total_steps
     if not _budget_fits(ctx):
-        trial.set_user_attr(ATTR_BUDGET_SPENT, True)  # the caller stops starting trials
-        trial.set_user_attr("prune_reason", f"not run: the budget of {budget} proxy steps is spent")
+        reason = f"not run: the budget of {budget} proxy steps is spent"
+        write_trial(trial, budget_spent=True, prune_reason=reason)  # the caller stops starting
         raise optuna.TrialPruned()
 
 
@@ -401,7 +404,7 @@ def open_study(
 def _end_dead_runs(study: optuna.Study, tracker: Tracker) -> None:
     """The MLflow runs of trials whose worker died stay RUNNING forever: end them KILLED."""
     for number in recover_stale_trials(study):
-        run_id = study.trials[number].user_attrs.get("mlflow_run_id")
+        run_id = TrialRecord.of(study.trials[number]).mlflow_run_id
         if run_id and _tracks_to(tracker, study):
             tracker.set_tags(run_id, {"trial_state": "FAIL", "fail_reason": WORKER_DIED})
             tracker.end_run(run_id, "KILLED")
@@ -410,9 +413,8 @@ def _end_dead_runs(study: optuna.Study, tracker: Tracker) -> None:
 def _retry_message(retried: list[FrozenTrial]) -> str:
     """One line: which failed candidates run again, and why they failed."""
     parts = [
-        f"layers {','.join(map(str, t.user_attrs.get('layers', [])))} "
-        f"({t.user_attrs.get('fail_reason', 'failed')})"
-        for t in retried
+        f"layers {','.join(map(str, r.layers))} ({r.fail_reason or 'failed'})"
+        for r in map(TrialRecord.of, retried)
     ]
     return (
         f"retrying {len(retried)} failed candidate(s), at most {MAX_ATTEMPTS} tries each: "
@@ -446,7 +448,7 @@ def _signal_order(ctx: SearchContext) -> list[int]:
     signals = layer_signal(
         ctx.model, ctx.tokenizer, ctx.task, ctx.config.proxy, steps, ctx.config.proxy.full_lr
     )
-    ctx.study.set_user_attr("presearch_signal", [dataclasses.asdict(s) for s in signals])
+    write_study(ctx.study, presearch_signal=[dataclasses.asdict(s) for s in signals])
     lo, hi = ctx.space.layers or (0, len(signals) - 1)  # bound by `bind`: inclusive
     return [layer for layer in ranking(signals) if lo <= layer <= hi]
 
@@ -458,14 +460,14 @@ def _same_store(ctx: SearchContext) -> bool:
 
 def _tracks_to(tracker: Tracker, study: optuna.Study) -> bool:
     uri = getattr(tracker, "tracking_uri", None)
-    return uri is not None and uri == study.user_attrs.get("mlflow_tracking_uri")
+    return uri is not None and uri == StudyRecord.of(study).tracking_uri
 
 
 def _parent_run(config: Config, study: optuna.Study, tracker: Tracker, task_name: str) -> str:
     """One parent MLflow run per study, found again when the study resumes."""
-    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    run_id = StudyRecord.of(study).parent_run_id
     if run_id and _tracks_to(tracker, study):
-        return str(run_id)
+        return run_id
     run_id = tracker.start_run(f"study-{study.study_name}", tags={"optuna.study": study.study_name})
     tracker.log_dict(run_id, config.to_dict(), "config.yaml")
     tracker.log_params(
@@ -479,8 +481,8 @@ def _parent_run(config: Config, study: optuna.Study, tracker: Tracker, task_name
         },
     )
     if run_id:
-        study.set_user_attr("mlflow_parent_run_id", run_id)
-        study.set_user_attr("mlflow_tracking_uri", getattr(tracker, "tracking_uri", ""))
+        uri = str(getattr(tracker, "tracking_uri", ""))
+        write_study(study, mlflow_parent_run_id=run_id, mlflow_tracking_uri=uri)
     return run_id
 
 
@@ -512,15 +514,15 @@ def prepare(
     num_layers = len(find_layer_stack(model))
     space = bind(unbound, num_layers)
     study = open_study(config, space, root, storage, task.name)
-    for key, value in (
-        ("model", config.model.name),
-        ("task", task.name),
-        ("model_revision", config.model.revision),
-        ("algorithm", config.proxy.algorithm),
-        ("space", config.search.space),
-        ("proxy_steps", config.proxy.steps),
-    ):
-        study.set_user_attr(key, value)  # lets `autolayer export/train --study-name` stand alone
+    write_study(  # lets `autolayer export/train --study-name` stand alone
+        study,
+        model=config.model.name,
+        task=task.name,
+        model_revision=config.model.revision,
+        algorithm=config.proxy.algorithm,
+        space=config.search.space,
+        proxy_steps=config.proxy.steps,
+    )
     seed = study_proxy_seed(study, storage, config.proxy.seed)
     if seed != config.proxy.seed:
         hooks.on_message(
@@ -539,8 +541,7 @@ def prepare(
     )
     hooks.on_message(f"reference: scoring the base model on {len(task.eval)} held-out prompts")
     base = base_reference(config, model, tokenizer, task, root)
-    study.set_user_attr(ATTR_BASE, list(base.outcomes))
-    study.set_user_attr("reference_base_score", base.score)
+    write_study(study, reference_base_outcomes=list(base.outcomes), reference_base_score=base.score)
     placeholder = References(base, base)
     ctx = SearchContext(
         config, model, tokenizer, task, space, study, tracker, parent, placeholder, hooks
@@ -550,9 +551,11 @@ def prepare(
         parent, {"reference/base_score": base.score, "reference/full_score": ctx.refs.full.score}
     )
     uses_c = config.search.objective == "contribution" and ctx.refs.full_gain_defined
-    study.set_user_attr("objective", "contribution C" if uses_c else "held-out score")
-    study.set_metric_names(["contribution C" if uses_c else "held-out score"])
-    study.set_user_attr(ATTR_ORIGIN, ctx.objective_value(base.score))
+    objective = CONTRIBUTION_OBJECTIVE if uses_c else "held-out score"
+    write_study(study, objective=objective, objective_origin=ctx.objective_value(base.score))
+    with warnings.catch_warnings():  # experimental in Optuna, and only a label for dashboards
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([objective])
     if config.search.objective == "contribution" and not uses_c:
         hooks.on_message(
             "the full run's gain is within noise, so C is undefined: optimising the score"
@@ -591,7 +594,7 @@ def optimize(ctx: SearchContext) -> optuna.Study:
 
     def after(study: optuna.Study, trial: FrozenTrial) -> None:
         ctx.hooks.on_trial_end(trial)
-        if trial.user_attrs.get(ATTR_BUDGET_SPENT):
+        if TrialRecord.of(trial).budget_spent:
             study.stop()
 
     ctx.study.optimize(

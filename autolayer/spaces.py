@@ -28,11 +28,9 @@ SpaceKind = Literal["single_layer", "window", "subset"]
 KINDS: tuple[str, ...] = get_args(SpaceKind)
 
 # `search_spaces/` at the repository root is the one copy of the built-in spaces: data that users
-# read, copy and edit next to their configs. A checkout or an editable install finds it one level
-# above the package; a wheel has no repository root and ships the same folder inside the package
-# as `autolayer/search_spaces/` (pyproject.toml maps it there).
-_REPO_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
-_SHIPPED_SPACES = Path(__file__).resolve().parent / "search_spaces"
+# read, copy and edit next to their configs. The package reaches it through a link,
+# `autolayer/search_spaces -> ../search_spaces`, which a wheel replaces with the files.
+_SPACES = Path(__file__).resolve().parent / "search_spaces"
 
 _COMMON_KEYS = {"kind", "layers", "lr", "description"}
 _KIND_KEYS = {"single_layer": set(), "window": {"min_width", "max_width"}, "subset": {"max_layers"}}
@@ -123,8 +121,8 @@ def _require(ok: bool, message: str) -> None:
 
 
 def space_dirs() -> list[Path]:
-    """Where space names are looked up: the repository's folder, else the one a wheel ships."""
-    return [d for d in (_REPO_SPACES, _SHIPPED_SPACES) if d.is_dir()]
+    """Where space names are looked up."""
+    return [_SPACES] if _SPACES.is_dir() else []
 
 
 def available_spaces(spaces_dir: Path | None = None) -> list[str]:

@@ -33,6 +33,15 @@ from sqlalchemy.engine import make_url
 
 from autolayer.errors import AutolayerError
 from autolayer.processes import died_here
+from autolayer.study import (
+    StudyRecord,
+    TrialRecord,
+    trial_fields,
+    trial_seed,
+    write_stored_trial,
+    write_study,
+    write_trial,
+)
 
 DEFAULT_ROOT = Path("mlruns")
 JOURNAL_SCHEME = "journal:"
@@ -162,12 +171,12 @@ def _first_line(err: object) -> str:
 
 def mark_worker(trial: optuna.Trial) -> None:
     """Record which process runs `trial`, so `recover_stale_trials` can tell when it died."""
-    trial.set_user_attr("worker_host", socket.gethostname())
-    trial.set_user_attr("worker_pid", os.getpid())
+    write_trial(trial, worker_host=socket.gethostname(), worker_pid=os.getpid())
 
 
 def _died_here(trial: optuna.trial.FrozenTrial) -> bool:
-    return died_here(trial.user_attrs.get("worker_host"), trial.user_attrs.get("worker_pid"))
+    record = TrialRecord.of(trial)
+    return died_here(record.worker_host, record.worker_pid)
 
 
 def recover_stale_trials(study: optuna.Study) -> list[int]:
@@ -187,13 +196,13 @@ def recover_stale_trials(study: optuna.Study) -> list[int]:
         if not _died_here(trial):
             continue
         try:
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", WORKER_DIED)
+            write_stored_trial(storage, trial._trial_id, fail_reason=WORKER_DIED)
             storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
         except UpdateFinishedTrialError:  # another process recovered it first
             continue
         failed.append(trial.number)
-        if trial.params and "retry_of" not in trial.user_attrs:
-            attrs = {"retry_of": trial.number, **queued_attrs(study, trial)}
+        if trial.params and TrialRecord.of(trial).retry_of is None:
+            attrs = {**trial_fields(retry_of=trial.number), **queued_attrs(study, trial)}
             study.enqueue_trial(trial.params, user_attrs=attrs)
     return sorted(failed + _fail_heartbeat_stale(study))
 
@@ -208,9 +217,6 @@ def candidate_key(trial: FrozenTrial) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(params.items()))
 
 
-ATTR_PROXY_SEED = "proxy_seed"  # study attr: the seed of trials that recorded none
-
-
 SEED_CLAIM = "{study}.proxy-seed-claimed"  # a marker study; see `claim`
 SEED_WAIT = 60.0  # seconds a joining worker waits for the claiming one to record its seed
 
@@ -223,27 +229,21 @@ def study_proxy_seed(study: optuna.Study, storage: Any, seed: int) -> int:
     claims the study's seed (an atomic marker, as for the warm start); the others wait the few
     milliseconds until it is recorded.
     """
-    if ATTR_PROXY_SEED in study.user_attrs:
-        return int(study.user_attrs[ATTR_PROXY_SEED])
+    recorded = StudyRecord.of(study).proxy_seed
+    if recorded is not None:
+        return recorded
     if claim(storage, SEED_CLAIM.format(study=study.study_name)):
-        study.set_user_attr(ATTR_PROXY_SEED, seed)
+        write_study(study, proxy_seed=seed)
         return seed
     deadline = time.monotonic() + SEED_WAIT
-    while ATTR_PROXY_SEED not in study.user_attrs:
+    while (recorded := StudyRecord.of(study).proxy_seed) is None:
         if time.monotonic() > deadline:
             raise AutolayerError(
                 f"another worker claimed study '{study.study_name}' but never recorded its "
                 "training seed; rerun the command"
             )
         time.sleep(0.05)
-    return int(study.user_attrs[ATTR_PROXY_SEED])
-
-
-def trial_seed(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> int:
-    """The training seed a trial ran (or will run) on. Trials from before seeds were recorded,
-    and queued search trials, run on the study's proxy seed."""
-    default = study.user_attrs.get(ATTR_PROXY_SEED, 0)
-    return int(trial.user_attrs.get("seed", default))
+    return recorded
 
 
 def attempt_key(study: optuna.Study, trial: FrozenTrial) -> tuple[Any, ...]:
@@ -254,26 +254,26 @@ def attempt_key(study: optuna.Study, trial: FrozenTrial) -> tuple[Any, ...]:
 
 def queued_attrs(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
     """The user attrs a rerun of `trial` keeps: its seed and its role (repeat or baseline)."""
-    attrs = {"seed": trial_seed(study, trial)}
-    if "role" in trial.user_attrs:
-        attrs["role"] = trial.user_attrs["role"]
-    return attrs
+    role = TrialRecord.of(trial).role
+    seed = trial_seed(study, trial)
+    return trial_fields(seed=seed) if role is None else trial_fields(seed=seed, role=role)
 
 
 def counts(trial: FrozenTrial) -> bool:
     """Whether a trial is an attempt at its candidate (a worker's duplicate is not)."""
-    return bool(candidate_key(trial)) and "duplicate_of" not in trial.user_attrs
+    return bool(candidate_key(trial)) and TrialRecord.of(trial).duplicate_of is None
 
 
 def earlier_twin(study: optuna.Study, trial: optuna.Trial) -> int | None:
     """An earlier trial running, or done with, this trial's params: another worker got there
     first. Exhaustive samplers hand two workers that ask at the same moment the same point."""
     key = (tuple(sorted(trial.params.items())), trial_seed(study, trial))
+    queued = TrialRecord.of(trial).queued
     for other in study.get_trials(
         deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
     ):
         if other.number < trial.number and counts(other) and attempt_key(study, other) == key:
-            if "role" in trial.user_attrs and other.state == TrialState.PRUNED:
+            if queued and other.state == TrialState.PRUNED:
                 continue  # a baseline reruns a pruned candidate to the end on purpose
             return other.number
     return None
@@ -326,7 +326,7 @@ def retry_failed(study: optuna.Study) -> list[FrozenTrial]:
     for key, trials in _attempts(study).items():
         if _exhausted(trials) or any(t.state != TrialState.FAIL for t in trials):
             continue  # spent, finished, or already waiting or running again
-        attrs = {"retry_of": trials[-1].number, **queued_attrs(study, trials[-1])}
+        attrs = {**trial_fields(retry_of=trials[-1].number), **queued_attrs(study, trials[-1])}
         study.enqueue_trial(dict(key[0]), user_attrs=attrs)
         retried.append(trials[-1])
     return retried

@@ -29,7 +29,6 @@ from unittest import mock
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 from transformers import TrainerCallback
 
@@ -49,6 +48,7 @@ from autolayer.models import (
 from autolayer.processes import is_main_process, process_rank
 from autolayer.rollout import stop_criteria
 from autolayer.scoring import Contribution, Evaluation, contribution, evaluate
+from autolayer.study import StudyRecord, TrialRecord, ranked_trials
 from autolayer.tasks import Task
 from autolayer.tracking import DEFAULT_ROOT, Tracker, make_tracker
 
@@ -99,36 +99,13 @@ class TrainResult:
 # ---- which layers --------------------------------------------------------------------------------
 
 
-def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """One COMPLETE trial per candidate (layers and lr) that trained layers, the candidate with
-    the best objective averaged over its training seeds first (ties: earlier trial). A seed's
-    first trial counts once, as in the results table."""
-    from autolayer.storage import trial_seed
-
-    groups: dict[tuple[tuple[int, ...], Any], dict[int, FrozenTrial]] = {}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        trained = t.user_attrs.get("layers") and not t.user_attrs.get("infeasible")
-        if t.value is not None and trained:
-            key = (tuple(t.user_attrs["layers"]), t.user_attrs.get("lr"))
-            groups.setdefault(key, {}).setdefault(trial_seed(study, t), t)
-
-    def mean(trials: list[FrozenTrial]) -> float:
-        return sum(cast(float, t.value) for t in trials) / len(trials)
-
-    ordered = sorted(
-        (list(by_seed.values()) for by_seed in groups.values()),
-        key=lambda ts: (-mean(ts), ts[0].number),
-    )
-    return [trials[0] for trials in ordered]
-
-
 def trial_lr(study: optuna.Study | None, layers: Sequence[int]) -> float | None:
     """The lr of the best complete trial that trained exactly `layers`, if the study has one."""
     if study is None:
         return None
-    for trial in ranked_trials(study):
-        if sorted(trial.user_attrs["layers"]) == sorted(layers) and "lr" in trial.user_attrs:
-            return float(trial.user_attrs["lr"])
+    for record in map(TrialRecord.of, ranked_trials(study)):
+        if sorted(record.layers) == sorted(layers) and record.lr is not None:
+            return record.lr
     return None
 
 
@@ -157,8 +134,8 @@ def select_layers(
     if not ranked:
         raise AutolayerError(f"study '{study.study_name}' has no complete trials to rank layers by")
     chosen: list[int] = []
-    for trial in ranked:
-        chosen += [layer for layer in trial.user_attrs["layers"] if layer not in chosen]
+    for record in map(TrialRecord.of, ranked):
+        chosen += [layer for layer in record.layers if layer not in chosen]
     if len(chosen) < top_k:
         raise AutolayerError(
             f"study '{study.study_name}' has complete trials for only {len(chosen)} distinct "
@@ -436,18 +413,18 @@ def contribution_vs_study(
     """C against the study's all-layers reference, when it was measured on the same prompts."""
     if study is None:
         return None, "no study given, so there is no all-layers reference for C"
-    attrs = study.user_attrs
-    base, full = attrs.get("reference_base_outcomes"), attrs.get("reference_full_outcomes")
+    record = StudyRecord.of(study)
+    base, full = record.base_outcomes, record.full_outcomes
     if base is None or full is None:
         return None, f"study '{study.study_name}' has no all-layers reference yet"
-    if len(full) != len(after.outcomes) or tuple(float(v) for v in base) != before.outcomes:
+    if len(full) != len(after.outcomes) or base != before.outcomes:
         return None, (
             f"study '{study.study_name}' scored a different held-out set (task or eval settings "
             "differ), so C would compare unlike things"
         )
     base_eval, full_eval = Evaluation.from_outcomes(base), Evaluation.from_outcomes(full)
     c = contribution(after, base_eval, full_eval, seed=seed)
-    steps = attrs.get("proxy_steps")
+    steps = record.proxy_steps
     horizon = (
         f"against the study's all-layers run of {steps} proxy steps, shorter than this run: "
         "--reference measures C at this run's horizon"
@@ -468,13 +445,13 @@ def start_tracking(
     experiment = config.tracking.experiment or (study.study_name if study else DEFAULT_EXPERIMENT)
     uri = config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None and study is not None:
-        uri = study.user_attrs.get("mlflow_tracking_uri") or None
+        uri = StudyRecord.of(study).tracking_uri or None
     tracker = make_tracker(config.tracking.enabled, uri, experiment, root)
     tracker.end_dead_runs("train")  # runs of train commands that were killed stay RUNNING
     tags = {"autolayer.role": "train", "autolayer.strategy": str(params["strategy"])}
     if study is not None:
         tags["autolayer.study"] = study.study_name
-        parent = study.user_attrs.get("mlflow_parent_run_id")
+        parent = StudyRecord.of(study).parent_run_id
         if parent:
             tags["autolayer.parent_run"] = str(parent)
     name = f"train {params['strategy']} layers={params['layers']}"

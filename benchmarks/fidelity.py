@@ -43,10 +43,10 @@ from autolayer.layers import middle_layers
 from autolayer.loading import base_reference, load_for, prepare_task
 from autolayer.measure import proxy_and_restore
 from autolayer.models import find_layer_stack
-from autolayer.racing import measured, study_analysis
-from autolayer.samplers import ATTR_ORIGIN, ATTR_SE, make_pruner
+from autolayer.samplers import make_pruner
 from autolayer.scoring import Evaluation
 from autolayer.search import run_search, steps_used
+from autolayer.study import measured, study_analysis, write_study, write_trial
 
 TRUTH_SEED = 100
 
@@ -126,7 +126,7 @@ def replay_pruner(
         direction="maximize",
         pruner=make_pruner(name, n_warmup_steps=eval_every, final_step=horizon),  # type: ignore[arg-type]
     )
-    study.set_user_attr(ATTR_ORIGIN, base)
+    write_study(study, objective_origin=base)
     pruned = []
     for layer in order:
         curve = {int(k): v for k, v in truth["runs"][f"{layer}@{seed}"]["curve"].items()}
@@ -134,7 +134,7 @@ def replay_pruner(
         stopped = False
         for step in range(eval_every, horizon, eval_every):
             score, se = curve[step]
-            trial.set_user_attr(ATTR_SE, se)
+            write_trial(trial, objective_se=se)
             trial.report(score, step)
             if trial.should_prune():
                 stopped = True
@@ -144,7 +144,7 @@ def replay_pruner(
             pruned.append(layer)
         else:
             score, se = curve[horizon]
-            trial.set_user_attr(ATTR_SE, se)
+            write_trial(trial, objective_se=se)
             study.tell(trial, score)
     return pruned
 

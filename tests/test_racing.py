@@ -12,9 +12,18 @@ import pytest
 from optuna.trial import TrialState
 
 from autolayer import racing
+from autolayer import study as study_record
 from autolayer.config import Config
-from autolayer.search import ATTR_BASE, ATTR_FULL, SearchHooks
+from autolayer.search import SearchHooks
 from autolayer.spaces import bind, space_from_dict, suggest
+from autolayer.study import (
+    CONTRIBUTION_OBJECTIVE,
+    StudyRecord,
+    TrialRecord,
+    trial_fields,
+    write_study,
+    write_trial,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 N = 400  # held-out prompts
@@ -38,15 +47,11 @@ class FakeProxy:
             raise KeyboardInterrupt  # the search is killed mid-race
         candidate = suggest(trial, ctx.space)
         assert candidate is not None
-        layer, seed = candidate.layers[0], int(trial.user_attrs.get("seed", 0))
+        layer, seed = candidate.layers[0], TrialRecord.of(trial).seed or 0
         self.calls.append((layer, seed))
         shift = self.seed_sd * (1, -1, 0.5, -0.5, 0)[seed % 5]
         score_p = self.truth[layer] + shift
-        trial.set_user_attr("layers", [layer])
-        trial.set_user_attr("lr", 1e-3)
-        trial.set_user_attr("seed", seed)
-        trial.set_user_attr("outcomes", outcomes(score_p))
-        trial.set_user_attr("steps", 30)
+        write_trial(trial, layers=[layer], lr=1e-3, seed=seed, outcomes=outcomes(score_p), steps=30)
         return score_p
 
 
@@ -54,10 +59,13 @@ def make_ctx(seeds: int = 3, baselines: bool = True) -> Any:
     config = Config()
     config.search.seeds, config.search.baselines = seeds, baselines
     study = optuna.create_study(direction="maximize")
-    study.set_user_attr(ATTR_BASE, outcomes(0.5))
-    study.set_user_attr(ATTR_FULL, outcomes(0.8))
-    study.set_user_attr("objective", "contribution C")
-    study.set_user_attr(racing.ATTR_SNR, [0.1, 0.2, 0.9, 0.3, 0.4, 0.5, 0.6, 0.7])
+    write_study(
+        study,
+        reference_base_outcomes=outcomes(0.5),
+        reference_full_outcomes=outcomes(0.8),
+        objective=CONTRIBUTION_OBJECTIVE,
+        spectrum_snr=[0.1, 0.2, 0.9, 0.3, 0.4, 0.5, 0.6, 0.7],
+    )
     space = bind(space_from_dict({"kind": "single_layer"}), 8)
     return SimpleNamespace(
         config=config, study=study, space=space, hooks=SearchHooks(), time_left=lambda: True
@@ -66,12 +74,12 @@ def make_ctx(seeds: int = 3, baselines: bool = True) -> Any:
 
 def first_pass(ctx: Any, layers: list[int]) -> None:
     for layer in layers:
-        ctx.study.enqueue_trial({"layer": layer}, user_attrs={"seed": 0})
+        ctx.study.enqueue_trial({"layer": layer}, user_attrs=trial_fields(seed=0))
     racing.drain(ctx)
 
 
 def seeds_by_layer(ctx: Any) -> dict[int, list[int]]:
-    return {key[0][0]: sorted(runs) for key, runs in racing.measured(ctx.study).items()}
+    return {key[0][0]: sorted(runs) for key, runs in study_record.measured(ctx.study).items()}
 
 
 TRUTH = {0: 0.55, 1: 0.6, 2: 0.65, 3: 0.7, 4: 0.72, 5: 0.74, 6: 0.76, 7: 0.78}
@@ -88,7 +96,7 @@ def test_a_separated_best_gets_one_repeat_and_the_rest_none(
     seeds = seeds_by_layer(ctx)
     assert seeds[7] == [0, 1] and seeds[6] == [0, 1]  # the first round: the best two
     assert all(seeds[layer] == [0] for layer in range(6))
-    analysis = racing.study_analysis(ctx.study)
+    analysis = study_record.study_analysis(ctx.study)
     assert analysis is not None and analysis.tied == {((7,), 1e-3)}
 
 
@@ -100,7 +108,7 @@ def test_close_contenders_race_to_the_seed_limit(monkeypatch: pytest.MonkeyPatch
     first_pass(ctx, list(range(8)))
     racing.race(ctx)
     seeds = seeds_by_layer(ctx)
-    analysis = racing.study_analysis(ctx.study)
+    analysis = study_record.study_analysis(ctx.study)
     assert analysis is not None
     tied_layers = {key[0][0] for key in analysis.tied}
     assert {6, 7} <= tied_layers
@@ -145,11 +153,11 @@ def test_baselines_measure_the_heuristics_picks_once(monkeypatch: pytest.MonkeyP
     ctx = make_ctx()
     first_pass(ctx, [3, 4, 6, 7])  # 0, 1, 2, 5 never completed (pruned, say)
     racing.measure_baselines(ctx)
-    chosen = ctx.study.user_attrs[racing.ATTR_BASELINES]
-    assert chosen["middle"] == [3] and chosen["last"] == [7] and chosen["spectrum"] == [2]
+    chosen = StudyRecord.of(ctx.study).baselines
+    assert chosen["middle"] == (3,) and chosen["last"] == (7,) and chosen["spectrum"] == (2,)
     ran = [layer for layer, _ in fake.calls[4:]]
     assert 2 in ran and 3 not in ran and 7 not in ran  # only the missing picks were run
-    roles = {t.user_attrs.get("role") for t in ctx.study.trials if t.number >= 4}
+    roles = {TrialRecord.of(t).role for t in ctx.study.trials if t.number >= 4}
     assert "baseline:spectrum" in roles
     racing.measure_baselines(ctx)
     assert len(fake.calls) == 4 + len(ran)  # nothing left to measure
@@ -183,7 +191,7 @@ def test_contenders_per_round_are_capped(monkeypatch: pytest.MonkeyPatch) -> Non
     ctx = make_ctx(seeds=3)
     ctx.config.search.contenders = 3
     first_pass(ctx, list(range(8)))
-    analysis = racing.study_analysis(ctx.study)
+    analysis = study_record.study_analysis(ctx.study)
     assert analysis is not None and len(racing.next_repeats(ctx, analysis)) == 3  # the cap
     racing.race(ctx)
     repeated = [layer for layer, seeds in seeds_by_layer(ctx).items() if len(seeds) > 1]
@@ -220,13 +228,13 @@ def test_old_trials_without_a_seed_count_as_the_studys_proxy_seed(
     fake = FakeProxy(TRUTH, seed_sd=0.01)
     monkeypatch.setattr(racing, "run_trial", fake)
     ctx = make_ctx()
-    ctx.study.set_user_attr("proxy_seed", 5)
+    write_study(ctx.study, proxy_seed=5)
     ctx.config.proxy.seed = 5
     old = optuna.trial.create_trial(
         params={"layer": 7},
         distributions={"layer": optuna.distributions.IntDistribution(0, 7)},
         value=0.9,
-        user_attrs={"layers": [7], "lr": 1e-3, "outcomes": outcomes(0.78)},
+        user_attrs=trial_fields(layers=[7], lr=1e-3, outcomes=outcomes(0.78)),
     )  # recorded before seeds were: no `seed` attr
     ctx.study.add_trial(old)
     first_pass(ctx, [6])

@@ -34,19 +34,22 @@ def _study_with_two_seeds() -> object:
     import numpy as np
     import optuna
 
-    from autolayer.racing import ATTR_BASELINES
+    from autolayer.study import CONTRIBUTION_OBJECTIVE, write_study, write_trial
 
     def outcomes(correct: int, n: int = 400) -> list[float]:
         return (np.arange(n) < correct).astype(float).tolist()
 
     study = optuna.create_study(study_name="s", direction="maximize")
-    study.set_user_attr("reference_base_outcomes", outcomes(200))
-    study.set_user_attr("reference_full_outcomes", outcomes(320))
-    study.set_user_attr("reference_base_score", 0.5)
-    study.set_user_attr("reference_full_score", 0.8)
-    study.set_user_attr("objective", "contribution C")
-    study.set_user_attr("proxy_steps", 30)
-    study.set_user_attr(ATTR_BASELINES, {"middle": [3], "last": [7], "spectrum": [2]})
+    write_study(
+        study,
+        reference_base_outcomes=outcomes(200),
+        reference_full_outcomes=outcomes(320),
+        reference_base_score=0.5,
+        reference_full_score=0.8,
+        objective=CONTRIBUTION_OBJECTIVE,
+        proxy_steps=30,
+        baselines={"middle": [3], "last": [7], "spectrum": [2]},
+    )
     for layer, seed, correct in (
         (3, 0, 260),
         (5, 0, 300),
@@ -57,12 +60,12 @@ def _study_with_two_seeds() -> object:
     ):
         trial = study.ask()
         score = correct / 400
-        for key, value in {"layers": [layer], "lr": 1e-3, "seed": seed, "score": score,
-                           "outcomes": outcomes(correct)}.items():  # fmt: skip
-            trial.set_user_attr(key, value)
+        write_trial(
+            trial, layers=[layer], lr=1e-3, seed=seed, score=score, outcomes=outcomes(correct)
+        )
         study.tell(trial, (score - 0.5) / 0.3)
     pruned = study.ask()
-    pruned.set_user_attr("layers", [2])
+    write_trial(pruned, layers=[2])
     pruned.report(0.2, 10)
     study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
     return study

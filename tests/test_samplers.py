@@ -10,8 +10,9 @@ from optuna.samplers import BruteForceSampler, GPSampler, RandomSampler, TPESamp
 
 from autolayer.config import SamplerName
 from autolayer.errors import AutolayerError
-from autolayer.samplers import ATTR_ORIGIN, ATTR_SE, make_pruner, make_sampler, optimistic_final
+from autolayer.samplers import make_pruner, make_sampler, optimistic_final
 from autolayer.spaces import Candidate, LrRange, Space, bind, suggest
+from autolayer.study import trial_fields, write_study, write_trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -170,9 +171,9 @@ def test_wilcoxon_prunes_a_trial_clearly_worse_on_the_same_prompts() -> None:
 
 def _interval_study(best: float, best_se: float, origin: float) -> optuna.Study:
     study = optuna.create_study(direction="maximize", pruner=make_pruner("interval", 10, 30))
-    study.set_user_attr(ATTR_ORIGIN, origin)
+    write_study(study, objective_origin=origin)
     trial = study.ask()
-    trial.set_user_attr(ATTR_SE, best_se)
+    write_trial(trial, objective_se=best_se)
     study.tell(trial, best)
     return study
 
@@ -181,7 +182,7 @@ def _report(study: optuna.Study, curve: dict[int, float], se: float) -> bool:
     trial = study.ask()
     pruned = False
     for step, value in curve.items():
-        trial.set_user_attr(ATTR_SE, se)
+        write_trial(trial, objective_se=se)
         trial.report(value, step)
         pruned = trial.should_prune()
     return pruned
@@ -219,7 +220,7 @@ def test_optimistic_final_by_hand() -> None:
         value=None,
         state=optuna.trial.TrialState.RUNNING,
         intermediate_values={10: 0.4, 20: 0.6},
-        user_attrs={ATTR_SE: 0.01},
+        user_attrs=trial_fields(objective_se=0.01),
     )
     # slopes: since origin (0.6 - 0.3) / 20 = 0.015, last segment 0.02: 0.6 + 0.02 x 10 + 0.0196
     assert optimistic_final(trial, 30, origin=0.3) == pytest.approx(0.8196)

@@ -53,14 +53,18 @@ def test_shipped_spaces_load_by_name_and_name_their_command(name: str) -> None:
     assert first_line.startswith("# autolayer search ") and f"--space {name}" in first_line
 
 
-def test_a_wheel_ships_the_one_copy_of_the_spaces() -> None:
-    """No second copy to keep in step: the wheel maps search_spaces/ into the package."""
+def test_the_package_reads_the_one_copy_of_the_spaces() -> None:
+    """No second copy to keep in step: the package links to search_spaces/, a wheel ships it."""
     import tomllib
 
-    setup = tomllib.loads((REPO_SPACES.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert setup["package-dir"]["autolayer.search_spaces"] == "search_spaces"
-    assert "*.yaml" in setup["package-data"]["autolayer.search_spaces"]
-    assert not (REPO_SPACES.parent / "autolayer" / "assets" / "search_spaces").exists()
+    from autolayer.spaces import space_dirs
+
+    root = REPO_SPACES.parent
+    link = root / "autolayer" / "search_spaces"
+    assert link.is_symlink() and link.resolve() == REPO_SPACES.resolve()
+    assert [d.resolve() for d in space_dirs()] == [REPO_SPACES.resolve()]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "search_spaces/*.yaml" in data["package-data"]["autolayer"]
 
 
 def test_a_space_loads_from_a_path_with_lr_choices_and_ranges(tmp_path: Path) -> None:

@@ -178,14 +178,15 @@ def test_claim_is_won_once(tmp_path: Path) -> None:
 
 
 def test_every_worker_trains_on_the_first_workers_seed(tmp_path: Path) -> None:
-    from autolayer.storage import ATTR_PROXY_SEED, study_proxy_seed
+    from autolayer.storage import study_proxy_seed
+    from autolayer.study import StudyRecord
 
     storage = make_storage(f"journal:{tmp_path / 'j.log'}")
     first = optuna.create_study(study_name="s", storage=storage)
     second = optuna.load_study(study_name="s", storage=storage)  # another worker's handle
     assert study_proxy_seed(first, storage, 7) == 7
     assert study_proxy_seed(second, storage, 3) == 7  # the joining worker's own seed loses
-    assert second.user_attrs[ATTR_PROXY_SEED] == 7
+    assert StudyRecord.of(second).proxy_seed == 7
 
 
 def test_a_worker_waits_for_the_claimed_seed_then_gives_up(

@@ -1,0 +1,384 @@
+"""The study record: what autolayer keeps in an Optuna study, and the only code that reads or
+writes it.
+
+Optuna holds a trial's params, value, state and intermediate values; everything else a search
+learns is a user attr of the trial (its layers, seed, score, C and why it stopped) or of the
+study (the references, the model, the heuristics' picks). Writers name fields as keyword
+arguments of `write_trial` / `write_study`, which mypy checks against `TrialFields` /
+`StudyFields`; readers get the typed `TrialRecord` / `StudyRecord`. A field's name is its key in
+storage, so studies written before this module read the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypedDict, Unpack, cast
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from autolayer.errors import AutolayerError
+from autolayer.estimate import Analysis, analyse
+
+Key = tuple[tuple[int, ...], float]  # a measured candidate: its layers and lr
+
+
+class TrialFields(TypedDict, total=False):
+    """A trial's user attrs."""
+
+    layers: list[int]  # the trained layers (absent: the trial never got that far)
+    lr: float
+    seed: int  # the training seed (absent on trials from before seeds were recorded)
+    role: str  # "repeat" or "baseline:<name>": queued by racing; absent for search trials
+    score: float  # held-out score of the finished run
+    stderr: float
+    steps: int  # proxy steps it ran (pruned: where it stopped)
+    seconds: float
+    contribution: float | None  # C (None: undefined, the all-layers gain is within noise)
+    ci_low: float | None
+    ci_high: float | None
+    gain: float
+    outcomes: list[float]  # per held-out prompt, paired across every run of the study
+    objective_se: float  # standard error of the last reported objective (the interval pruner)
+    prune_reason: str
+    fail_reason: str
+    infeasible: bool  # violates the subset-size limit: complete without a run
+    duplicate_of: int  # another worker's twin ran it: pruned, counts for nothing
+    retry_of: int  # a failed trial this one retries
+    budget_spent: bool  # not run: the step budget is spent
+    mlflow_run_id: str
+    worker_host: str
+    worker_pid: int
+
+
+class StudyFields(TypedDict, total=False):
+    """A study's user attrs."""
+
+    model: str
+    model_revision: str | None
+    task: str
+    algorithm: str
+    space: str
+    proxy_steps: int
+    proxy_seed: int  # the training seed of search trials: the first worker's
+    objective: str  # "contribution C" or "held-out score"
+    objective_origin: float  # the objective of the untrained model (step 0 of every curve)
+    reference_base_outcomes: list[float]
+    reference_base_score: float
+    reference_full_outcomes: list[float]
+    reference_full_score: float
+    mlflow_reference_run_id: str
+    mlflow_parent_run_id: str
+    mlflow_tracking_uri: str
+    presearch_signal: list[dict[str, Any]]
+    baselines: dict[str, list[int]]  # heuristic name -> the layers it picks
+    baselines_lr: float  # the lr the heuristics' picks were measured at
+    spectrum_snr: list[float]  # Spectrum's score per layer
+
+
+CONTRIBUTION_OBJECTIVE = "contribution C"
+
+
+def write_trial(trial: optuna.Trial, **fields: Unpack[TrialFields]) -> None:
+    for key, value in fields.items():
+        trial.set_user_attr(key, value)
+
+
+def write_stored_trial(storage: Any, trial_id: int, **fields: Unpack[TrialFields]) -> None:
+    """Write another process's trial, by its storage id (recovering a dead worker's trial)."""
+    for key, value in fields.items():
+        storage.set_trial_user_attr(trial_id, key, value)
+
+
+def trial_fields(**fields: Unpack[TrialFields]) -> dict[str, Any]:
+    """User attrs for `study.enqueue_trial(..., user_attrs=...)`."""
+    return dict(fields)
+
+
+def write_study(study: optuna.Study, **fields: Unpack[StudyFields]) -> None:
+    for key, value in fields.items():
+        study.set_user_attr(key, value)
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What a trial stored, typed; absent fields are None (or empty, or False)."""
+
+    number: int
+    state: TrialState
+    value: float | None
+    layers: tuple[int, ...]
+    lr: float | None
+    seed: int | None
+    role: str | None
+    score: float | None
+    stderr: float | None
+    steps: int
+    seconds: float | None
+    contribution: float | None
+    ci_low: float | None
+    ci_high: float | None
+    outcomes: tuple[float, ...] | None
+    objective_se: float
+    prune_reason: str | None
+    fail_reason: str | None
+    infeasible: bool
+    duplicate_of: int | None
+    retry_of: int | None
+    budget_spent: bool
+    mlflow_run_id: str | None
+    worker_host: str | None
+    worker_pid: int | None
+
+    @classmethod
+    def of(cls, trial: FrozenTrial | optuna.Trial) -> TrialRecord:
+        a = cast("TrialFields", trial.user_attrs)
+        outcomes = a.get("outcomes")
+        state, value = (
+            (trial.state, trial.value)
+            if isinstance(trial, FrozenTrial)
+            else (TrialState.RUNNING, None)  # a live trial, in its objective
+        )
+        return cls(
+            number=trial.number,
+            state=state,
+            value=value,
+            layers=tuple(a.get("layers", ())),
+            lr=_float(a.get("lr")),
+            seed=_int(a.get("seed")),
+            role=a.get("role"),
+            score=_float(a.get("score")),
+            stderr=_float(a.get("stderr")),
+            steps=int(a.get("steps", 0)),
+            seconds=_float(a.get("seconds")),
+            contribution=_float(a.get("contribution")),
+            ci_low=_float(a.get("ci_low")),
+            ci_high=_float(a.get("ci_high")),
+            outcomes=None if outcomes is None else tuple(float(v) for v in outcomes),
+            objective_se=float(a.get("objective_se", 0.0)),
+            prune_reason=a.get("prune_reason"),
+            fail_reason=a.get("fail_reason"),
+            infeasible=bool(a.get("infeasible", False)),
+            duplicate_of=_int(a.get("duplicate_of")),
+            retry_of=_int(a.get("retry_of")),
+            budget_spent=bool(a.get("budget_spent", False)),
+            mlflow_run_id=a.get("mlflow_run_id"),
+            worker_host=a.get("worker_host"),
+            worker_pid=_int(a.get("worker_pid")),
+        )
+
+    @property
+    def queued(self) -> bool:
+        """A racing repeat or a baseline: queued with its params and seed, never pruned."""
+        return self.role is not None
+
+    @property
+    def trained(self) -> bool:
+        """It trained layers and measured them (an infeasible subset completes without a run)."""
+        return bool(self.layers) and self.outcomes is not None and not self.infeasible
+
+    @property
+    def note(self) -> str:
+        """Why the trial ended as it did, or what it was for, in a few words."""
+        for reason in (self.fail_reason, self.prune_reason):
+            if reason:
+                return reason
+        if self.infeasible:
+            return "infeasible: violates the subset size limit"
+        if self.retry_of is not None:
+            return f"retry of trial {self.retry_of}"
+        if self.role == "repeat":
+            return "racing: repeat on another training seed"
+        if self.role and self.role.startswith("baseline:"):
+            return f"free heuristic: {self.role.split(':', 1)[1]}"
+        return ""
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """What a study stored about itself, typed."""
+
+    model: str | None
+    model_revision: str | None
+    task: str | None
+    algorithm: str | None
+    proxy_steps: int | None
+    proxy_seed: int | None
+    objective: str | None
+    objective_origin: float | None
+    base_outcomes: tuple[float, ...] | None
+    base_score: float | None
+    full_outcomes: tuple[float, ...] | None
+    full_score: float | None
+    reference_run_id: str | None
+    parent_run_id: str | None
+    tracking_uri: str | None
+    baselines: dict[str, tuple[int, ...]]
+    baselines_lr: float | None
+    spectrum_snr: tuple[float, ...] | None
+
+    @classmethod
+    def of(cls, study: optuna.Study) -> StudyRecord:
+        a = cast("StudyFields", study.user_attrs)
+        base, full, snr = (
+            a.get("reference_base_outcomes"),
+            a.get("reference_full_outcomes"),
+            a.get("spectrum_snr"),
+        )
+        return cls(
+            model=a.get("model"),
+            model_revision=a.get("model_revision"),
+            task=a.get("task"),
+            algorithm=a.get("algorithm"),
+            proxy_steps=_int(a.get("proxy_steps")),
+            proxy_seed=_int(a.get("proxy_seed")),
+            objective=a.get("objective"),
+            objective_origin=_float(a.get("objective_origin")),
+            base_outcomes=None if base is None else tuple(float(v) for v in base),
+            base_score=_float(a.get("reference_base_score")),
+            full_outcomes=None if full is None else tuple(float(v) for v in full),
+            full_score=_float(a.get("reference_full_score")),
+            reference_run_id=a.get("mlflow_reference_run_id"),
+            parent_run_id=a.get("mlflow_parent_run_id"),
+            tracking_uri=a.get("mlflow_tracking_uri"),
+            baselines={k: tuple(v) for k, v in a.get("baselines", {}).items()},
+            baselines_lr=_float(a.get("baselines_lr")),
+            spectrum_snr=None if snr is None else tuple(float(v) for v in snr),
+        )
+
+    @property
+    def uses_contribution(self) -> bool:
+        return self.objective == CONTRIBUTION_OBJECTIVE
+
+
+def records(study: optuna.Study, states: tuple[TrialState, ...] | None = None) -> list[TrialRecord]:
+    """Every trial of `study` (of `states`), in trial order."""
+    return [TrialRecord.of(t) for t in study.get_trials(deepcopy=False, states=states)]
+
+
+def trial_seed(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> int:
+    """The training seed a trial ran (or will run) on. Trials from before seeds were recorded,
+    and queued search trials, run on the study's proxy seed."""
+    seed = TrialRecord.of(trial).seed
+    if seed is not None:
+        return seed
+    study_seed = StudyRecord.of(study).proxy_seed
+    return 0 if study_seed is None else study_seed
+
+
+def measured(study: optuna.Study) -> dict[Key, dict[int, FrozenTrial]]:
+    """Every completed candidate's trials by seed (the first trial of a seed, if TPE repeats)."""
+    runs: dict[Key, dict[int, FrozenTrial]] = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        record = TrialRecord.of(trial)
+        if record.outcomes is None or record.lr is None:
+            continue  # infeasible subsets are complete without a run
+        key = (record.layers, record.lr)
+        runs.setdefault(key, {}).setdefault(trial_seed(study, trial), trial)
+    return runs
+
+
+def study_analysis(study: optuna.Study) -> Analysis[Key] | None:
+    """Estimates, best and tied set of a study's completed candidates, from storage alone.
+
+    The resampling seed is fixed, so racing, the table and `autolayer results` agree on the tied
+    set."""
+    runs = measured(study)
+    record = StudyRecord.of(study)
+    base = record.base_outcomes
+    if not runs or base is None:
+        return None
+    outcomes_of = {
+        key: [TrialRecord.of(by_seed[s]).outcomes or () for s in sorted(by_seed)]
+        for key, by_seed in runs.items()
+    }
+    lengths = {len(o) for rows in outcomes_of.values() for o in rows}
+    if lengths != {len(base)}:
+        raise AutolayerError(
+            f"study '{study.study_name}' holds trials scored on different held-out sets "
+            f"({', '.join(map(str, sorted(lengths | {len(base)})))} prompts); use a new study name"
+        )
+    full = record.full_outcomes
+    return analyse(
+        {key: np.array(rows, dtype=float) for key, rows in outcomes_of.items()},
+        np.asarray(base, dtype=float),
+        None if full is None else np.asarray([full], dtype=float),
+        contribution_defined=record.uses_contribution,
+    )
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The first completed trial of the best candidate (best mean score over its seeds)."""
+    analysis = study_analysis(study)
+    if analysis is None or analysis.best is None:
+        return None
+    return min(measured(study)[analysis.best].values(), key=lambda t: t.number)
+
+
+def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """One COMPLETE trial per candidate (layers and lr) that trained layers, the candidate with
+    the best objective averaged over its training seeds first (ties: earlier trial). A seed's
+    first trial counts once, as in the results table."""
+    groups: dict[tuple[tuple[int, ...], float | None], dict[int, FrozenTrial]] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        record = TrialRecord.of(t)
+        if t.value is not None and record.layers and not record.infeasible:
+            key = (record.layers, record.lr)
+            groups.setdefault(key, {}).setdefault(trial_seed(study, t), t)
+
+    def mean(trials: list[FrozenTrial]) -> float:
+        return sum(cast(float, t.value) for t in trials) / len(trials)
+
+    ordered = sorted(
+        (list(by_seed.values()) for by_seed in groups.values()),
+        key=lambda ts: (-mean(ts), ts[0].number),
+    )
+    return [trials[0] for trials in ordered]
+
+
+def study_evidence(
+    study: optuna.Study, layers: tuple[int, ...], storage: str
+) -> tuple[dict[str, Any], float | None]:
+    """The study's results behind a choice of `layers` (for an export's provenance), and the lr
+    of the best trial of exactly these layers."""
+    chosen, seen, trials = set(layers), set(), []
+    lr = None
+    for trial in ranked_trials(study):
+        r = TrialRecord.of(trial)
+        trained = tuple(sorted(r.layers))
+        if not set(trained) <= chosen or trained in seen:
+            continue  # keep the best trial of each subset of the chosen layers
+        seen.add(trained)
+        if trained == layers and lr is None:
+            lr = r.lr
+        trials.append(
+            {
+                "trial": trial.number,
+                "layers": list(trained),
+                "objective": trial.value,
+                "lr": r.lr,
+                "score": r.score,
+                "contribution": r.contribution,
+                "ci_low": r.ci_low,
+                "ci_high": r.ci_high,
+            }
+        )
+    record = StudyRecord.of(study)
+    evidence = {
+        "source": "autolayer search",
+        "study": study.study_name,
+        "storage": storage,
+        "reference_base_score": record.base_score,
+        "reference_full_score": record.full_score,
+        "trials": trials,
+    }
+    return evidence, lr
