@@ -11,6 +11,8 @@ storage, so studies written before this module read the same.
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict, Unpack, cast
 
@@ -79,26 +81,62 @@ class StudyFields(TypedDict, total=False):
 
 CONTRIBUTION_OBJECTIVE = "contribution C"
 
+# Per-prompt outcomes are stored packed: a list of 1,000 floats as a user attr made `optuna
+# studies` and optuna-dashboard print a wall of numbers. They stay in the study's storage, not
+# in a side file, because every worker of a PostgreSQL study on any machine reads every trial's
+# outcomes (racing, intervals, the tied set) and a storage is all they share.
+_OUTCOME_FIELDS = frozenset({"outcomes", "reference_base_outcomes", "reference_full_outcomes"})
+
+
+def pack_outcomes(values: Sequence[float]) -> str:
+    """`bits:N:<base64>` when every outcome is 0 or 1 (an accuracy: 1,000 in 168 characters),
+    else `f64:<base64>` (exact, for partial rewards)."""
+    array = np.asarray(values, dtype=np.float64)
+    if np.isin(array, (0.0, 1.0)).all():
+        bits = np.packbits(array.astype(np.uint8)).tobytes()
+        return f"bits:{len(array)}:{base64.b64encode(bits).decode()}"
+    return "f64:" + base64.b64encode(array.astype("<f8").tobytes()).decode()
+
+
+def unpack_outcomes(stored: Any) -> tuple[float, ...] | None:
+    """What `pack_outcomes` packed; a plain list (studies written before packing) as it is."""
+    if stored is None:
+        return None
+    if not isinstance(stored, str):
+        return tuple(float(v) for v in stored)
+    kind, _, rest = stored.partition(":")
+    if kind == "bits":
+        count, _, data = rest.partition(":")
+        bits = np.unpackbits(np.frombuffer(base64.b64decode(data), dtype=np.uint8))
+        return tuple(float(v) for v in bits[: int(count)])
+    if kind == "f64":
+        return tuple(float(v) for v in np.frombuffer(base64.b64decode(rest), dtype="<f8"))
+    raise AutolayerError(f"the study holds outcomes in an unknown format ({kind!r})")
+
+
+def _stored(key: str, value: Any) -> Any:
+    return pack_outcomes(value) if key in _OUTCOME_FIELDS else value
+
 
 def write_trial(trial: optuna.Trial, **fields: Unpack[TrialFields]) -> None:
     for key, value in fields.items():
-        trial.set_user_attr(key, value)
+        trial.set_user_attr(key, _stored(key, value))
 
 
 def write_stored_trial(storage: Any, trial_id: int, **fields: Unpack[TrialFields]) -> None:
     """Write another process's trial, by its storage id (recovering a dead worker's trial)."""
     for key, value in fields.items():
-        storage.set_trial_user_attr(trial_id, key, value)
+        storage.set_trial_user_attr(trial_id, key, _stored(key, value))
 
 
 def trial_fields(**fields: Unpack[TrialFields]) -> dict[str, Any]:
-    """User attrs for `study.enqueue_trial(..., user_attrs=...)`."""
-    return dict(fields)
+    """User attrs for `study.enqueue_trial(..., user_attrs=...)` or `create_trial`."""
+    return {key: _stored(key, value) for key, value in fields.items()}
 
 
 def write_study(study: optuna.Study, **fields: Unpack[StudyFields]) -> None:
     for key, value in fields.items():
-        study.set_user_attr(key, value)
+        study.set_user_attr(key, _stored(key, value))
 
 
 def _float(value: Any) -> float | None:
@@ -163,7 +201,7 @@ class TrialRecord:
             contribution=_float(a.get("contribution")),
             ci_low=_float(a.get("ci_low")),
             ci_high=_float(a.get("ci_high")),
-            outcomes=None if outcomes is None else tuple(float(v) for v in outcomes),
+            outcomes=unpack_outcomes(outcomes),
             objective_se=float(a.get("objective_se", 0.0)),
             prune_reason=a.get("prune_reason"),
             fail_reason=a.get("fail_reason"),
@@ -243,9 +281,9 @@ class StudyRecord:
             proxy_seed=_int(a.get("proxy_seed")),
             objective=a.get("objective"),
             objective_origin=_float(a.get("objective_origin")),
-            base_outcomes=None if base is None else tuple(float(v) for v in base),
+            base_outcomes=unpack_outcomes(base),
             base_score=_float(a.get("reference_base_score")),
-            full_outcomes=None if full is None else tuple(float(v) for v in full),
+            full_outcomes=unpack_outcomes(full),
             full_score=_float(a.get("reference_full_score")),
             reference_run_id=a.get("mlflow_reference_run_id"),
             parent_run_id=a.get("mlflow_parent_run_id"),

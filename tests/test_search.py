@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from autolayer.config import config_from_dict
 from autolayer.search import run_search
 from autolayer.storage import load_study
+from autolayer.study import StudyRecord, TrialRecord
 
 TINY = {
     "task": {"eval_size": 64, "train_size": 256},
@@ -56,8 +57,9 @@ def test_search_records_trials_in_optuna_and_mlflow(tmp_path: Path) -> None:
     assert sorted(t.user_attrs["layers"] for t in trials) == [[3], [4]]
     for t in trials:
         assert 0.0 <= t.user_attrs["score"] <= 1.0
-        assert len(t.user_attrs["outcomes"]) == 64  # paired: every trial scored on the same prompts
-    assert len(ctx.study.user_attrs["reference_full_outcomes"]) == 64
+        outcomes = TrialRecord.of(t).outcomes
+        assert outcomes is not None and len(outcomes) == 64  # paired: every trial, same prompts
+    assert len(StudyRecord.of(ctx.study).full_outcomes or ()) == 64
     client = mlflow.MlflowClient(config.tracking.tracking_uri)
     experiment = client.get_experiment_by_name("tiny")
     runs = client.search_runs([experiment.experiment_id])

@@ -17,6 +17,7 @@ from autolayer import organism
 from autolayer.config import config_from_dict
 from autolayer.search import run_search
 from autolayer.storage import make_storage
+from autolayer.study import TrialRecord
 from autolayer.tasks import Task
 from autolayer.train import run_training
 
@@ -119,9 +120,10 @@ def test_a_python_task_object_runs_search_and_train(tmp_path: Path) -> None:
     ctx = run_search(config, root=tmp_path / "mlruns", task=task)
     assert ctx.study.study_name == "organism-closeness-single_layer"
     done = ctx.study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(done) == 1 and len(done[0].user_attrs["outcomes"]) == 32
+    outcomes = TrialRecord.of(done[0]).outcomes or ()
+    assert len(done) == 1 and len(outcomes) == 32
     # weighted: every outcome is 0.5 x closeness (or 0 for junk) + 1 x exact
-    assert all(0.0 <= v <= 1.5 for v in done[0].user_attrs["outcomes"])
+    assert all(0.0 <= v <= 1.5 for v in outcomes)
     result = run_training(
         config, [4], "only", root=tmp_path / "mlruns", out_dir=tmp_path / "out", task=task
     )

@@ -1,0 +1,68 @@
+"""The study record: typed reads, checked writes, outcomes stored packed and read back exactly."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from autolayer.study import (
+    StudyRecord,
+    TrialRecord,
+    pack_outcomes,
+    trial_fields,
+    unpack_outcomes,
+    write_study,
+    write_trial,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0],  # not a multiple of 8
+        [0.0] * 1000,
+        [1 / 3, 0.5, 1.0, 0.0, 0.1 + 0.2],  # partial rewards, bit for bit
+    ],
+)
+def test_outcomes_round_trip_exactly(values: list[float]) -> None:
+    assert unpack_outcomes(pack_outcomes(values)) == tuple(values)
+
+
+def test_an_accuracy_of_1000_prompts_is_one_short_line() -> None:
+    """What `optuna studies` and optuna-dashboard show instead of 1,000 numbers."""
+    packed = pack_outcomes([float(i % 3 == 0) for i in range(1000)])
+    assert packed.startswith("bits:1000:") and len(packed) == 10 + 168
+
+
+def test_lists_written_before_packing_still_read() -> None:
+    assert unpack_outcomes([1, 0, 0.5]) == (1.0, 0.0, 0.5)
+    assert unpack_outcomes(None) is None
+
+
+def test_a_trial_reads_back_what_was_written() -> None:
+    study = optuna.create_study()
+    trial = study.ask()
+    write_trial(trial, layers=[3, 4], lr=1e-3, seed=2, score=0.75, outcomes=[1.0, 0.0, 1.0, 1.0])
+    write_trial(trial, prune_reason="step 10: under the bar", steps=10)
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    record = TrialRecord.of(study.trials[0])
+    assert (record.layers, record.lr, record.seed, record.score) == ((3, 4), 1e-3, 2, 0.75)
+    assert record.outcomes == (1.0, 0.0, 1.0, 1.0) and record.steps == 10
+    assert (
+        record.state == optuna.trial.TrialState.PRUNED and record.note == "step 10: under the bar"
+    )
+    assert not record.queued and record.contribution is None and record.objective_se == 0.0
+
+
+def test_queued_roles_and_the_study_record() -> None:
+    study = optuna.create_study()
+    study.enqueue_trial({"layer": 3}, user_attrs=trial_fields(seed=1, role="baseline:middle"))
+    queued = TrialRecord.of(study.trials[0])
+    assert queued.queued and queued.seed == 1 and queued.note == "free heuristic: middle"
+    write_study(study, proxy_steps=30, reference_base_outcomes=[0.0, 1.0], baselines={"last": [7]})
+    record = StudyRecord.of(study)
+    assert record.proxy_steps == 30 and record.base_outcomes == (0.0, 1.0)
+    assert record.baselines == {"last": (7,)} and record.full_outcomes is None
+    assert not record.uses_contribution
