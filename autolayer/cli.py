@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from autolayer.config import (
+    SECTIONS,
     Config,
     ProxyConfig,
     PrunerName,
@@ -19,6 +20,7 @@ from autolayer.config import (
     TrackingConfig,
     field_help,
     load_config,
+    override,
     require_one_device,
 )
 
@@ -37,6 +39,34 @@ def console() -> Any:
 
 def _help(cls: type, name: str) -> str:
     return field_help(cls)[name]
+
+
+OVERRIDE = "override:"  # dest prefix of the generated `--section.key` options
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """`--section.key VALUE` for every key of the config schema, with the schema's help text:
+    applied after the YAML file and before the command's own options, read as YAML reads a
+    value and validated as a file is."""
+    group = parser.add_argument_group(
+        "config overrides",
+        "Any key of the YAML file, e.g. --proxy.lr 3e-4 or --search.seeds 1.",
+    )
+    for section, cls in SECTIONS.items():
+        for name, text in field_help(cls).items():
+            group.add_argument(
+                f"--{section}.{name}",
+                dest=f"{OVERRIDE}{section}.{name}",
+                metavar="VALUE",
+                default=argparse.SUPPRESS,
+                help=text.replace("%", "%%"),
+            )
+
+
+def config_overrides(config: Config, args: argparse.Namespace) -> Config:
+    """`config` with the `--section.key` options given on the command line."""
+    given = {k.removeprefix(OVERRIDE): v for k, v in vars(args).items() if k.startswith(OVERRIDE)}
+    return override(config, given) if given else config
 
 
 def _add_store_options(parser: argparse.ArgumentParser, tracking: bool = True) -> None:
@@ -91,10 +121,12 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
         help="Seed of the sampler and of every proxy run (repeats add 1, 2, ...).",
     )
     _add_store_options(parser)
+    add_config_flags(parser)
 
 
 def apply_overrides(config: Config, args: argparse.Namespace) -> Config:
     """Command-line options win over the YAML file."""
+    config = config_overrides(config, args)
     search, proxy, tracking = config.search, config.proxy, config.tracking
     for key in (
         "space",
@@ -345,16 +377,18 @@ def _config_parser(sub: Any) -> None:
         "config",
         help="Print every config field with its default and meaning.",
         description="The YAML schema: sections, fields, defaults and what each "
-        "does. `--config FILE` shows FILE's resolved values instead.",
+        "does. `--config FILE` shows FILE's resolved values instead, and `--section.key "
+        "VALUE` options what they change.",
     )
     p.add_argument("--config", metavar="FILE.yaml", help="Show this file's resolved values.")
+    add_config_flags(p)
     p.set_defaults(handler=cmd_config)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     import dataclasses
 
-    config = load_config(args.config) if args.config else Config()
+    config = config_overrides(load_config(args.config) if args.config else Config(), args)
     for section in dataclasses.fields(Config):
         print(f"{section.name}:")
         values = getattr(config, section.name)

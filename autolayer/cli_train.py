@@ -147,11 +147,17 @@ def _train_parser(sub: Any) -> None:
     )
     p.add_argument("--no-tracking", action="store_true", help="Do not log to MLflow.")
     p.add_argument("--device", help=field_help(ProxyConfig)["device"])
+    from autolayer.cli import add_config_flags
+
+    add_config_flags(p)
     p.set_defaults(handler=cmd_train)
 
 
 def apply_train_overrides(config: Config, args: argparse.Namespace) -> Config:
     """Command-line options win over the YAML file; returns the validated config."""
+    from autolayer.cli import config_overrides
+
+    config = config_overrides(config, args)
     train = config.train
     for option, key in (
         ("strategy", "strategy"),

@@ -478,6 +478,25 @@ def read_yaml(path: Path, what: str) -> Any:
         raise AutolayerError(f"{what} {path} is not valid YAML{where}") from None
 
 
+SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
+}  # section name -> its dataclass: the one list `--section.key` flags are generated from
+
+
+def override(config: Config, values: dict[str, str]) -> Config:
+    """`config` with dotted keys (`{"proxy.lr": "3e-4"}`) set from command-line text, each value
+    read as YAML would read it, and every section validated again as a file would be."""
+    data = config.to_dict()
+    for dotted, text in values.items():
+        section, _, key = dotted.partition(".")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text  # not YAML: the schema says whether the text itself is acceptable
+        data[section][key] = value
+    return config_from_dict(data)
+
+
 def field_help(cls: type) -> dict[str, str]:
     """Field name -> help text, for `--help` and docs."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

@@ -85,3 +85,33 @@ def test_the_cluster_recipes_use_flags_that_exist(
         assert args.storage == "postgresql://db/x" and args.study_name == "my-model-my-task"
         if args.command == "search":
             assert args.seed == 3  # each worker's own sampler seed
+
+
+def test_every_config_key_is_an_option_validated_like_the_file(tmp_path: Path) -> None:
+    """`--proxy.lr 3e-4` and friends, generated from the schema: applied over the file, read as
+    YAML reads a value, refused in one sentence as a bad file value would be."""
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"proxy": {"lr": 0.001, "steps": 7}}))
+    shown = run("config", "--config", "c.yaml", "--proxy.lr", "3e-4", "--search.seeds", "1",
+                "--task.reward_weights", "[1, 0.5]", cwd=tmp_path)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    values, section = {}, ""
+    for line in shown.stdout.splitlines():
+        if not line.startswith(" "):
+            section = line.rstrip(":")
+            continue
+        key, _, rest = line.strip().partition(":")
+        values[f"{section}.{key}"] = rest.split("#")[0].strip()
+    assert (values["proxy.lr"], values["proxy.steps"], values["search.seeds"]) == (
+        "0.0003",
+        "7",
+        "1",
+    )
+    assert values["task.reward_weights"] == "[1.0, 0.5]" and values["train.lr"] == "null"
+    bad = run("search", "--config", "c.yaml", "--proxy.lr", "-1", "--root", "mlruns",
+              cwd=tmp_path)  # fmt: skip
+    assert (
+        bad.returncode == 2 and bad.stderr.strip() == "autolayer: error: proxy.lr must be positive"
+    )
+    assert "HEAVY []" in bad.stdout and not (tmp_path / "mlruns").exists()
+    help_text = run("search", "--help", cwd=tmp_path).stdout
+    assert "--proxy.full_lr VALUE" in help_text and "--train.output_dir VALUE" in help_text
