@@ -14,10 +14,8 @@ from typing import Any, get_args
 from autolayer.config import (
     SECTIONS,
     Config,
-    ProxyConfig,
     PrunerName,
     SearchConfig,
-    TrackingConfig,
     field_help,
     load_config,
     override,
@@ -48,6 +46,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """`--section.key VALUE` for every key of the config schema, with the schema's help text:
     applied after the YAML file and before the command's own options, read as YAML reads a
     value and validated as a file is."""
+    parser.usage = "%(prog)s [options] [--section.key VALUE ...]"  # not 80 generated options
     group = parser.add_argument_group(
         "config overrides",
         "Any key of the YAML file, e.g. --proxy.lr 3e-4 or --search.seeds 1.",
@@ -69,8 +68,33 @@ def config_overrides(config: Config, args: argparse.Namespace) -> Config:
     return override(config, given) if given else config
 
 
-def _add_store_options(parser: argparse.ArgumentParser, tracking: bool = True) -> None:
+def alias(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    key: str,
+    metavar: str = "VALUE",
+    const: str | None = None,
+    help: str | None = None,
+) -> None:
+    """A short name for `--section.key` (the same destination, the schema's help text); with
+    `const`, a switch that sets the key to it."""
+    section, _, name = key.partition(".")
+    text = (help or field_help(SECTIONS[section])[name]).replace("%", "%%") + f" (--{key})"
+    dest = f"{OVERRIDE}{key}"
+    if const is None:
+        parser.add_argument(flag, dest=dest, metavar=metavar, default=argparse.SUPPRESS, help=text)
+    else:
+        parser.add_argument(
+            flag, dest=dest, action="store_const", const=const, default=argparse.SUPPRESS, help=text
+        )
+
+
+def _add_store_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", metavar="URL", help=_help(SearchConfig, "storage"))
+    add_root_option(parser)
+
+
+def add_root_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--root",
         metavar="DIR",
@@ -78,83 +102,51 @@ def _add_store_options(parser: argparse.ArgumentParser, tracking: bool = True) -
         help="Directory of the embedded stores (Optuna journal, MLflow SQLite, "
         "artifacts, caches). Default: mlruns",
     )
-    if tracking:
-        parser.add_argument(
-            "--tracking-uri", metavar="URI", help=_help(TrackingConfig, "tracking_uri")
-        )
-        parser.add_argument("--no-tracking", action="store_true", help="Do not log to MLflow.")
+
+
+def add_tracking_aliases(parser: argparse.ArgumentParser) -> None:
+    alias(parser, "--tracking-uri", "tracking.tracking_uri", "URI")
+    alias(parser, "--no-tracking", "tracking.enabled", const="false", help="Do not log to MLflow.")
 
 
 def _add_search_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--space", help=_help(SearchConfig, "space") + " Overrides search.space.")
-    parser.add_argument("--n-trials", type=int, metavar="N", help=_help(SearchConfig, "n_trials"))
-    parser.add_argument(
-        "--timeout", type=float, metavar="SECONDS", help=_help(SearchConfig, "timeout")
-    )
-    parser.add_argument(
-        "--max-total-steps", type=int, metavar="N", help=_help(SearchConfig, "max_total_steps")
-    )
-    parser.add_argument("--study-name", metavar="NAME", help=_help(SearchConfig, "study_name"))
-    parser.add_argument(
-        "--sampler",
-        choices=["auto", "grid", "tpe", "gp", "random"],
-        help=_help(SearchConfig, "sampler"),
-    )
-    parser.add_argument(
-        "--pruner",
-        choices=list(get_args(PrunerName)),
-        help=_help(SearchConfig, "pruner"),
-    )
-    parser.add_argument("--seeds", type=int, metavar="N", help=_help(SearchConfig, "seeds"))
-    parser.add_argument(
+    for flag, key, metavar in (
+        ("--space", "search.space", "SPACE"),
+        ("--n-trials", "search.n_trials", "N"),
+        ("--timeout", "search.timeout", "SECONDS"),
+        ("--max-total-steps", "search.max_total_steps", "N"),
+        ("--study-name", "search.study_name", "NAME"),
+        ("--sampler", "search.sampler", "{auto,grid,tpe,gp,random}"),
+        ("--pruner", "search.pruner", "{" + ",".join(get_args(PrunerName)) + "}"),
+        ("--seeds", "search.seeds", "N"),
+        ("--device", "proxy.device", "DEVICE"),
+        ("--threads", "proxy.threads", "N"),
+        ("--storage", "search.storage", "URL"),
+    ):
+        alias(parser, flag, key, metavar)
+    alias(
+        parser,
         "--no-baselines",
-        dest="baselines",
-        action="store_false",
-        default=None,
+        "search.baselines",
+        const="false",
         help="Do not measure the free heuristics' picks after the search.",
     )
-    parser.add_argument("--device", help=_help(ProxyConfig, "device"))
-    parser.add_argument("--threads", type=int, metavar="N", help=_help(ProxyConfig, "threads"))
     parser.add_argument(
         "--seed",
         type=int,
-        help="Seed of the sampler and of every proxy run (repeats add 1, 2, ...).",
+        help="Seed of the sampler and of every proxy run (repeats add 1, 2, ...); sets "
+        "search.seed and proxy.seed.",
     )
-    _add_store_options(parser)
+    add_root_option(parser)
+    add_tracking_aliases(parser)
     add_config_flags(parser)
 
 
 def apply_overrides(config: Config, args: argparse.Namespace) -> Config:
-    """Command-line options win over the YAML file."""
+    """Command-line options win over the YAML file; the result is validated as a file is."""
     config = config_overrides(config, args)
-    search, proxy, tracking = config.search, config.proxy, config.tracking
-    for key in (
-        "space",
-        "n_trials",
-        "timeout",
-        "max_total_steps",
-        "study_name",
-        "sampler",
-        "pruner",
-        "storage",
-        "seeds",
-        "baselines",
-    ):
-        value = getattr(args, key, None)
-        if value is not None:
-            setattr(search, key, value)
-    if getattr(args, "device", None):
-        proxy.device = args.device
-    if getattr(args, "threads", None) is not None:
-        proxy.threads = args.threads
-        ProxyConfig.__post_init__(proxy)  # re-validate what the flag changed
     if getattr(args, "seed", None) is not None:
-        search.seed = proxy.seed = args.seed
-    if getattr(args, "tracking_uri", None):
-        tracking.tracking_uri = args.tracking_uri
-    if getattr(args, "no_tracking", False):
-        tracking.enabled = False
-    SearchConfig.__post_init__(search)  # re-validate what the flags changed
+        config = override(config, {"search.seed": str(args.seed), "proxy.seed": str(args.seed)})
     return config
 
 
@@ -342,7 +334,7 @@ def _results_parser(sub: Any) -> None:
         "--trials", action="store_true", help="Also list every trial (seeds, pruned, failed)."
     )
     p.add_argument("--json", action="store_true", help="Candidates, baselines and trials as JSON.")
-    _add_store_options(p, tracking=False)
+    _add_store_options(p)
     p.set_defaults(handler=cmd_results)
 
 

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autolayer.config import Config, ProxyConfig, TrainConfig, field_help, load_config
+from autolayer.config import Config, load_config
 from autolayer.errors import AutolayerError
 
 if TYPE_CHECKING:
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from autolayer.export import LayerChoice
     from autolayer.train import TrainResult
 
-STRATEGIES = ("only", "mid", "boost")
 EXPORT_FORMATS = ("json", "axolotl", "peft", "llamafactory", "swift", "trl", "all")
 ROOT_HELP = (
     "Directory of the embedded stores (Optuna journal, MLflow SQLite, artifacts, score "
@@ -89,7 +88,6 @@ def _choose(
 
 
 def _train_parser(sub: Any) -> None:
-    train_help = field_help(TrainConfig)
     p = sub.add_parser(
         "train",
         help="Train the chosen layers with TRL's GRPOTrainer and save the model.",
@@ -110,33 +108,20 @@ def _train_parser(sub: Any) -> None:
         "How many of the study's best layers to train (overrides train.top_k; "
         "with --strategy mid: how many middle layers).",
     )
-    p.add_argument(
-        "--strategy",
-        metavar="{only,mid,boost}",
-        help=train_help["strategy"] + " Overrides train.strategy.",
-    )
-    p.add_argument(
-        "--steps", type=int, metavar="N", help="Optimizer steps (overrides train.steps)."
-    )
-    p.add_argument(
-        "--lr",
-        type=float,
-        metavar="LR",
-        help="Learning rate of the chosen layers (overrides train.lr).",
-    )
-    p.add_argument(
-        "--out", metavar="DIR", help=train_help["output_dir"] + " Overrides train.output_dir."
-    )
+    from autolayer.cli import add_config_flags, add_tracking_aliases, alias
+
+    for flag, key, metavar in (
+        ("--strategy", "train.strategy", "{only,mid,boost}"),
+        ("--steps", "train.steps", "N"),
+        ("--lr", "train.lr", "LR"),
+        ("--out", "train.output_dir", "DIR"),
+        ("--device", "proxy.device", "DEVICE"),
+    ):
+        alias(p, flag, key, metavar)
     p.add_argument(
         "--overwrite",
         action="store_true",
         help="Replace an existing non-empty output directory (only once the new one is complete).",
-    )
-    p.add_argument(
-        "--tracking-uri",
-        metavar="URI",
-        help="MLflow tracking URI (default: the config's, $MLFLOW_TRACKING_URI, the "
-        "study's recorded one, else SQLite under --root).",
     )
     p.add_argument(
         "--reference",
@@ -145,10 +130,7 @@ def _train_parser(sub: Any) -> None:
         "run's horizon against it, instead of against the study's shorter proxy-horizon run. "
         "Costs a second training run and a second copy of the model in memory.",
     )
-    p.add_argument("--no-tracking", action="store_true", help="Do not log to MLflow.")
-    p.add_argument("--device", help=field_help(ProxyConfig)["device"])
-    from autolayer.cli import add_config_flags
-
+    add_tracking_aliases(p)
     add_config_flags(p)
     p.set_defaults(handler=cmd_train)
 
@@ -156,33 +138,12 @@ def _train_parser(sub: Any) -> None:
 def apply_train_overrides(config: Config, args: argparse.Namespace) -> Config:
     """Command-line options win over the YAML file; returns the validated config."""
     from autolayer.cli import config_overrides
+    from autolayer.config import override
 
     config = config_overrides(config, args)
-    train = config.train
-    for option, key in (
-        ("strategy", "strategy"),
-        ("top_k", "top_k"),
-        ("steps", "steps"),
-        ("lr", "lr"),
-        ("out", "output_dir"),
-    ):
-        value = getattr(args, option, None)
-        if value is not None:
-            setattr(train, key, value)
-    if train.strategy not in STRATEGIES:
-        raise AutolayerError(
-            f"unknown strategy {train.strategy!r}; use one of {', '.join(STRATEGIES)}"
-        )
-    TrainConfig.__post_init__(train)
-    if args.device:
-        config.proxy.device = args.device
-    if args.tracking_uri:
-        config.tracking.tracking_uri = args.tracking_uri
-    if args.no_tracking:
-        config.tracking.enabled = False
-    if args.storage:
-        config.search.storage = args.storage
-    return config
+    given = {"train.top_k": args.top_k, "search.storage": args.storage}  # the study selectors
+    chosen = {key: str(value) for key, value in given.items() if value is not None}
+    return override(config, chosen) if chosen else config
 
 
 def cmd_train(args: argparse.Namespace) -> int:

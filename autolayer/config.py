@@ -24,6 +24,7 @@ Objective = Literal["contribution", "score"]
 SamplerName = Literal["auto", "grid", "tpe", "gp", "random"]
 PrunerName = Literal["none", "interval", "median", "hyperband", "wilcoxon"]
 Strategy = Literal["only", "mid", "boost"]
+STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from autolayer.config import Config
+from autolayer.config import STRATEGIES, Config
 from autolayer.delta import MANIFEST_FILE, atomic_dir, hash_parameters, save_delta
 from autolayer.errors import AutolayerError, Interrupted
 from autolayer.layers import middle_layers, validate_layers
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerControl, TrainerState
     from trl import GRPOConfig, GRPOTrainer
 
-STRATEGIES = ("only", "mid", "boost")
 SUMMARY_FILE = "train_summary.json"
 DEFAULT_EXPERIMENT = "autolayer-train"
 BOOST_NOTE = (

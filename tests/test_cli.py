@@ -72,7 +72,9 @@ def test_the_cluster_recipes_use_flags_that_exist(
 ) -> None:
     import os
 
-    from autolayer.cli import build_parser
+    from autolayer.cli import apply_overrides, build_parser
+    from autolayer.cli_train import apply_train_overrides
+    from autolayer.config import Config
 
     for var, value in {"SLURM_ARRAY_TASK_ID": "3", "SLURM_CPUS_PER_TASK": "8",
                        "JOB_COMPLETION_INDEX": "3", "AUTOLAYER_STORAGE": "postgresql://db/x",
@@ -82,9 +84,15 @@ def test_the_cluster_recipes_use_flags_that_exist(
     assert commands, name
     for argv in commands:
         args = build_parser().parse_args([os.path.expandvars(a) for a in argv])
-        assert args.storage == "postgresql://db/x" and args.study_name == "my-model-my-task"
         if args.command == "search":
-            assert args.seed == 3  # each worker's own sampler seed
+            config = apply_overrides(Config(), args)
+            assert config.search.study_name == "my-model-my-task"
+            assert config.search.seed == 3  # each worker's own sampler seed
+        else:
+            config = apply_train_overrides(Config(), args)
+            assert args.study_name == "my-model-my-task"
+        assert config.search.storage == "postgresql://db/x"
+        assert (config.tracking.tracking_uri or "").startswith("http://mlflow")
 
 
 def test_every_config_key_is_an_option_validated_like_the_file(tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ def one_error_line(capsys: pytest.CaptureFixture[str], code: int) -> str:
         (["--layers", "99"], r"layer 99 is out of range; valid layers are 0\.\.7"),
         (["--layers", "three"], "cannot read layer selection"),
         (["--strategy", "mid", "--layers", "3"], "picks the middle layers itself"),
-        (["--strategy", "best", "--layers", "3"], "unknown strategy 'best'"),
+        (["--strategy", "best", "--layers", "3"], "'train.strategy' must be one of 'only', 'mid'"),
         (["--study-name", "found", "--top-k", "5"], "only 4 distinct layers"),
         (["--layers", "3", "--steps", "0"], "steps must be >= 1"),
     ],
