@@ -23,6 +23,7 @@ Algorithm = Literal["grpo", "dr_grpo", "gigpo"]
 Objective = Literal["contribution", "score"]
 SamplerName = Literal["auto", "grid", "tpe", "gp", "random"]
 PrunerName = Literal["none", "interval", "median", "hyperband", "wilcoxon"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 Strategy = Literal["only", "mid", "boost"]
 STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
 
@@ -42,7 +43,12 @@ class ModelConfig:
         "organism",
     )
     revision: str | None = doc("Hub revision (branch, tag or commit) to pin.", None)
-    dtype: str = doc("Weight dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.", "auto")
+    dtype: DType = doc(
+        "Weight dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16.", "auto"
+    )
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "model.name must name a model")
 
 
 @dataclass
@@ -294,6 +300,12 @@ class TrackingConfig:
     )
     experiment: str | None = doc("MLflow experiment name (default: the study name).", None)
     enabled: bool = doc("Log to MLflow at all.", True)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.tracking_uri is None or bool(self.tracking_uri.strip()),
+            "tracking.tracking_uri must not be empty (leave it out for the default)",
+        )
 
 
 @dataclass

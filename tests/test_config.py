@@ -29,6 +29,9 @@ def test_sections_are_read_and_ints_accepted_for_floats() -> None:
         ({"proxy": {"num_generations": 1}}, "num_generations must be at least 2"),
         ({"proxy": 3}, "section 'proxy' must be a mapping"),
         ({"proxy": {"devices": 0}}, "proxy.devices must be at least 1"),
+        ({"model": {"dtype": "fp32"}}, "'model.dtype' must be one of 'auto', 'float32'"),
+        ({"model": {"name": " "}}, "model.name must name a model"),
+        ({"tracking": {"tracking_uri": ""}}, "tracking.tracking_uri must not be empty"),
         ({"proxy": {"strategy": "fsdp"}}, "'proxy.strategy' must be one of 'auto', 'ddp'"),
         (
             {"proxy": {"devices": 3, "prompts_per_step": 16}},
