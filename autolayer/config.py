@@ -502,12 +502,31 @@ def override(config: Config, values: dict[str, str]) -> Config:
     data = config.to_dict()
     for dotted, text in values.items():
         section, _, key = dotted.partition(".")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text  # not YAML: the schema says whether the text itself is acceptable
-        data[section][key] = value
+        data[section][key] = _read_value(text, typing.get_type_hints(SECTIONS[section])[key])
     return config_from_dict(data)
+
+
+def _takes_text(tp: Any) -> bool:
+    """Whether a field accepts a plain string (str, str | None, a Literal of strings...)."""
+    if tp is str:
+        return True
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return any(_takes_text(a) for a in typing.get_args(tp))
+    return False
+
+
+def _read_value(text: str, tp: Any) -> Any:
+    """Command-line text as the field needs it: YAML for numbers, lists and mappings, but a
+    field that takes text keeps it as typed (a study named 2024, a revision 0123456, `yes`)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # not YAML: the schema says whether the text itself is acceptable
+    if _takes_text(tp) and not isinstance(value, (list, dict)):
+        return text
+    return value
 
 
 def field_help(cls: type) -> dict[str, str]:

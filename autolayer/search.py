@@ -526,8 +526,8 @@ def prepare(
     seed = study_proxy_seed(study, storage, config.proxy.seed)
     if seed != config.proxy.seed:
         hooks.on_message(
-            f"this study trains on seed {seed}, set by its first worker; "
-            f"--seed {config.proxy.seed} seeds this worker's sampler only"
+            f"this study trains on seed {seed}, set by its first worker, not on this "
+            f"worker's proxy.seed {config.proxy.seed} (its sampler keeps search.seed)"
         )
         config = dataclasses.replace(config, proxy=dataclasses.replace(config.proxy, seed=seed))
     _end_dead_runs(study, tracker)

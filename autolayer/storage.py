@@ -218,7 +218,7 @@ def candidate_key(trial: FrozenTrial) -> tuple[tuple[str, Any], ...]:
 
 
 SEED_CLAIM = "{study}.proxy-seed-claimed"  # a marker study; see `claim`
-SEED_WAIT = 60.0  # seconds a joining worker waits for the claiming one to record its seed
+SEED_WAIT = 30.0  # seconds a joining worker waits for the claiming one to record its seed
 
 
 def study_proxy_seed(study: optuna.Study, storage: Any, seed: int) -> int:
@@ -238,10 +238,10 @@ def study_proxy_seed(study: optuna.Study, storage: Any, seed: int) -> int:
     deadline = time.monotonic() + SEED_WAIT
     while (recorded := StudyRecord.of(study).proxy_seed) is None:
         if time.monotonic() > deadline:
-            raise AutolayerError(
-                f"another worker claimed study '{study.study_name}' but never recorded its "
-                "training seed; rerun the command"
-            )
+            # The claimer died before recording it (or the study was deleted and made again
+            # under the same name, leaving the marker): record this worker's own seed. Two
+            # workers doing so at once is the only way they can disagree, and only then.
+            write_study(study, proxy_seed=seed)
         time.sleep(0.05)
     return recorded
 

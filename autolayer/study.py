@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict, Unpack, cast
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import numpy as np
 import optuna
@@ -22,6 +22,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autolayer.errors import AutolayerError
 from autolayer.estimate import Analysis, analyse
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is Python 3.11+
 
 Key = tuple[tuple[int, ...], float]  # a measured candidate: its layers and lr
 
@@ -306,9 +309,9 @@ def records(study: optuna.Study, states: tuple[TrialState, ...] | None = None) -
 def trial_seed(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> int:
     """The training seed a trial ran (or will run) on. Trials from before seeds were recorded,
     and queued search trials, run on the study's proxy seed."""
-    seed = TrialRecord.of(trial).seed
+    seed = trial.user_attrs.get("seed")  # not TrialRecord.of: no outcomes to unpack for this
     if seed is not None:
-        return seed
+        return int(seed)
     study_seed = StudyRecord.of(study).proxy_seed
     return 0 if study_seed is None else study_seed
 

@@ -287,13 +287,27 @@ def build_trainer(
     args: GRPOConfig,
     groups: list[dict[str, Any]],
     callbacks: list[TrainerCallback],
+    reference_dtype: torch.dtype | None = None,
 ) -> GRPOTrainer:
-    """A GRPOTrainer stepping our parameter groups (TRL would build one group of all trainables)."""
+    """A GRPOTrainer stepping our parameter groups (TRL would build one group of all trainables).
+
+    With beta > 0 its KL reference is `frozen_sharing_copy(model, reference_dtype)`: pass the
+    model's dtype from before its trained weights were cast to fp32, or `boost` (every layer
+    trained) would keep an fp32 reference, twice a bf16 model."""
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=0.0)
-    return _grpo_trainer(model, tokenizer, task, args, callbacks, optimizer)
+    return _grpo_trainer(model, tokenizer, task, args, callbacks, optimizer, reference_dtype)
 
 
-def frozen_sharing_copy(model: nn.Module) -> nn.Module:
+def rank_device(device: str, cuda: bool) -> str:
+    """Under a distributed launcher each process loads the model onto its own GPU (LOCAL_RANK),
+    not every one onto cuda:0 for the Trainer to move later."""
+    _, processes = process_rank()
+    if processes > 1 and cuda and device in ("auto", "cuda"):
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def frozen_sharing_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """The model as it is now, for the KL term's reference: every frozen tensor is shared with
     `model` and only the trainable ones are copied, as the proxy's reference keeps them.
 
@@ -305,6 +319,10 @@ def frozen_sharing_copy(model: nn.Module) -> nn.Module:
     memo.update({id(b): b for b in model.buffers()})
     reference = copy.deepcopy(model, memo)
     reference.requires_grad_(False)
+    if dtype is not None:  # the trained copies back in the base dtype, exactly (they were cast up)
+        for param in reference.parameters():
+            if id(param) not in memo and param.is_floating_point():
+                param.data = param.data.to(dtype)
     return reference.eval()
 
 
@@ -328,6 +346,7 @@ def _grpo_trainer(
     args: GRPOConfig,
     callbacks: list[TrainerCallback],
     optimizer: torch.optim.Optimizer,
+    reference_dtype: torch.dtype | None,
 ) -> GRPOTrainer:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import GRPOTrainer
@@ -340,7 +359,7 @@ def _grpo_trainer(
         criteria = stop_criteria(tokenizer, task.stop_strings)
         hf: Any = model
         hf.generate = functools.partial(hf.generate, stopping_criteria=criteria)
-    reference = frozen_sharing_copy(model) if args.beta != 0.0 else None
+    reference = frozen_sharing_copy(model, reference_dtype) if args.beta != 0.0 else None
     with _reference_given(reference):
         trainer = GRPOTrainer(
             model=cast("PreTrainedModel", model),
@@ -549,9 +568,8 @@ def _train(
     if config.proxy.master_weights == "bfloat16":
         callbacks = [*callbacks, Bf16MasterWeights(trainable_parameters(model))]
     use_cache = getattr(model.config, "use_cache", None)
-    trainer = build_trainer(
-        model, tokenizer, task, grpo_args(config, task, work_dir), groups, callbacks
-    )
+    args = grpo_args(config, task, work_dir)
+    trainer = build_trainer(model, tokenizer, task, args, groups, callbacks, base_dtype)
     optimizer = cast(torch.optim.Optimizer, trainer.optimizer)
     check_trainable(model, expected, optimizer)
     start = time.perf_counter()
@@ -739,6 +757,10 @@ def run_training(
         config = dataclasses.replace(
             config, tracking=dataclasses.replace(config.tracking, enabled=False)
         )
+    device = rank_device(config.proxy.device, torch.cuda.is_available())
+    if device != config.proxy.device:
+        torch.cuda.set_device(torch.device(device))
+        config = dataclasses.replace(config, proxy=dataclasses.replace(config.proxy, device=device))
     if config.train.lr is None:  # train what the search measured: its trial's lr
         found = trial_lr(study, layers)
         lr = found if found is not None else config.proxy.lr

@@ -97,3 +97,18 @@ def test_yaml_floats_without_a_dot_are_numbers(tmp_path) -> None:
     path.write_text("proxy:\n  lr: 1e\n")
     with pytest.raises(AutolayerError, match="'proxy.lr' must be a number, got '1e'"):
         load_config(path)
+
+
+def test_command_line_text_keeps_its_type_where_the_schema_wants_text() -> None:
+    """`--search.study_name 2024` is a study named 2024, `--model.revision 0123456` a commit, not
+    numbers; numbers, switches and lists are read as YAML reads them."""
+    from autolayer.config import override
+
+    config = override(
+        Config(),
+        {"search.study_name": "2024", "model.revision": "0123456", "search.seeds": "5",
+         "search.baselines": "false", "task.reward_weights": "[1, 0.5]", "train.lr": "null"},
+    )  # fmt: skip
+    assert (config.search.study_name, config.model.revision) == ("2024", "0123456")
+    assert (config.search.seeds, config.search.baselines) == (5, False)
+    assert config.task.reward_weights == [1.0, 0.5] and config.train.lr is None

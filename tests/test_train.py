@@ -568,3 +568,38 @@ def test_the_trl_recipe_loads_without_lightning() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_the_reference_of_a_bf16_model_keeps_its_trained_copies_in_bf16() -> None:
+    """`boost` trains every weight in fp32: a reference left in fp32 would be twice the model."""
+    from autolayer.train import frozen_sharing_copy, set_dtype
+
+    model, _ = load_model(ORGANISM, dtype="bfloat16", device="cpu")
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    freeze_for_strategy(model, "boost", [3], 1e-3, 1e-4)  # every layer trains
+    set_dtype(model, torch.float32, only_trainable=True)
+    reference = frozen_sharing_copy(model, torch.bfloat16)
+    for name, param in reference.named_parameters():
+        assert param.dtype == torch.bfloat16 and torch.equal(param, original[name]), name
+
+
+@pytest.mark.parametrize(
+    ("env", "device", "cuda", "expected"),
+    [
+        ({"WORLD_SIZE": "4", "LOCAL_RANK": "2"}, "auto", True, "cuda:2"),
+        ({"WORLD_SIZE": "4", "LOCAL_RANK": "2"}, "cuda", True, "cuda:2"),
+        ({"WORLD_SIZE": "4", "LOCAL_RANK": "2"}, "cpu", True, "cpu"),
+        ({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "auto", False, "auto"),  # CPU ranks over gloo
+        ({}, "auto", True, "auto"),  # one process: the usual resolution
+    ],
+)
+def test_each_rank_loads_onto_its_own_gpu(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], device: str, cuda: bool, expected: str
+) -> None:
+    from autolayer.train import rank_device
+
+    for key in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert rank_device(device, cuda) == expected
