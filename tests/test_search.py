@@ -175,6 +175,7 @@ def test_sigkill_mid_trial_then_rerun_loses_no_finished_trial(tmp_path: Path) ->
     assert layers == [2, 3, 4, 5]  # every layer exactly once: none lost, none repeated
 
 
+@pytest.mark.slow  # test_workers runs the same two PostgreSQL workers, with more checks
 def test_two_workers_share_one_postgresql_study(tmp_path: Path, postgres_url: str) -> None:
     space = write_space(tmp_path, layers=[2, 5])
     data = tiny_config(tmp_path, space, storage=postgres_url)
@@ -203,7 +204,8 @@ def test_two_workers_share_one_postgresql_study(tmp_path: Path, postgres_url: st
     )
     assert len(study.trials) == 4  # every trial counted once
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
-    assert all(t.state == TrialState.COMPLETE for t in study.trials)  # none lost
+    for t in study.trials:  # none lost; a twin drawn at the same instant is pruned as such
+        assert t.state == TrialState.COMPLETE or TrialRecord.of(t).duplicate_of is not None
     workers_seen = {
         t.user_attrs.get("worker_pid") or t.system_attrs.get("worker_pid") for t in study.trials
     }
