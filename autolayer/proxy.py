@@ -286,16 +286,23 @@ class GRPOModule(L.LightningModule):
         if not (self.capture_prefix and self._shares_prefix()) or self._dropout_below:
             yield
             return
+        with self._watch_lowest(parts.append):
+            yield
+
+    @contextmanager
+    def _watch_lowest(self, keep: Callable[[torch.Tensor], None]) -> Iterator[None]:
+        """While it lasts, `keep` gets the lowest trained layer's input (detached) on every
+        forward, and the frozen layer below it shows what it returns (for `_Passthrough`)."""
         layers = self.stack.layers
 
-        def keep(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            parts.append((args[0] if args else kwargs["hidden_states"]).detach())
+        def take(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            keep((args[0] if args else kwargs["hidden_states"]).detach())
 
         def shape(_: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             self._as_tuple = isinstance(output, tuple)
 
         handles = [
-            layers[self.lowest].register_forward_pre_hook(keep, with_kwargs=True),
+            layers[self.lowest].register_forward_pre_hook(take, with_kwargs=True),
             layers[self.lowest - 1].register_forward_hook(shape, with_kwargs=True),
         ]
         try:
@@ -420,22 +427,8 @@ class GRPOModule(L.LightningModule):
             return
         layers, first = self.stack.layers, self.stack.layers[self.lowest]
         if key not in cache:
-
-            def keep(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                cache[key] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-            def shape(_: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-                self._as_tuple = isinstance(output, tuple)
-
-            handles = [
-                first.register_forward_pre_hook(keep, with_kwargs=True),
-                layers[self.lowest - 1].register_forward_hook(shape, with_kwargs=True),
-            ]
-            try:
+            with self._watch_lowest(lambda hidden: cache.__setitem__(key, hidden)):
                 yield
-            finally:
-                for handle in handles:
-                    handle.remove()
             return
         below = [layers[i] for i in range(self.lowest)]
         for i in range(self.lowest):
