@@ -17,6 +17,7 @@ from autolayer.models import load_model
 from autolayer.proxy import run_proxy
 from autolayer.scoring import evaluate
 from autolayer.search import run_search
+from autolayer.study import TrialRecord
 from autolayer.tasks import load_task
 from autolayer.train import run_training, select_layers
 
@@ -109,5 +110,5 @@ def test_a_broken_environment_fails_its_trial_not_the_study(tmp_path: Path) -> N
     hooks = SearchHooks(on_trial_start=lambda number, _: armed.update(on=number == 0))
     ctx = run_search(config, root=tmp_path / "mlruns", hooks=hooks, task=task)
     assert [t.state for t in ctx.study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    reason = ctx.study.trials[0].user_attrs["fail_reason"]
+    reason = TrialRecord.of(ctx.study.trials[0]).fail_reason or ""
     assert reason == "EnvError: environment 'Fragile' step returned the reward None"

@@ -20,6 +20,7 @@ from autolayer.export import FILENAMES
 from autolayer.layers import ORGANISM
 from autolayer.models import load_model
 from autolayer.storage import make_storage
+from autolayer.study import trial_fields, write_study
 from tests.conftest import save_organism_shaped
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -47,20 +48,19 @@ def storage(tmp_path: Path) -> str:
     """A journal storage holding study `found`: layer 5 best, then layers 2 and 4 together."""
     url = f"journal:{tmp_path / 'journal.log'}"
     study = optuna.create_study(study_name="found", storage=make_storage(url), direction="maximize")
-    study.set_user_attr("reference_base_score", 0.4)
-    study.set_user_attr("reference_full_score", 0.6)
+    write_study(study, reference_base_score=0.4, reference_full_score=0.6)
     for value, layers in [(0.9, [5]), (0.8, [2, 4]), (0.1, [0])]:
         study.add_trial(
             create_trial(
                 value=value,
-                user_attrs={
-                    "layers": layers,
-                    "lr": 2e-3,
-                    "score": 0.4 + value / 5,
-                    "contribution": value,
-                    "ci_low": value - 0.1,
-                    "ci_high": value + 0.1,
-                },
+                user_attrs=trial_fields(
+                    layers=layers,
+                    lr=2e-3,
+                    score=0.4 + value / 5,
+                    contribution=value,
+                    ci_low=value - 0.1,
+                    ci_high=value + 0.1,
+                ),
             )
         )
     return url

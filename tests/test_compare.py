@@ -14,6 +14,7 @@ from autolayer.cli import main
 from autolayer.compare import Profile, agreement, noisiness, profile, spearman_p
 from autolayer.errors import AutolayerError
 from autolayer.storage import make_storage
+from autolayer.study import trial_fields, write_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -26,9 +27,9 @@ def outcomes(score: float, n: int = 40) -> list[float]:
 
 def make_study(storage: object, name: str, scores: dict[int, float], model: str = "m") -> None:
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
-    study.set_user_attr("model", model)
+    write_study(study, model=model)
     for layer, score in scores.items():
-        attrs = {"layers": [layer], "outcomes": outcomes(score)}
+        attrs = trial_fields(layers=[layer], outcomes=outcomes(score))
         study.add_trial(create_trial(value=score, user_attrs=attrs))
 
 

@@ -21,6 +21,7 @@ import yaml
 from optuna.trial import TrialState, create_trial
 
 from autolayer.storage import MAX_ATTEMPTS, exhausted_candidates, load_study, retry_failed
+from autolayer.study import TrialRecord, trial_fields
 
 CAP = 300  # seconds: only a safety net for a hung child, not a timing assertion
 
@@ -57,7 +58,7 @@ def _wait_for_running_trial(root: Path, proc: subprocess.Popen[str]) -> int:
             running = load_study("sig", None, root).get_trials(states=(TrialState.RUNNING,))
         except Exception:  # the study does not exist yet
             running = []
-        if running and running[0].user_attrs.get("mlflow_run_id"):
+        if running and TrialRecord.of(running[0]).mlflow_run_id:
             return running[0].number  # its MLflow run exists and its training has started
         time.sleep(0.2)
     raise AssertionError("no trial started running")
@@ -97,9 +98,9 @@ def test_a_signal_mid_trial_is_one_sentence_and_a_rerun_resumes(
     assert "Traceback" not in err
     trial = load_study("sig", None, root).trials[number]
     assert trial.state == TrialState.FAIL
-    assert trial.user_attrs["fail_reason"] == f"interrupted by {name}"
+    assert TrialRecord.of(trial).fail_reason == f"interrupted by {name}"
     run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(
-        trial.user_attrs["mlflow_run_id"]
+        TrialRecord.of(trial).mlflow_run_id
     )
     assert run.info.status == "KILLED" and run.data.tags["fail_reason"] == f"interrupted by {name}"
 
@@ -115,7 +116,11 @@ def test_resume_retries_failures_up_to_the_limit_and_never_a_finished_candidate(
     dist = {"layer": optuna.distributions.IntDistribution(0, 7)}
 
     def add(layer: int, state: TrialState, reason: str = "") -> None:
-        attrs = {"layers": [layer], "fail_reason": reason} if reason else {"layers": [layer]}
+        attrs = (
+            trial_fields(layers=[layer], fail_reason=reason)
+            if reason
+            else trial_fields(layers=[layer])
+        )
         value = 0.5 if state == TrialState.COMPLETE else None
         study.add_trial(
             create_trial(params={"layer": layer}, distributions=dist, state=state,
@@ -132,7 +137,7 @@ def test_resume_retries_failures_up_to_the_limit_and_never_a_finished_candidate(
     retried = retry_failed(study)
     assert [t.params for t in retried] == [{"layer": 2}]
     waiting = study.get_trials(states=(TrialState.WAITING,))
-    assert [t.user_attrs["retry_of"] for t in waiting] == [2]
+    assert [TrialRecord.of(t).retry_of for t in waiting] == [2]
     assert exhausted_candidates(study) == {(("layer", 3),)}
     assert retry_failed(study) == []  # layer 2 is already waiting
     retry = study.ask()  # the enqueued retry runs first, with the failed candidate's params

@@ -10,6 +10,7 @@ from autolayer.config import ProxyConfig, config_from_dict
 from autolayer.loading import load_for, prepare_task
 from autolayer.presignal import LayerSignal, layer_signal, ranking
 from autolayer.search import run_search
+from autolayer.study import StudyRecord, TrialRecord
 
 
 def test_the_signal_measures_every_layer_and_leaves_the_model_as_it_was() -> None:
@@ -41,6 +42,6 @@ def test_a_search_can_start_in_signal_order(tmp_path: Path) -> None:
         }
     )
     study = run_search(config, root=tmp_path).study
-    signals = [LayerSignal(**s) for s in study.user_attrs["presearch_signal"]]
-    tried = [t.user_attrs["layers"][0] for t in study.trials if "layers" in t.user_attrs]
+    signals = [LayerSignal(**s) for s in StudyRecord.of(study).presearch_signal or ()]
+    tried = [r.layers[0] for r in map(TrialRecord.of, study.trials) if r.layers]
     assert tried == ranking(signals)[:3]

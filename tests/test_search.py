@@ -54,19 +54,19 @@ def test_search_records_trials_in_optuna_and_mlflow(tmp_path: Path) -> None:
     config = config_from_dict(tiny_config(tmp_path, space))
     ctx = run_search(config, root=tmp_path / "mlruns")
     trials = ctx.study.get_trials(states=(TrialState.COMPLETE,))
-    assert sorted(t.user_attrs["layers"] for t in trials) == [[3], [4]]
+    assert sorted(TrialRecord.of(t).layers for t in trials) == [(3,), (4,)]
     for t in trials:
-        assert 0.0 <= t.user_attrs["score"] <= 1.0
+        assert 0.0 <= (TrialRecord.of(t).score or -1.0) <= 1.0
         outcomes = TrialRecord.of(t).outcomes
         assert outcomes is not None and len(outcomes) == 64  # paired: every trial, same prompts
     assert len(StudyRecord.of(ctx.study).full_outcomes or ()) == 64
     client = mlflow.MlflowClient(config.tracking.tracking_uri)
     experiment = client.get_experiment_by_name("tiny")
     runs = client.search_runs([experiment.experiment_id])
-    parent = ctx.study.user_attrs["mlflow_parent_run_id"]
+    parent = StudyRecord.of(ctx.study).parent_run_id
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     assert len(children) == 3  # the all-layers reference and two trials
-    trial_run = client.get_run(trials[0].user_attrs["mlflow_run_id"])
+    trial_run = client.get_run(TrialRecord.of(trials[0]).mlflow_run_id)
     assert trial_run.data.params["layers"] in ("[3]", "[4]")
     assert trial_run.data.tags["trial_state"] == "COMPLETE"
     assert "score" in trial_run.data.metrics
@@ -88,7 +88,7 @@ def test_rerun_resumes_without_repeating_finished_trials(tmp_path: Path) -> None
     assert len(first.trials) == 1
     data["search"]["n_trials"] = None
     study = run_search(config_from_dict(data), root=root).study
-    layers = [t.user_attrs["layers"][0] for t in study.trials]
+    layers = [TrialRecord.of(t).layers[0] for t in study.trials]
     assert sorted(layers) == [2, 3, 4]  # the rest of the space, each layer once
     again = run_search(config_from_dict(data), root=root).study
     assert len(again.trials) == 3  # nothing left to run
@@ -105,7 +105,7 @@ def test_a_failing_trial_does_not_stop_the_study(tmp_path: Path) -> None:
     for (_layer, lr), trial in states.items():
         if lr > 1:
             assert trial.state == TrialState.FAIL
-            assert trial.user_attrs["fail_reason"]
+            assert TrialRecord.of(trial).fail_reason
         else:
             assert trial.state == TrialState.COMPLETE
 
@@ -146,7 +146,7 @@ def test_sigkill_mid_trial_then_rerun_loses_no_finished_trial(tmp_path: Path) ->
             continue
         done = study.get_trials(states=(TrialState.COMPLETE,))
         running = study.get_trials(states=(TrialState.RUNNING,))
-        if done and running and running[0].user_attrs.get("layers"):
+        if done and running and TrialRecord.of(running[0]).layers:
             os.kill(worker.pid, signal.SIGKILL)  # `layers` is set just before training starts
             killed_number = running[0].number
     worker.wait(timeout=30)
@@ -166,7 +166,7 @@ def test_sigkill_mid_trial_then_rerun_loses_no_finished_trial(tmp_path: Path) ->
     study = load_study("tiny", None, tmp_path / "mlruns")
     killed = study.trials[killed_number]
     assert killed.state == TrialState.FAIL
-    assert "worker died" in killed.user_attrs["fail_reason"]
+    assert "worker died" in (TrialRecord.of(killed).fail_reason or "")
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     for number, params in finished_before.items():  # finished trials survive untouched
         assert study.trials[number].state == TrialState.COMPLETE
@@ -206,9 +206,7 @@ def test_two_workers_share_one_postgresql_study(tmp_path: Path, postgres_url: st
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
     for t in study.trials:  # none lost; a twin drawn at the same instant is pruned as such
         assert t.state == TrialState.COMPLETE or TrialRecord.of(t).duplicate_of is not None
-    workers_seen = {
-        t.user_attrs.get("worker_pid") or t.system_attrs.get("worker_pid") for t in study.trials
-    }
+    workers_seen = {TrialRecord.of(t).worker_pid for t in study.trials}
     assert len(workers_seen) == 2  # both workers ran trials
 
 
@@ -244,7 +242,7 @@ def test_pruners_run_on_real_trials(tmp_path: Path, pruner: str) -> None:
     for trial in study.trials:
         assert trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
         if trial.state == TrialState.PRUNED:
-            assert trial.user_attrs["prune_reason"]
+            assert TrialRecord.of(trial).prune_reason
         if pruner == "wilcoxon":  # paired blocks of the 64 eval prompts: 50 + 14
             assert sorted(trial.intermediate_values) == [0, 1]
         else:  # held-out score by rollout step (eval_every 2, 4 steps: only step 2 is reported)

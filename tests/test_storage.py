@@ -22,6 +22,7 @@ from autolayer.storage import (
     mark_worker,
     recover_stale_trials,
 )
+from autolayer.study import TrialRecord, write_trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -101,7 +102,7 @@ def _start_trial(study: optuna.Study, pid: int) -> optuna.Trial:
     trial = study.ask()
     trial.suggest_int("layer", 0, 7)
     mark_worker(trial)
-    trial.set_user_attr("worker_pid", pid)
+    write_trial(trial, worker_pid=pid)
     return trial
 
 
@@ -114,23 +115,23 @@ def test_recover_fails_a_dead_workers_trial_and_retries_it_once(
     dead = _start_trial(study, _dead_pid())
     alive = _start_trial(study, os.getpid())
     elsewhere = _start_trial(study, _dead_pid())
-    elsewhere.set_user_attr("worker_host", "another-machine")  # its pid means nothing here
+    write_trial(elsewhere, worker_host="another-machine")  # its pid means nothing here
     unmarked = study.ask()
 
     assert recover_stale_trials(study) == [dead.number]
     failed = study.trials[dead.number]
     assert failed.state == TrialState.FAIL
-    assert failed.user_attrs["fail_reason"] == WORKER_DIED
+    assert TrialRecord.of(failed).fail_reason == WORKER_DIED
     for trial in (alive, elsewhere, unmarked):
         assert study.trials[trial.number].state == TrialState.RUNNING
     waiting = study.get_trials(states=(TrialState.WAITING,))
-    assert len(waiting) == 1 and waiting[0].user_attrs["retry_of"] == dead.number
+    assert len(waiting) == 1 and TrialRecord.of(waiting[0]).retry_of == dead.number
     assert recover_stale_trials(study) == []  # nothing new died
 
     retry = study.ask()  # the enqueued retry comes first, with the dead trial's params
     assert retry.suggest_int("layer", 0, 7) == failed.params["layer"]
     mark_worker(retry)
-    retry.set_user_attr("worker_pid", _dead_pid())
+    write_trial(retry, worker_pid=_dead_pid())
     assert recover_stale_trials(study) == [retry.number]
     assert study.get_trials(states=(TrialState.WAITING,)) == []  # a retry is not retried
 
@@ -167,7 +168,7 @@ def test_two_worker_processes_share_one_study(
     trials = optuna.load_study(study_name=name, storage=make_storage(url)).trials
     assert sorted(t.number for t in trials) == list(range(12))
     assert all(t.state == TrialState.COMPLETE for t in trials)
-    assert {t.user_attrs["worker_pid"] for t in trials} == {w.pid for w in workers}
+    assert {TrialRecord.of(t).worker_pid for t in trials} == {w.pid for w in workers}
 
 
 def test_claim_is_won_once(tmp_path: Path) -> None:

@@ -159,7 +159,7 @@ def test_a_reward_that_raises_mid_trial_fails_that_trial_only(tmp_path: Path) ->
     ctx = run_search(config, root=tmp_path / "mlruns", hooks=hooks, task=task)
     states = [t.state for t in ctx.study.trials]
     assert states == [TrialState.FAIL, TrialState.COMPLETE]
-    reason = ctx.study.trials[0].user_attrs["fail_reason"]
+    reason = TrialRecord.of(ctx.study.trials[0]).fail_reason or ""
     assert reason == "RewardError: reward function 'flaky' raised RuntimeError: boom"
 
 

@@ -20,6 +20,7 @@ from autolayer.errors import AutolayerError
 from autolayer.layers import ORGANISM, resolve_model_path
 from autolayer.models import layer_param_names, load_model
 from autolayer.scoring import Evaluation
+from autolayer.study import trial_fields, write_study
 from autolayer.tasks import load_task
 from autolayer.train import (
     TrackerCallback,
@@ -47,10 +48,10 @@ def fake_study(trials: list[tuple[float, list[int]]]) -> optuna.Study:
     """An in-memory study of COMPLETE trials (value, layers), plus a failed and a pruned one."""
     study = optuna.create_study(study_name="fake", direction="maximize")
     for value, layers in trials:
-        study.add_trial(create_trial(value=value, user_attrs={"layers": layers, "lr": 1e-3}))
-    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"layers": [0]}))
-    study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs={"layers": [7]}))
-    study.add_trial(create_trial(value=9.0, user_attrs={"infeasible": True}))  # no layers trained
+        study.add_trial(create_trial(value=value, user_attrs=trial_fields(layers=layers, lr=1e-3)))
+    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs=trial_fields(layers=[0])))
+    study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs=trial_fields(layers=[7])))
+    study.add_trial(create_trial(value=9.0, user_attrs=trial_fields(infeasible=True)))  # untrained
     return study
 
 
@@ -165,8 +166,7 @@ def test_check_trainable_catches_a_changed_set(small_qwen3: Qwen3ForCausalLM) ->
 
 def study_with_refs(base: list[float], full: list[float]) -> optuna.Study:
     study = optuna.create_study(study_name="refs")
-    study.set_user_attr("reference_base_outcomes", base)
-    study.set_user_attr("reference_full_outcomes", full)
+    write_study(study, reference_base_outcomes=base, reference_full_outcomes=full)
     return study
 
 
@@ -182,7 +182,7 @@ def test_contribution_against_the_study_reference() -> None:
     assert c.low is not None and c.high is not None and c.low <= 0.5 <= c.high
     assert note == "against the study's all-layers proxy run"  # the study recorded no horizon
     study = study_with_refs(BASE, FULL)
-    study.set_user_attr("proxy_steps", 30)
+    write_study(study, proxy_steps=30)
     _, note = contribution_vs_study(after, base, study, 0)
     assert "all-layers run of 30 proxy steps" in note and "--reference" in note
 
@@ -243,7 +243,7 @@ def test_run_training_end_to_end(model_name: str, tmp_path: Path) -> None:
 
     config = tiny_config(model_name, tmp_path)
     study = optuna.create_study(study_name="e2e-study")
-    study.set_user_attr("mlflow_parent_run_id", "parent-run-123")
+    write_study(study, mlflow_parent_run_id="parent-run-123")
     out = tmp_path / "out"
     result = run_training(config, [3], "only", study=study, root=tmp_path / "root", out_dir=out)
 
@@ -392,8 +392,9 @@ def test_train_uses_the_lr_the_study_measured_unless_told(tmp_path: Path) -> Non
 
     study = optuna.create_study(direction="maximize")
     for value, layers, lr in [(0.7, [5], 1e-2), (0.9, [5], 2e-3), (0.8, [2, 4], 5e-4)]:
-        study.add_trial(create_trial(value=value, user_attrs={"layers": layers, "lr": lr}))
-    study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs={"layers": [7], "lr": 1.0}))
+        study.add_trial(create_trial(value=value, user_attrs=trial_fields(layers=layers, lr=lr)))
+    pruned = trial_fields(layers=[7], lr=1.0)
+    study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs=pruned))
     assert trial_lr(study, [5]) == 2e-3  # the better of the two trials of layer 5
     assert trial_lr(study, [4, 2]) == 5e-4
     assert trial_lr(study, [7]) is None and trial_lr(None, [5]) is None

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from autolayer.search import WARM_START_CLAIM
 from autolayer.storage import load_study, make_storage
+from autolayer.study import StudyRecord, TrialRecord
 
 CAP = 600  # seconds: a safety net for a hung worker, not a timing assertion
 
@@ -62,10 +63,10 @@ def _check_study(storage: str | None, root: Path, tracking: str, name: str) -> N
     study = load_study(name, storage, root)
     complete = Counter(t.params["layer"] for t in study.get_trials(states=(TrialState.COMPLETE,)))
     assert complete == {2: 1, 3: 1, 4: 1, 5: 1}  # every candidate completed exactly once
-    seeds = {t.user_attrs["seed"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
-    assert seeds == {study.user_attrs["proxy_seed"]}  # one training seed, whatever each --seed
+    seeds = {TrialRecord.of(t).seed for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert seeds == {StudyRecord.of(study).proxy_seed}  # one training seed, whatever each --seed
     for trial in study.get_trials(states=(TrialState.PRUNED,)):
-        assert "duplicate_of" in trial.user_attrs  # the only pruned trials: a worker's twin
+        assert TrialRecord.of(trial).duplicate_of is not None  # the only pruned: a worker's twin
     assert not study.get_trials(states=(TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING))
     names = optuna.get_all_study_names(make_storage(storage, root))
     assert WARM_START_CLAIM.format(study=name) in names  # claimed once, atomically
