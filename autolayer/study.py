@@ -266,6 +266,7 @@ class StudyRecord:
     baselines: dict[str, tuple[int, ...]]
     baselines_lr: float | None
     spectrum_snr: tuple[float, ...] | None
+    presearch_signal: list[dict[str, Any]] | None
 
     @classmethod
     def of(cls, study: optuna.Study) -> StudyRecord:
@@ -294,6 +295,7 @@ class StudyRecord:
             baselines={k: tuple(v) for k, v in a.get("baselines", {}).items()},
             baselines_lr=_float(a.get("baselines_lr")),
             spectrum_snr=None if snr is None else tuple(float(v) for v in snr),
+            presearch_signal=a.get("presearch_signal"),
         )
 
     @property
