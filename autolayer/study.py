@@ -12,6 +12,7 @@ storage, so studies written before this module read the same.
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict, cast
@@ -168,7 +169,7 @@ class TrialRecord:
     contribution: float | None
     ci_low: float | None
     ci_high: float | None
-    outcomes: tuple[float, ...] | None
+    packed_outcomes: Any  # as stored; `outcomes` unpacks them on first use
     objective_se: float
     prune_reason: str | None
     fail_reason: str | None
@@ -183,7 +184,6 @@ class TrialRecord:
     @classmethod
     def of(cls, trial: FrozenTrial | optuna.Trial) -> TrialRecord:
         a = cast("TrialFields", trial.user_attrs)
-        outcomes = a.get("outcomes")
         state, value = (
             (trial.state, trial.value)
             if isinstance(trial, FrozenTrial)
@@ -204,7 +204,7 @@ class TrialRecord:
             contribution=_float(a.get("contribution")),
             ci_low=_float(a.get("ci_low")),
             ci_high=_float(a.get("ci_high")),
-            outcomes=unpack_outcomes(outcomes),
+            packed_outcomes=a.get("outcomes"),
             objective_se=float(a.get("objective_se", 0.0)),
             prune_reason=a.get("prune_reason"),
             fail_reason=a.get("fail_reason"),
@@ -217,15 +217,16 @@ class TrialRecord:
             worker_pid=_int(a.get("worker_pid")),
         )
 
+    @functools.cached_property
+    def outcomes(self) -> tuple[float, ...] | None:
+        """Per held-out prompt; unpacked only by the readers that need them (most read a seed
+        or a reason, and a study's trials are read many times over)."""
+        return unpack_outcomes(self.packed_outcomes)
+
     @property
     def queued(self) -> bool:
         """A racing repeat or a baseline: queued with its params and seed, never pruned."""
         return self.role is not None
-
-    @property
-    def trained(self) -> bool:
-        """It trained layers and measured them (an infeasible subset completes without a run)."""
-        return bool(self.layers) and self.outcomes is not None and not self.infeasible
 
     @property
     def note(self) -> str:
@@ -256,9 +257,9 @@ class StudyRecord:
     proxy_seed: int | None
     objective: str | None
     objective_origin: float | None
-    base_outcomes: tuple[float, ...] | None
+    packed_base_outcomes: Any  # as stored; `base_outcomes` unpacks them on first use
     base_score: float | None
-    full_outcomes: tuple[float, ...] | None
+    packed_full_outcomes: Any
     full_score: float | None
     reference_run_id: str | None
     parent_run_id: str | None
@@ -271,11 +272,7 @@ class StudyRecord:
     @classmethod
     def of(cls, study: optuna.Study) -> StudyRecord:
         a = cast("StudyFields", study.user_attrs)
-        base, full, snr = (
-            a.get("reference_base_outcomes"),
-            a.get("reference_full_outcomes"),
-            a.get("spectrum_snr"),
-        )
+        snr = a.get("spectrum_snr")
         return cls(
             model=a.get("model"),
             model_revision=a.get("model_revision"),
@@ -285,9 +282,9 @@ class StudyRecord:
             proxy_seed=_int(a.get("proxy_seed")),
             objective=a.get("objective"),
             objective_origin=_float(a.get("objective_origin")),
-            base_outcomes=unpack_outcomes(base),
+            packed_base_outcomes=a.get("reference_base_outcomes"),
             base_score=_float(a.get("reference_base_score")),
-            full_outcomes=unpack_outcomes(full),
+            packed_full_outcomes=a.get("reference_full_outcomes"),
             full_score=_float(a.get("reference_full_score")),
             reference_run_id=a.get("mlflow_reference_run_id"),
             parent_run_id=a.get("mlflow_parent_run_id"),
@@ -297,6 +294,14 @@ class StudyRecord:
             spectrum_snr=None if snr is None else tuple(float(v) for v in snr),
             presearch_signal=a.get("presearch_signal"),
         )
+
+    @functools.cached_property
+    def base_outcomes(self) -> tuple[float, ...] | None:
+        return unpack_outcomes(self.packed_base_outcomes)
+
+    @functools.cached_property
+    def full_outcomes(self) -> tuple[float, ...] | None:
+        return unpack_outcomes(self.packed_full_outcomes)
 
     @property
     def uses_contribution(self) -> bool:
@@ -311,9 +316,9 @@ def records(study: optuna.Study, states: tuple[TrialState, ...] | None = None) -
 def trial_seed(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> int:
     """The training seed a trial ran (or will run) on. Trials from before seeds were recorded,
     and queued search trials, run on the study's proxy seed."""
-    seed = trial.user_attrs.get("seed")  # not TrialRecord.of: no outcomes to unpack for this
+    seed = TrialRecord.of(trial).seed
     if seed is not None:
-        return int(seed)
+        return seed
     study_seed = StudyRecord.of(study).proxy_seed
     return 0 if study_seed is None else study_seed
 
