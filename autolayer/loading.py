@@ -7,7 +7,7 @@ Nothing here imports Lightning: the search, `autolayer train` (TRL) and the benc
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -34,7 +34,19 @@ def prepare_task(config: Config, task: Task | None = None) -> Task:
     return task
 
 
-def load_for(config: Config, task: Task | None = None) -> tuple[nn.Module, Any, Task]:
+class Workload(NamedTuple):
+    """What a run works on: the model (trained in place), its tokenizer and the task bound to it.
+
+    One value instead of three parameters, so the proxy run, the measurement and the references
+    take the same thing; it unpacks as `model, tokenizer, task = work`.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    task: Task
+
+
+def load_for(config: Config, task: Task | None = None) -> Workload:
     """The model (on the proxy's device), its tokenizer and the task bound to that tokenizer.
 
     `task` is one `prepare_task` returned; without it, `config.task` is loaded and checked first.
@@ -47,13 +59,12 @@ def load_for(config: Config, task: Task | None = None) -> tuple[nn.Module, Any, 
         dtype=config.model.dtype,
         device=config.proxy.device,
     )
-    return model, tokenizer, for_tokenizer(task, tokenizer)
+    return Workload(model, tokenizer, for_tokenizer(task, tokenizer))
 
 
-def base_reference(
-    config: Config, model: nn.Module, tokenizer: Any, task: Task, root: Path
-) -> Evaluation:
+def base_reference(config: Config, work: Workload, root: Path) -> Evaluation:
     """The base model's held-out outcomes, cached on disk per (model, task, eval set)."""
+    model, tokenizer, task = work
     cache = ScoreCache(root / "cache")
     key = "base-" + eval_fingerprint(
         config.model.name, config.model.revision, model, tokenizer, task

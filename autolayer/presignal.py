@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from autolayer.config import ProxyConfig
+from autolayer.loading import Workload
 from autolayer.models import find_layer_stack, layer_param_names, restore, snapshot
 from autolayer.proxy import run_proxy
-from autolayer.tasks import Task
 
 
 @dataclass(frozen=True)
@@ -29,10 +28,9 @@ class LayerSignal:
     grad_norm: float  # sqrt of the summed squared gradient norms over the run
 
 
-def layer_signal(
-    model: nn.Module, tokenizer: Any, task: Task, config: ProxyConfig, steps: int, lr: float
-) -> list[LayerSignal]:
+def layer_signal(work: Workload, config: ProxyConfig, steps: int, lr: float) -> list[LayerSignal]:
     """Train all layers for `steps` steps, measure each, and put the model back as it was."""
+    model = work.model
     num_layers = len(find_layer_stack(model))
     names = {layer: layer_param_names(model, [layer]) for layer in range(num_layers)}
     saved = snapshot(model, [n for group in names.values() for n in group])
@@ -51,7 +49,7 @@ def layer_signal(
     handles = [params[n].register_hook(hook_for(layer)) for layer, g in names.items() for n in g]
     short = dataclasses.replace(config, steps=steps, eval_every=steps)
     try:
-        run_proxy(model, tokenizer, task, short, range(num_layers), lr)
+        run_proxy(work, short, range(num_layers), lr)
         signals = []
         for layer, group in names.items():
             delta = sum(float((params[n].detach() - saved[n]).float().norm() ** 2) for n in group)

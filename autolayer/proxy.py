@@ -25,9 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from autolayer import agent, rl
 from autolayer.config import ProxyConfig
+from autolayer.loading import Workload
 from autolayer.models import (
     find_layer_stack,
     freeze_except,
+    layer_param_names,
+    restore,
+    snapshot,
     store_as_bf16,
     trainable_parameters,
 )
@@ -177,19 +181,14 @@ class GRPOModule(L.LightningModule):
     capture_prefix = True  # take their output from generation (tests and benchmarks turn it off)
 
     def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        task: Task,
-        config: ProxyConfig,
-        layers: Sequence[int],
-        lr: float,
+        self, work: Workload, config: ProxyConfig, layers: Sequence[int], lr: float
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
+        model = work.model
         self.model = model
-        self.tokenizer = tokenizer
-        self.task = task
+        self.tokenizer = work.tokenizer
+        self.task = work.task
         self.config = config
         self.lr = lr
         self.trainable_names = freeze_except(model, layers)
@@ -542,22 +541,44 @@ def make_trainer(
 
 
 def run_proxy(
-    model: nn.Module,
-    tokenizer: Any,
-    task: Task,
+    work: Workload,
     config: ProxyConfig,
     layers: Sequence[int],
     lr: float | None = None,
     *,
+    keep: bool = True,
     eval_hook: EvalHook | None = None,
     logger: Any = None,
     progress: bool = False,
 ) -> ProxyResult:
-    """Train `layers` of `model` in place for `config.steps` steps and score the result."""
+    """Train `layers` of the model in place for `config.steps` steps and score the result.
+
+    With `keep=False` the trained layers' values are put back afterwards, however the run ends
+    (the search's trials share one model; only those layers are kept aside, not the model).
+    """
+    saved = None if keep else snapshot(work.model, layer_param_names(work.model, layers))
+    try:
+        return _fit(
+            work, config, layers, config.lr if lr is None else lr, eval_hook, logger, progress
+        )
+    finally:
+        if saved is not None:
+            restore(work.model, saved)
+
+
+def _fit(
+    work: Workload,
+    config: ProxyConfig,
+    layers: Sequence[int],
+    lr: float,
+    eval_hook: EvalHook | None,
+    logger: Any,
+    progress: bool,
+) -> ProxyResult:
     quiet_lightning()
     L.seed_everything(config.seed, workers=True, verbose=False)
-    lr = config.lr if lr is None else lr
-    module = GRPOModule(model, tokenizer, task, config, layers, lr)
+    model, tokenizer, task = work
+    module = GRPOModule(work, config, layers, lr)
     module.eval_hook = eval_hook
     rows = training_rows(task, config.steps, config.prompts_per_step, config.seed)
     # With N devices Lightning gives each process every N-th row (a DistributedSampler), so

@@ -134,7 +134,7 @@ def pick_baselines(ctx: SearchContext, analysis: Analysis[Key]) -> dict[str, tup
     if recorded is None:
         from autolayer.models import find_layer_stack
 
-        snr = baselines.layer_snr(list(find_layer_stack(ctx.model).layers))
+        snr = baselines.layer_snr(list(find_layer_stack(ctx.work.model).layers))
         write_study(ctx.study, spectrum_snr=snr)
     else:
         snr = list(recorded)

@@ -23,14 +23,12 @@ from typing import Any
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
-from torch import nn
 
 from autolayer.config import Config, require_one_device
 from autolayer.errors import Interrupted, TrialInterrupted
-from autolayer.loading import base_reference, load_for, prepare_task
-from autolayer.measure import proxy_and_restore
+from autolayer.loading import Workload, base_reference, load_for, prepare_task
 from autolayer.models import find_layer_stack
-from autolayer.proxy import ProxyResult
+from autolayer.proxy import ProxyResult, run_proxy
 from autolayer.samplers import make_pruner, make_sampler
 from autolayer.scoring import Contribution, Evaluation, contribution, full_gain_noise
 from autolayer.spaces import (
@@ -103,9 +101,7 @@ class SearchContext:
     """Everything one worker needs to run trials of one study."""
 
     config: Config
-    model: nn.Module
-    tokenizer: Any
-    task: Task
+    work: Workload  # the one model every trial trains in place and puts back
     space: Space
     study: optuna.Study
     tracker: Tracker
@@ -137,7 +133,7 @@ def train_and_restore(
     """One proxy run on the shared model (on training seed `seed`, default proxy.seed), leaving
     the model as it found it."""
     proxy = ctx.config.proxy if seed is None else dataclasses.replace(ctx.config.proxy, seed=seed)
-    return proxy_and_restore(ctx.model, ctx.tokenizer, ctx.task, proxy, layers, lr, **kwargs)
+    return run_proxy(ctx.work, proxy, layers, lr, keep=False, **kwargs)
 
 
 def full_reference(ctx: SearchContext) -> Evaluation:
@@ -145,7 +141,7 @@ def full_reference(ctx: SearchContext) -> Evaluation:
     record = StudyRecord.of(ctx.study)
     if record.full_outcomes is not None:
         return Evaluation.from_outcomes(record.full_outcomes)
-    all_layers = list(range(len(find_layer_stack(ctx.model))))
+    all_layers = list(range(len(find_layer_stack(ctx.work.model))))
     lr = ctx.config.proxy.full_lr
     ctx.hooks.on_message(f"reference: training all {len(all_layers)} layers (lr {lr:g})")
     run_id = record.reference_run_id  # a killed reference run is reused
@@ -154,7 +150,7 @@ def full_reference(ctx: SearchContext) -> Evaluation:
             "reference-all-layers", ctx.parent_run, {"autolayer.role": "reference"}
         )
         ctx.tracker.log_params(
-            run_id, {"layers": "all", "lr": lr, **proxy_params(ctx.config, ctx.task.name)}
+            run_id, {"layers": "all", "lr": lr, **proxy_params(ctx.config, ctx.work.task.name)}
         )
         if run_id:
             write_study(ctx.study, mlflow_reference_run_id=run_id)
@@ -295,7 +291,7 @@ def run_trial(ctx: SearchContext, trial: optuna.Trial) -> float:
         {
             "layers": list(candidate.layers),
             "lr": lr,
-            **proxy_params(ctx.config, ctx.task.name),
+            **proxy_params(ctx.config, ctx.work.task.name),
             "seed": seed,
         },
     )
@@ -445,9 +441,7 @@ def _signal_order(ctx: SearchContext) -> list[int]:
 
     steps = int(ctx.config.search.signal_steps or 0)
     ctx.hooks.on_message(f"pre-search signal: all layers for {steps} steps")
-    signals = layer_signal(
-        ctx.model, ctx.tokenizer, ctx.task, ctx.config.proxy, steps, ctx.config.proxy.full_lr
-    )
+    signals = layer_signal(ctx.work, ctx.config.proxy, steps, ctx.config.proxy.full_lr)
     write_study(ctx.study, presearch_signal=[dataclasses.asdict(s) for s in signals])
     lo, hi = ctx.space.layers or (0, len(signals) - 1)  # bound by `bind`: inclusive
     return [layer for layer in ranking(signals) if lo <= layer <= hi]
@@ -510,14 +504,14 @@ def prepare(
         config.tracking.experiment or name,
         root,
     )
-    model, tokenizer, task = load_for(config, task)
-    num_layers = len(find_layer_stack(model))
+    work = load_for(config, task)
+    num_layers = len(find_layer_stack(work.model))
     space = bind(unbound, num_layers)
-    study = open_study(config, space, root, storage, task.name)
+    study = open_study(config, space, root, storage, work.task.name)
     write_study(  # lets `autolayer export/train --study-name` stand alone
         study,
         model=config.model.name,
-        task=task.name,
+        task=work.task.name,
         model_revision=config.model.revision,
         algorithm=config.proxy.algorithm,
         space=config.search.space,
@@ -534,18 +528,16 @@ def prepare(
     retried = retry_failed(study)
     if retried:
         hooks.on_message(_retry_message(retried))
-    parent = _parent_run(config, study, tracker, task.name)
+    parent = _parent_run(config, study, tracker, work.task.name)
     hooks.on_message(
         f"study '{study.study_name}': {len(study.trials)} earlier trials, space "
         f"{config.search.space} ({space_size(space) or 'continuous'} candidates)"
     )
-    hooks.on_message(f"reference: scoring the base model on {len(task.eval)} held-out prompts")
-    base = base_reference(config, model, tokenizer, task, root)
+    hooks.on_message(f"reference: scoring the base model on {len(work.task.eval)} held-out prompts")
+    base = base_reference(config, work, root)
     write_study(study, reference_base_outcomes=list(base.outcomes), reference_base_score=base.score)
     placeholder = References(base, base)
-    ctx = SearchContext(
-        config, model, tokenizer, task, space, study, tracker, parent, placeholder, hooks
-    )
+    ctx = SearchContext(config, work, space, study, tracker, parent, placeholder, hooks)
     ctx.refs = References(base, full_reference(ctx))
     tracker.log_metrics(
         parent, {"reference/base_score": base.score, "reference/full_score": ctx.refs.full.score}

@@ -36,7 +36,7 @@ from autolayer.config import STRATEGIES, Config
 from autolayer.delta import MANIFEST_FILE, atomic_dir, hash_parameters, save_delta
 from autolayer.errors import AutolayerError, Interrupted
 from autolayer.layers import middle_layers, validate_layers
-from autolayer.loading import base_reference, load_for, prepare_task
+from autolayer.loading import Workload, base_reference, load_for, prepare_task
 from autolayer.models import (
     find_layer_stack,
     freeze_except,
@@ -550,9 +550,7 @@ def settle(model: nn.Module, base_dtype: torch.dtype) -> None:
 
 
 def _train(
-    model: nn.Module,
-    tokenizer: Any,
-    task: Task,
+    work: Workload,
     config: Config,
     strategy: str,
     layers: tuple[int, ...],
@@ -560,6 +558,7 @@ def _train(
     callbacks: list[TrainerCallback],
 ) -> tuple[int, float]:
     """Freeze, train and cast back to the base dtype; returns (trainable params, seconds)."""
+    model, tokenizer, task = work
     base_dtype = next(model.parameters()).dtype
     lrs = train_lr(config), config.train.boost_base_lr
     groups = freeze_for_strategy(model, strategy, layers, *lrs)
@@ -593,9 +592,7 @@ def _train(
 
 
 def _train_multiturn(
-    model: nn.Module,
-    tokenizer: Any,
-    task: Task,
+    work: Workload,
     config: Config,
     strategy: str,
     layers: tuple[int, ...],
@@ -614,19 +611,17 @@ def _train_multiturn(
         )
     from autolayer.proxy import run_proxy
 
-    base_dtype = next(model.parameters()).dtype
+    base_dtype = next(work.model.parameters()).dtype
     steps = config.train.steps
     proxy = dataclasses.replace(config.proxy, steps=steps, eval_every=steps)
-    result = run_proxy(model, tokenizer, task, proxy, layers, train_lr(config), logger=logger)
-    trained = sum(p.numel() for p in trainable_parameters(model))
-    settle(model, base_dtype)
+    result = run_proxy(work, proxy, layers, train_lr(config), logger=logger)
+    trained = sum(p.numel() for p in trainable_parameters(work.model))
+    settle(work.model, base_dtype)
     return trained, result.seconds, result.final
 
 
 def _train_and_score(
-    model: nn.Module,
-    tokenizer: Any,
-    task: Task,
+    work: Workload,
     config: Config,
     strategy: str,
     layers: tuple[int, ...],
@@ -636,11 +631,11 @@ def _train_and_score(
 ) -> tuple[int, float, Evaluation]:
     """Train (TRL, or the multi-turn loop for an environment task) and score on the held-out set:
     (trainable params, seconds, evaluation after)."""
-    if task.env is not None:
-        return _train_multiturn(model, tokenizer, task, config, strategy, layers, logger)
-    trained, seconds = _train(model, tokenizer, task, config, strategy, layers, work_dir, callbacks)
+    if work.task.env is not None:
+        return _train_multiturn(work, config, strategy, layers, logger)
+    trained, seconds = _train(work, config, strategy, layers, work_dir, callbacks)
     shutil.rmtree(work_dir, ignore_errors=True)
-    return trained, seconds, evaluate(model, tokenizer, task)
+    return trained, seconds, evaluate(*work)
 
 
 def _contribution_at_horizon(
@@ -650,12 +645,10 @@ def _contribution_at_horizon(
     ref_config = dataclasses.replace(
         config, train=dataclasses.replace(config.train, lr=config.proxy.full_lr)
     )
-    model, tokenizer, task = load_for(ref_config, task)
-    everything = tuple(range(len(find_layer_stack(model))))
-    _, _, full = _train_and_score(
-        model, tokenizer, task, ref_config, "only", everything, work_dir, [], None
-    )
-    del model
+    work = load_for(ref_config, task)
+    everything = tuple(range(len(find_layer_stack(work.model))))
+    _, _, full = _train_and_score(work, ref_config, "only", everything, work_dir, [], None)
+    del work
     gc.collect()
     c = contribution(after, before, full, seed=config.proxy.seed)
     horizon = (
@@ -765,14 +758,15 @@ def run_training(
         found = trial_lr(study, layers)
         lr = found if found is not None else config.proxy.lr
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=lr))
-    model, tokenizer, task = load_for(config, prepare_task(config, task))
+    work = load_for(config, prepare_task(config, task))
+    model, tokenizer, task = work
     if task.env is not None and (process_rank()[1] > 1 or config.proxy.devices > 1):
         raise AutolayerError(
             f"task {task.name!r} trains in the multi-turn loop, which runs in one process; "
             "launch it without torchrun or accelerate"
         )
     chosen = validate_layers(layers, len(find_layer_stack(model)))
-    before = base_reference(config, model, tokenizer, task, root)
+    before = base_reference(config, work, root)
     base_hashes = hash_parameters(model, layer_param_names(model, chosen))
     params = run_params(config, chosen, strategy, study, task.name)
     tracker, run_id = start_tracking(config, study, root, params)
@@ -781,7 +775,7 @@ def run_training(
             callbacks: list[TrainerCallback] = [TrackerCallback(tracker, run_id)]
             logger = tracker.lightning_logger(run_id)
             trained, seconds, after = _train_and_score(
-                model, tokenizer, task, config, strategy, chosen, tmp / "trainer", callbacks, logger
+                work, config, strategy, chosen, tmp / "trainer", callbacks, logger
             )
             c: Contribution | None
             if reference:

@@ -194,7 +194,8 @@ def probe(model_dir: str, steps: int, lrs: list[float], layers: list[int]) -> No
         max_completion_length=MAX_COMPLETION_TOKENS,
     )
     config = Config(model=ModelConfig(name=model_dir))
-    model, tokenizer, task = load_for(config, task)
+    work = load_for(config, task)
+    model, tokenizer, task = work
     for lr in lrs:
         for layer in layers:
             curve: dict[int, float] = {}
@@ -205,7 +206,7 @@ def probe(model_dir: str, steps: int, lrs: list[float], layers: list[int]) -> No
 
             proxy = ProxyConfig(steps=steps, eval_every=max(1, steps // 3), device="cpu")
             saved = snapshot(model, layer_param_names(model, [layer]))
-            run_proxy(model, tokenizer, task, proxy, [layer], lr, eval_hook=hook)
+            run_proxy(work, proxy, [layer], lr, eval_hook=hook)
             restore(model, saved)
             print(f"lr {lr:g} layer {layer}: {curve}", flush=True)
 

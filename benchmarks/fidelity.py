@@ -40,9 +40,9 @@ from autolayer.baselines import layer_snr, picks
 from autolayer.config import Config, load_config
 from autolayer.estimate import analyse
 from autolayer.layers import middle_layers
-from autolayer.loading import base_reference, load_for, prepare_task
-from autolayer.measure import proxy_and_restore
+from autolayer.loading import Workload, base_reference, load_for, prepare_task
 from autolayer.models import find_layer_stack
+from autolayer.proxy import run_proxy
 from autolayer.samplers import make_pruner
 from autolayer.scoring import Evaluation
 from autolayer.search import run_search, steps_used
@@ -52,9 +52,8 @@ TRUTH_SEED = 100
 
 
 def long_run(
-    model: Any, tokenizer: Any, task: Any, config: Config, layers: list[int], lr: float, seed: int,
-    steps: int,
-) -> dict[str, Any]:  # fmt: skip
+    work: Workload, config: Config, layers: list[int], lr: float, seed: int, steps: int
+) -> dict[str, Any]:
     """One long proxy run: its held-out curve and final outcomes."""
     curve: dict[int, tuple[float, float]] = {}
 
@@ -64,7 +63,7 @@ def long_run(
 
     proxy = dataclasses.replace(config.proxy, steps=steps, seed=seed)
     start = time.perf_counter()
-    result = proxy_and_restore(model, tokenizer, task, proxy, layers, lr, eval_hook=hook)
+    result = run_proxy(work, proxy, layers, lr, keep=False, eval_hook=hook)
     return {
         "curve": {str(k): v for k, v in curve.items()},
         "outcomes": list(result.final.outcomes),
@@ -75,11 +74,13 @@ def long_run(
 def ground_truth(config: Config, factor: int, seeds: int, cache: Path) -> dict[str, Any]:
     truth: dict[str, Any] = json.loads(cache.read_text()) if cache.exists() else {}
     task = prepare_task(config)
-    model, tokenizer, task = load_for(config, task)
+    work = load_for(config, task)
+    model = work.model
     num_layers = len(find_layer_stack(model))
     steps = factor * config.proxy.steps
     truth.setdefault(
-        "base", list(base_reference(config, model, tokenizer, task, cache.parent).outcomes)
+        "base",
+        list(base_reference(config, work, cache.parent).outcomes),
     )
     truth["snr"] = layer_snr(list(find_layer_stack(model).layers))
     truth["num_layers"], truth["steps"] = num_layers, steps
@@ -91,7 +92,7 @@ def ground_truth(config: Config, factor: int, seeds: int, cache: Path) -> dict[s
             key = f"{name}@{seed}"
             if key in runs:
                 continue
-            runs[key] = long_run(model, tokenizer, task, config, layers, lr, seed, steps)
+            runs[key] = long_run(work, config, layers, lr, seed, steps)
             final = np.mean(runs[key]["outcomes"])
             print(f"  truth {key}: {final:.3f} ({runs[key]['seconds']:.0f} s)", flush=True)
             tmp = cache.with_suffix(".tmp")

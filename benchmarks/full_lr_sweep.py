@@ -14,8 +14,8 @@ import time
 
 from autolayer.config import load_config
 from autolayer.loading import base_reference, load_for
-from autolayer.measure import proxy_and_restore
 from autolayer.models import find_layer_stack
+from autolayer.proxy import run_proxy
 from autolayer.tracking import DEFAULT_ROOT
 
 
@@ -27,13 +27,14 @@ def main() -> None:
     parser.add_argument("--lrs", default="3e-5,1e-4,3e-4,1e-3")
     args = parser.parse_args()
     config = load_config(args.config)
-    model, tokenizer, task = load_for(config)
-    base = base_reference(config, model, tokenizer, task, DEFAULT_ROOT)
+    work = load_for(config)
+    model, tokenizer, task = work
+    base = base_reference(config, work, DEFAULT_ROOT)
     print(json.dumps({"base_score": base.score, "stderr": round(base.stderr, 4)}))
     every_layer = range(len(find_layer_stack(model)))
     for lr in (float(x) for x in args.lrs.split(",")):
         start = time.perf_counter()
-        result = proxy_and_restore(model, tokenizer, task, config.proxy, every_layer, lr)
+        result = run_proxy(work, config.proxy, every_layer, lr, keep=False)
         seconds = round(time.perf_counter() - start, 1)
         print(json.dumps({"full_lr": lr, "evals": result.evals, "seconds": seconds}))
 

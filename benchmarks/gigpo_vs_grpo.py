@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from autolayer.config import load_config
 from autolayer.loading import load_for, prepare_task
-from autolayer.measure import proxy_and_restore
+from autolayer.proxy import run_proxy
 from autolayer.scoring import evaluate
 
 
@@ -31,7 +31,8 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config)
     seeds = [int(s) for s in args.seeds.split(",")]
-    model, tokenizer, task = load_for(config, prepare_task(config))
+    work = load_for(config, prepare_task(config))
+    model, tokenizer, task = work
     base = evaluate(model, tokenizer, task)
     print(f"base: {base.score:.3f} ± {base.stderr:.3f} on {len(base.outcomes)} held-out episodes")
     print(f"layer {args.layer}, {args.steps} steps, lr {config.proxy.lr:g}, seeds {seeds}")
@@ -42,7 +43,7 @@ def main() -> None:
                 config.proxy, algorithm=algorithm, steps=args.steps, eval_every=args.steps,
                 seed=seed,
             )  # fmt: skip
-            result = proxy_and_restore(model, tokenizer, task, proxy, [args.layer], proxy.lr)
+            result = run_proxy(work, proxy, [args.layer], proxy.lr, keep=False)
             scores.append(result.score)
         spread = statistics.stdev(scores) if len(scores) > 1 else 0.0
         per_seed = " ".join(f"{s:.3f}" for s in scores)

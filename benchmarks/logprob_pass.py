@@ -20,6 +20,7 @@ import time
 import torch
 
 from autolayer.config import ProxyConfig
+from autolayer.loading import Workload
 from autolayer.models import load_model, set_threads
 from autolayer.proxy import GRPOModule
 from autolayer.tasks import Task
@@ -39,7 +40,9 @@ def main() -> None:
     set_threads(None)
     task = Task("none", None, None, ())  # type: ignore[arg-type]  # the pass needs no data
     model, tokenizer = load_model(args.model, dtype="float32", device="cpu")
-    module = GRPOModule(model, tokenizer, task, ProxyConfig(device="cpu"), [args.layer], 1e-4)
+    module = GRPOModule(
+        Workload(model, tokenizer, task), ProxyConfig(device="cpu"), [args.layer], 1e-4
+    )
     vocab = model.get_input_embeddings().weight.shape[0]
     torch.manual_seed(0)
     ids = torch.randint(0, vocab, (args.rows, args.prompt + args.completion))

@@ -49,7 +49,8 @@ def main() -> None:
         config.proxy.num_iterations = args.num_iterations
     GRPOModule.share_prefix = not args.no_shared_prefix
     config.proxy.eval_every = args.steps  # a single evaluation, at the end
-    model, tokenizer, task = load_for(config)
+    work = load_for(config)
+    model, tokenizer, task = work
     num_layers = len(find_layer_stack(model))
     layers = parse_layers(args.layers, num_layers) if args.layers else (num_layers // 2,)
     start = time.perf_counter()
@@ -57,7 +58,7 @@ def main() -> None:
     eval_seconds = time.perf_counter() - start
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result = run_proxy(model, tokenizer, task, config.proxy, layers)
+    result = run_proxy(work, config.proxy, layers)
     steps = [h["proxy/step_seconds"] for h in result.history][2:]
     report = {
         "model": config.model.name,

@@ -38,7 +38,7 @@ import torch
 from transformers import TrainerCallback
 
 from autolayer.config import Config, load_config
-from autolayer.loading import load_for
+from autolayer.loading import Workload, load_for
 from autolayer.models import layer_param_names, restore, snapshot
 from autolayer.proxy import GRPOModule, run_proxy
 from autolayer.tasks import Task
@@ -59,13 +59,8 @@ class StepTimer(TrainerCallback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def proxy_steps(model: Any, tokenizer: Any, task: Task, config: Config, layer: int) -> list[float]:
-    names = layer_param_names(model, [layer])
-    saved = snapshot(model, names)
-    try:
-        result = run_proxy(model, tokenizer, task, config.proxy, [layer], config.proxy.lr)
-    finally:
-        restore(model, saved)
+def proxy_steps(work: Workload, config: Config, layer: int) -> list[float]:
+    result = run_proxy(work, config.proxy, [layer], config.proxy.lr, keep=False)
     return [h["proxy/step_seconds"] for h in result.history][1:]
 
 
@@ -99,11 +94,10 @@ def _own_bytes(reference: Any, model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in own)
 
 
-def physical_limit(
-    model: Any, tokenizer: Any, task: Task, config: Config, layer: int, repeats: int
-) -> tuple[float, float]:
+def physical_limit(work: Workload, config: Config, layer: int, repeats: int) -> tuple[float, float]:
     """Median seconds of (generating one step's batch, a top-only forward and backward)."""
-    module = GRPOModule(model, tokenizer, task, config.proxy, [layer], config.proxy.lr)
+    model, tokenizer, task = work
+    module = GRPOModule(work, config.proxy, [layer], config.proxy.lr)
     n = config.proxy.prompts_per_step
     batch = {k: list(task.train[k][:n]) for k in task.train.column_names}
     gen, top = [], []
@@ -149,21 +143,20 @@ def main() -> None:
     config.train.lr = config.proxy.lr
     config.task.eval_size = 4  # the proxy scores once at the end: keep it out of the way
     config.tracking.enabled = False
-    model, tokenizer, task = load_for(config)
+    work = load_for(config)
+    model, tokenizer, task = work
 
     times: dict[str, list[float]] = {}
     memory: dict[str, int] = {}
     for _ in range(args.rounds):
         for beta in (0.0, args.beta):
             config.proxy.beta = beta
-            times.setdefault(f"proxy_{beta}", []).extend(
-                proxy_steps(model, tokenizer, task, config, args.layer)
-            )
+            times.setdefault(f"proxy_{beta}", []).extend(proxy_steps(work, config, args.layer))
             seconds, kept = trl_steps(model, tokenizer, task, config, args.layer, args.work)
             times.setdefault(f"trl_{beta}", []).extend(seconds)
             memory[f"trl_{beta}"] = kept
     config.proxy.beta = 0.0
-    gen, top = physical_limit(model, tokenizer, task, config, args.layer, repeats=args.rounds)
+    gen, top = physical_limit(work, config, args.layer, repeats=args.rounds)
 
     names = set(layer_param_names(model, [args.layer]))
     trained = sum(p.numel() * 4 for n, p in model.named_parameters() if n in names)  # fp32 copy

@@ -40,7 +40,8 @@ def main() -> None:
         config.proxy, steps=args.steps, prompts_per_step=4, num_generations=4,
         eval_every=args.steps, device="cpu",
     )  # fmt: skip
-    model, tokenizer, task = load_for(config, prepare_task(config))
+    work = load_for(config, prepare_task(config))
+    model, tokenizer, task = work
     question = [{"role": "user", "content": "What is 12 + 7?"}]  # as the task renders prompts
     answer = complete(model, tokenizer, task, [question]).texts[0]
     print(f"greedy answer to 'What is 12 + 7?': {answer!r}")
@@ -49,7 +50,7 @@ def main() -> None:
     print(f"base held-out score {base.score:.3f} +- {base.stderr:.3f} on {len(base.outcomes)} "
           f"prompts ({time.perf_counter() - start:.0f} s)")  # fmt: skip
     saved = snapshot(model, layer_param_names(model, [args.layer]))
-    result = run_proxy(model, tokenizer, task, config.proxy, [args.layer], args.lr)
+    result = run_proxy(work, config.proxy, [args.layer], args.lr)
     restore(model, saved)
     after: Evaluation = result.final
     print(

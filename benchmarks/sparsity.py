@@ -42,7 +42,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     args = parser.parse_args()
     config = load_config(args.config)
-    model, tokenizer, task = load_for(config, prepare_task(config))
+    work = load_for(config, prepare_task(config))
+    model, tokenizer, task = work
     names = [n for n in layer_param_names(model, [args.layer]) if n.endswith(".weight")]
     params = dict(model.named_parameters())
     base = snapshot(model, layer_param_names(model, [args.layer]))
@@ -56,7 +57,7 @@ def main() -> None:
         rows, masks = [], []
         for seed in seeds:
             proxy = replace(config.proxy, seed=seed, master_weights=precision)
-            run_proxy(model, tokenizer, task, proxy, [args.layer])
+            run_proxy(work, proxy, [args.layer])
             after = {n: params[n].detach().clone() for n in names}
             restore(model, {n: t.clone() for n, t in base.items()})  # restore takes ownership
             w0 = torch.cat([base[n].flatten() for n in names])

@@ -16,6 +16,7 @@ import torch
 
 from autolayer.config import ProxyConfig
 from autolayer.layers import ORGANISM
+from autolayer.loading import Workload
 from autolayer.models import load_model, trainable_parameters
 from autolayer.proxy import GRPOModule, run_proxy
 from autolayer.tasks import TaskConfig, load_task
@@ -62,7 +63,7 @@ def main() -> None:
 
     GRPOModule._rollout = fixed  # type: ignore[method-assign]
     GRPOModule._clip_gradients = keep_gradient  # type: ignore[method-assign]
-    run_proxy(model, tokenizer, task, config, [4])
+    run_proxy(Workload(model, tokenizer, task), config, [4])
 
 
 if __name__ == "__main__":

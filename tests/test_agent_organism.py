@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from autolayer.agent_organism import organism_path
 from autolayer.config import ProxyConfig, TaskConfig, load_config
+from autolayer.loading import Workload
 from autolayer.models import load_model
 from autolayer.proxy import run_proxy
 from autolayer.scoring import evaluate
@@ -48,7 +49,7 @@ def test_gigpo_on_one_layer_beats_the_base_by_three_standard_errors(
         eval_every=20, device="cpu",
     )  # fmt: skip
     embeddings = model.model.embed_tokens.weight.clone()
-    result = run_proxy(model, tokenizer, task, config, [4])
+    result = run_proxy(Workload(model, tokenizer, task), config, [4])
     assert result.score - base.score >= 3 * base.stderr, (base.score, result.score)
     assert torch.equal(model.model.embed_tokens.weight, embeddings)
 

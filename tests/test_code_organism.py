@@ -22,6 +22,7 @@ from autolayer.code_organism import (
 )
 from autolayer.coding import passes_tests
 from autolayer.config import ProxyConfig, TaskConfig
+from autolayer.loading import Workload
 from autolayer.proxy import run_proxy
 from autolayer.scoring import evaluate
 from autolayer.tasks import load_task
@@ -82,7 +83,7 @@ def test_single_layer_grpo_beats_the_base_by_three_standard_errors(
     config = ProxyConfig(
         steps=25, prompts_per_step=16, num_generations=8, lr=1e-3, eval_every=25, device="cpu"
     )
-    result = run_proxy(model, tokenizer, task, config, [4])
+    result = run_proxy(Workload(model, tokenizer, task), config, [4])
     assert result.score - base.score >= 3 * base.stderr, (base.score, result.score)
     frozen = packaged[0].model.embed_tokens.weight
     assert torch.equal(model.model.embed_tokens.weight, frozen)  # only layer 4 moved

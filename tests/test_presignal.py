@@ -15,10 +15,11 @@ from autolayer.study import StudyRecord, TrialRecord
 
 def test_the_signal_measures_every_layer_and_leaves_the_model_as_it_was() -> None:
     config = config_from_dict({"task": {"train_size": 64, "eval_size": 16}})
-    model, tokenizer, task = load_for(config, prepare_task(config))
+    work = load_for(config, prepare_task(config))
+    model, tokenizer, task = work
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     fast = ProxyConfig(steps=2, prompts_per_step=4, num_generations=4, device="cpu")
-    signals = layer_signal(model, tokenizer, task, fast, steps=2, lr=1e-3)
+    signals = layer_signal(work, fast, steps=2, lr=1e-3)
     assert [s.layer for s in signals] == list(range(8))
     assert all(s.update_norm > 0 and s.grad_norm > 0 for s in signals)
     for name, param in model.named_parameters():

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 
 from autolayer.config import ProxyConfig, TaskConfig
+from autolayer.loading import Workload
 from autolayer.models import layer_param_names, load_model
 from autolayer.proxy import GRPOModule, run_proxy
 from autolayer.scoring import evaluate
@@ -40,7 +41,7 @@ def test_only_the_chosen_layers_change(organism: tuple[Any, Any, Any]) -> None:
     _, tokenizer, task = organism
     model = fresh(organism)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    run_proxy(model, tokenizer, task, FAST, [2, 5])
+    run_proxy(Workload(model, tokenizer, task), FAST, [2, 5])
     chosen = set(layer_param_names(model, [2, 5]))
     for name, param in model.named_parameters():
         if name in chosen:
@@ -49,10 +50,30 @@ def test_only_the_chosen_layers_change(organism: tuple[Any, Any, Any]) -> None:
             assert torch.equal(param, before[name]), f"frozen {name} changed"
 
 
+def test_keep_false_puts_every_value_back_however_the_run_ends(
+    organism: tuple[Any, Any, Any],
+) -> None:
+    """The search's trials share one model: a finished or a failed run leaves it as it was."""
+    _, tokenizer, task = organism
+    model = fresh(organism)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    work = Workload(model, tokenizer, task)
+    result = run_proxy(work, FAST, [2, 5], keep=False)
+    assert result.steps == FAST.steps
+
+    def fail(step: int, evaluation: Any) -> bool:
+        raise RuntimeError("a reward that raised")
+
+    with pytest.raises(RuntimeError, match="a reward that raised"):
+        run_proxy(work, FAST, [3], keep=False, eval_hook=fail)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), f"{name} was not put back"
+
+
 def test_optimizer_holds_exactly_the_trainable_parameters(organism: tuple[Any, Any, Any]) -> None:
     _, tokenizer, task = organism
     model = fresh(organism)
-    module = GRPOModule(model, tokenizer, task, FAST, [4], lr=1e-3)
+    module = GRPOModule(Workload(model, tokenizer, task), FAST, [4], lr=1e-3)
     optimizer = module.configure_optimizers()
     held = [p for group in optimizer.param_groups for p in group["params"]]
     layer = model.model.layers[4]
@@ -64,9 +85,9 @@ def test_kl_reference_keeps_only_the_trained_layers(organism: tuple[Any, Any, An
     _, tokenizer, task = organism
     model = fresh(organism)
     config = ProxyConfig(**{**FAST.__dict__, "beta": 0.1})
-    module = GRPOModule(model, tokenizer, task, config, [3], lr=1e-3)
+    module = GRPOModule(Workload(model, tokenizer, task), config, [3], lr=1e-3)
     assert set(module.reference) == set(layer_param_names(model, [3]))
-    result = run_proxy(model, tokenizer, task, config, [3])
+    result = run_proxy(Workload(model, tokenizer, task), config, [3])
     assert all(h["proxy/kl"] >= 0 for h in result.history)
     assert result.history[-1]["proxy/kl"] > 0  # the policy moved away from the reference
 
@@ -74,8 +95,8 @@ def test_kl_reference_keeps_only_the_trained_layers(organism: tuple[Any, Any, An
 def test_cpu_runs_are_deterministic_for_a_seed(organism: tuple[Any, Any, Any]) -> None:
     _, tokenizer, task = organism
     first, second = fresh(organism), fresh(organism)
-    a = run_proxy(first, tokenizer, task, FAST, [4])
-    b = run_proxy(second, tokenizer, task, FAST, [4])
+    a = run_proxy(Workload(first, tokenizer, task), FAST, [4])
+    b = run_proxy(Workload(second, tokenizer, task), FAST, [4])
     assert a.final.outcomes == b.final.outcomes
     for (name, p), (_, q) in zip(first.named_parameters(), second.named_parameters(), strict=True):
         assert torch.equal(p, q), name
@@ -88,7 +109,7 @@ def test_checkpointing_keeps_gradients_when_early_layers_are_frozen(
     model = fresh(organism)
     config = ProxyConfig(**{**FAST.__dict__, "gradient_checkpointing": True})
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    run_proxy(model, tokenizer, task, config, [6])
+    run_proxy(Workload(model, tokenizer, task), config, [6])
     changed = [
         n
         for n in layer_param_names(model, [6])
@@ -122,7 +143,7 @@ class _Recorder(Logger):
 def test_per_step_metrics_reach_lightning_loggers(organism: tuple[Any, Any, Any]) -> None:
     _, tokenizer, task = organism
     recorder = _Recorder()
-    run_proxy(fresh(organism), tokenizer, task, FAST, [4], logger=recorder)
+    run_proxy(Workload(fresh(organism), tokenizer, task), FAST, [4], logger=recorder)
     keys = set().union(*recorder.metrics)
     expected = {
         "reward_mean",
@@ -149,9 +170,7 @@ def test_eval_hook_can_stop_a_run_early(organism: tuple[Any, Any, Any]) -> None:
     config = ProxyConfig(**{**FAST.__dict__, "steps": 6, "eval_every": 2})
     seen: list[int] = []
     result = run_proxy(
-        fresh(organism),
-        tokenizer,
-        task,
+        Workload(fresh(organism), tokenizer, task),
         config,
         [4],
         eval_hook=lambda step, e: seen.append(step) or step >= 2,
@@ -171,7 +190,7 @@ def test_single_middle_layer_grpo_beats_base_by_three_standard_errors(
     config = ProxyConfig(
         steps=30, prompts_per_step=16, num_generations=8, lr=1e-3, eval_every=30, device="cpu"
     )
-    result = run_proxy(model, tokenizer, task, config, [4])
+    result = run_proxy(Workload(model, tokenizer, task), config, [4])
     assert result.score - base.score >= 3 * base.stderr, (base.score, result.score)
 
 
@@ -185,8 +204,8 @@ def test_micro_batches_give_the_full_batch_update(
     whole, split = fresh(organism), fresh(organism)
     one = ProxyConfig(**{**FAST.__dict__, "steps": 1, "eval_every": 1, "beta": 0.1})
     four = ProxyConfig(**{**one.__dict__, "micro_batch_size": 4})
-    a = run_proxy(whole, tokenizer, task, one, [3])
-    b = run_proxy(split, tokenizer, task, four, [3])
+    a = run_proxy(Workload(whole, tokenizer, task), one, [3])
+    b = run_proxy(Workload(split, tokenizer, task), four, [3])
     assert a.history[0]["proxy/grad_norm"] > 0  # a real update, not two zero gradients
     assert a.history[0]["proxy/loss"] == pytest.approx(b.history[0]["proxy/loss"], abs=1e-6)
     assert a.history[0]["proxy/grad_norm"] == pytest.approx(
@@ -203,7 +222,7 @@ def test_bf16_master_weights_keep_only_what_bf16_can_store(organism: tuple[Any, 
     models = {}
     for name, config in (("fp32", FAST), ("bf16", bf16)):
         model = fresh(organism)
-        run_proxy(model, tokenizer, task, config, [4])
+        run_proxy(Workload(model, tokenizer, task), config, [4])
         models[name] = model
     for name, model in models.items():
         weights = dict(model.named_parameters())
@@ -219,7 +238,7 @@ def test_log_probs_from_completion_logits_only_equal_the_full_pass(
     gradient are those of the full-logits pass."""
     _, tokenizer, task = organism
     model = fresh(organism)
-    module = GRPOModule(model, tokenizer, task, FAST, [3], lr=1e-3)
+    module = GRPOModule(Workload(model, tokenizer, task), FAST, [3], lr=1e-3)
     assert module.keeps_logits  # Qwen3 takes logits_to_keep
     torch.manual_seed(0)
     ids = torch.randint(4, 20, (6, 10))
@@ -257,7 +276,7 @@ def test_replaying_the_frozen_prefix_changes_nothing(
         model = fresh(organism)
         calls = [0]
         model.model.layers[0].register_forward_hook(lambda *a, c=calls: c.__setitem__(0, c[0] + 1))
-        result = run_proxy(model, tokenizer, task, config, layers)
+        result = run_proxy(Workload(model, tokenizer, task), config, layers)
         ran[share] = calls
         trained[share] = {
             n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
@@ -279,7 +298,7 @@ def test_generation_hands_the_frozen_prefix_to_the_policy_pass(
     to float rounding, and so are the log-probs taken from it."""
     _, tokenizer, task = organism
     model = fresh(organism)
-    module = GRPOModule(model, tokenizer, task, FAST, [lowest, 6], FAST.lr)
+    module = GRPOModule(Workload(model, tokenizer, task), FAST, [lowest, 6], FAST.lr)
     torch.manual_seed(0)
     batch = {k: list(task.train[k][:4]) for k in task.train.column_names}
     roll = module._rollout(batch)

@@ -74,10 +74,11 @@ def test_a_proxy_run_trains_two_layers_and_leaves_the_rest_bit_identical(smollm2
     p = config.proxy
     p.steps, p.prompts_per_step, p.num_generations, p.eval_every, p.lr = 2, 4, 4, 2, 1e-4
     p.device = "cpu"
-    model, tokenizer, task = load_for(config, prepare_task(config))
+    work = load_for(config, prepare_task(config))
+    model, tokenizer, task = work
     before = {n: t.detach().clone() for n, t in model.named_parameters()}
     trained = set(layer_param_names(model, [14, 15]))
-    result = run_proxy(model, tokenizer, task, p, [14, 15], p.lr)
+    result = run_proxy(work, p, [14, 15], p.lr)
     assert 0.0 <= result.score <= 1.0 and len(result.final.outcomes) == 16
     for name, tensor in model.named_parameters():
         if name not in trained:
