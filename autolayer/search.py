@@ -108,6 +108,9 @@ class SearchContext:
     parent_run: str
     refs: References
     hooks: SearchHooks = field(default_factory=SearchHooks)
+    # How a trial trains: `proxy.run_proxy`. The search's own logic (budget, pruning, resume,
+    # duplicates, racing) is tested with a fake here that returns held-out curves, no training.
+    proxy_run: Callable[..., ProxyResult] = run_proxy
     deadline: float | None = None  # time.monotonic() after which no trial starts (search.timeout)
     started: int = 0  # trials this invocation started (search.n_trials bounds them all)
 
@@ -133,7 +136,7 @@ def train_and_restore(
     """One proxy run on the shared model (on training seed `seed`, default proxy.seed), leaving
     the model as it found it."""
     proxy = ctx.config.proxy if seed is None else dataclasses.replace(ctx.config.proxy, seed=seed)
-    return run_proxy(ctx.work, proxy, layers, lr, keep=False, **kwargs)
+    return ctx.proxy_run(ctx.work, proxy, layers, lr, keep=False, **kwargs)
 
 
 def full_reference(ctx: SearchContext) -> Evaluation:
@@ -597,6 +600,12 @@ def optimize(ctx: SearchContext) -> optuna.Study:
         callbacks=[after],
         gc_after_trial=True,
     )
+    if isinstance(ctx.study.sampler, optuna.samplers.BruteForceSampler) and can_start_trial(ctx):
+        # The exhaustive sampler stops the study once every point has a trial, failed ones
+        # included, so a retry queued behind the warm start would be left waiting: run it now.
+        from autolayer.racing import drain
+
+        drain(ctx)
     return ctx.study
 
 

@@ -10,11 +10,52 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+
+T = TypeVar("T")
+
+# ---------------------------------------------------------------- child processes
+
+CAP = 300  # seconds: a safety net for a hung child, never a timing assertion
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """`subprocess.Popen` for a test, text mode; every child is killed and reaped at teardown,
+    whether the test passed, failed or timed out waiting on it."""
+    children: list[subprocess.Popen[str]] = []
+
+    def start(args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
+        child = subprocess.Popen(args, text=True, **kwargs)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            child.kill()  # a killed child exits whether or not its pipes are full
+        child.wait()
+        for stream in (child.stdin, child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def wait_until(ready: Callable[[], T | None], child: subprocess.Popen[str], what: str) -> T:
+    """Poll `ready` until it returns something: the event a test waits for (a trial RUNNING, a
+    file written). Fails at once if the child exits first; CAP only guards against a hang."""
+    end = time.monotonic() + CAP
+    while child.poll() is None and time.monotonic() < end:
+        found = ready()
+        if found is not None:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"{what} never happened (child exit code {child.poll()})")
+
 
 # ---------------------------------------------------------------- PostgreSQL
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,35 @@ def test_every_config_key_is_an_option_validated_like_the_file(tmp_path: Path) -
     assert "HEAVY []" in bad.stdout and not (tmp_path / "mlruns").exists()
     help_text = run("search", "--help", cwd=tmp_path).stdout
     assert "--proxy.full_lr VALUE" in help_text and "--train.output_dir VALUE" in help_text
+
+
+@pytest.fixture
+def signal_handlers() -> Iterator[None]:
+    """`main` installs its own SIGINT and SIGTERM handlers: put pytest's back afterwards."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_mid_command_is_one_sentence_and_128_plus_its_number(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    signal_handlers: None,
+    signum: int,
+    code: int,
+) -> None:
+    """A real signal, delivered to this process while a command runs (the search's trial
+    bookkeeping on an interrupt is tested in tests/test_search.py and tests/test_interrupts.py)."""
+    from autolayer import cli
+
+    def signalled(args: object) -> int:
+        signal.raise_signal(signum)  # the handler runs before this call returns
+        raise AssertionError("the signal did not interrupt the command")
+
+    monkeypatch.setattr(cli, "cmd_config", signalled)
+    assert cli.main(["config"]) == code
+    err = capsys.readouterr().err
+    name = signal.Signals(signum).name
+    assert err == f"autolayer: interrupted by {name}; nothing was left half-written\n"

@@ -1,8 +1,9 @@
 """Ctrl-C and SIGTERM: one sentence, exit 128 + signal, the trial marked, and a rerun resumes.
 
 Real signals to a real `autolayer search` subprocess; waits are on events (a trial reaching
-RUNNING), with a generous cap only so a broken build cannot hang CI, and the child is always
-reaped.
+RUNNING), with a generous cap only so a broken build cannot hang CI, and every child is reaped
+by the `spawn` fixture. SIGINT takes the same handler as SIGTERM: its real-process run is opt-in
+(slow), and `tests/test_cli.py` delivers both signals to the CLI in-process.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -22,8 +23,7 @@ from optuna.trial import TrialState, create_trial
 
 from autolayer.storage import MAX_ATTEMPTS, exhausted_candidates, load_study, retry_failed
 from autolayer.study import TrialRecord, trial_fields
-
-CAP = 300  # seconds: only a safety net for a hung child, not a timing assertion
+from tests.conftest import CAP, wait_until
 
 
 def _config(tmp_path: Path, steps: int) -> Path:
@@ -42,26 +42,26 @@ def _config(tmp_path: Path, steps: int) -> Path:
     return path
 
 
-def _search(config: Path, root: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+Spawn = Callable[..., subprocess.Popen[str]]
+
+
+def _search(spawn: Spawn, config: Path, root: Path) -> subprocess.Popen[str]:
+    return spawn(
         [sys.executable, "-m", "autolayer.cli", "search", "--config", str(config),
          "--root", str(root)],
-        cwd=root.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=root.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
 
 
-def _wait_for_running_trial(root: Path, proc: subprocess.Popen[str]) -> int:
-    end = time.monotonic() + CAP
-    while time.monotonic() < end and proc.poll() is None:
-        try:
-            running = load_study("sig", None, root).get_trials(states=(TrialState.RUNNING,))
-        except Exception:  # the study does not exist yet
-            running = []
-        if running and TrialRecord.of(running[0]).mlflow_run_id:
-            return running[0].number  # its MLflow run exists and its training has started
-        time.sleep(0.2)
-    raise AssertionError("no trial started running")
+def _running_trial(root: Path) -> int | None:
+    try:
+        running = load_study("sig", None, root).get_trials(states=(TrialState.RUNNING,))
+    except Exception:  # the study does not exist yet
+        return None
+    if running and TrialRecord.of(running[0]).mlflow_run_id:
+        return running[0].number  # its MLflow run exists and its training has started
+    return None
 
 
 def _search_blocking(config: Path, root: Path, *extra: str) -> str:
@@ -74,21 +74,19 @@ def _search_blocking(config: Path, root: Path, *extra: str) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    [pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow), (signal.SIGTERM, 143)],
+)
 def test_a_signal_mid_trial_is_one_sentence_and_a_rerun_resumes(
-    tmp_path: Path, signum: int, code: int
+    tmp_path: Path, signum: int, code: int, spawn: Spawn
 ) -> None:
     root = tmp_path / "mlruns"
     _search_blocking(_config(tmp_path, steps=2), root, "--n-trials", "1")  # references, layer 3
-    proc = _search(_config(tmp_path, steps=100_000), root)  # layer 4 would never end
-    try:
-        number = _wait_for_running_trial(root, proc)
-        proc.send_signal(signum)
-        _, err = proc.communicate(timeout=CAP)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    proc = _search(spawn, _config(tmp_path, steps=100_000), root)  # layer 4 would never end
+    number = wait_until(lambda: _running_trial(root), proc, "a trial training")
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=CAP)
     name = signal.Signals(signum).name
     assert proc.returncode == code, err
     assert err.strip().splitlines()[-1] == (
@@ -145,7 +143,7 @@ def test_resume_retries_failures_up_to_the_limit_and_never_a_finished_candidate(
 
 
 def test_a_killed_train_leaves_no_debris_and_a_rerun_keeps_frozen_layers_bit_identical(
-    tmp_path: Path,
+    tmp_path: Path, spawn: Spawn
 ) -> None:
     """SIGKILL mid-training (no handler can run), then train again: the killed run's temp
     directory is removed, its MLflow run ends KILLED, and every frozen tensor equals the base."""
@@ -168,27 +166,21 @@ def test_a_killed_train_leaves_no_debris_and_a_rerun_keeps_frozen_layers_bit_ide
     out = tmp_path / "out"
 
     def train(steps: int) -> subprocess.Popen[str]:
-        return subprocess.Popen(
+        return spawn(
             [sys.executable, "-m", "autolayer.cli", "train", "--config", str(config),
              "--layers", "3", "--steps", str(steps), "--out", str(out), "--root",
              str(tmp_path / "mlruns")],
-            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
 
     proc = train(100_000)
-    try:
-        end = time.monotonic() + CAP
-        while time.monotonic() < end and proc.poll() is None:
-            if list(tmp_path.glob(".out.tmp-*/trainer")):  # TRL's trainer has started
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.communicate()
-        proc.kill()
-        proc.communicate()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+
+    def trainer_started() -> list[Path] | None:
+        return list(tmp_path.glob(".out.tmp-*/trainer")) or None
+
+    wait_until(trainer_started, proc, "TRL's trainer starting")
+    proc.kill()
+    proc.communicate()
     assert list(tmp_path.glob(".out.tmp-*")) and not out.exists()  # killed: debris, no output
     client = mlflow.MlflowClient(tracking)
     experiment = client.get_experiment_by_name("t")

@@ -7,19 +7,43 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import mlflow
 import optuna
 import pytest
 import yaml
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from autolayer.config import config_from_dict
-from autolayer.search import run_search
-from autolayer.storage import load_study
-from autolayer.study import StudyRecord, TrialRecord
+from autolayer.config import ProxyConfig, config_from_dict
+from autolayer.errors import Interrupted, TrialInterrupted
+from autolayer.loading import Workload
+from autolayer.proxy import ProxyResult
+from autolayer.scoring import Evaluation
+from autolayer.search import (
+    References,
+    SearchContext,
+    can_start_trial,
+    open_study,
+    optimize,
+    run_search,
+    steps_used,
+    trials_to_run,
+)
+from autolayer.spaces import bind, load_space
+from autolayer.storage import load_study, retry_failed
+from autolayer.study import (
+    CONTRIBUTION_OBJECTIVE,
+    StudyRecord,
+    TrialRecord,
+    trial_fields,
+    write_study,
+)
+from autolayer.tracking import NullTracker
+from tests.conftest import CAP, wait_until
 
 TINY = {
     "task": {"eval_size": 64, "train_size": 256},
@@ -79,21 +103,6 @@ def test_search_records_trials_in_optuna_and_mlflow(tmp_path: Path) -> None:
     assert {"config.yaml", "contribution.png", "history.png"} <= artifacts
 
 
-def test_rerun_resumes_without_repeating_finished_trials(tmp_path: Path) -> None:
-    space = write_space(tmp_path, layers=[2, 4])
-    data = tiny_config(tmp_path, space, n_trials=1)
-    data["tracking"] = {"enabled": False}
-    root = tmp_path / "mlruns"
-    first = run_search(config_from_dict(data), root=root).study
-    assert len(first.trials) == 1
-    data["search"]["n_trials"] = None
-    study = run_search(config_from_dict(data), root=root).study
-    layers = [TrialRecord.of(t).layers[0] for t in study.trials]
-    assert sorted(layers) == [2, 3, 4]  # the rest of the space, each layer once
-    again = run_search(config_from_dict(data), root=root).study
-    assert len(again.trials) == 3  # nothing left to run
-
-
 def test_a_failing_trial_does_not_stop_the_study(tmp_path: Path) -> None:
     # lr 1e30 blows the weights up: the loss (or sampling) hits inf/NaN and the trial fails.
     space = write_space(tmp_path, layers=[3, 4], lr=[3.0e-3, 1.0e30])
@@ -110,15 +119,16 @@ def test_a_failing_trial_does_not_stop_the_study(tmp_path: Path) -> None:
             assert trial.state == TrialState.COMPLETE
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
+Spawn = Callable[..., subprocess.Popen[str]]
+
+
+def _cli(spawn: Spawn, *args: str, cwd: Path) -> subprocess.Popen[str]:
+    return spawn(
         [sys.executable, "-m", "autolayer.cli", *args],
         cwd=cwd,
-        env=env,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
     )
 
 
@@ -128,29 +138,29 @@ def _write_config(tmp_path: Path, data: dict) -> Path:
     return path
 
 
-def test_sigkill_mid_trial_then_rerun_loses_no_finished_trial(tmp_path: Path) -> None:
+def test_sigkill_mid_trial_then_rerun_loses_no_finished_trial(tmp_path: Path, spawn: Spawn) -> None:
     space = write_space(tmp_path, layers=[2, 5])
     data = tiny_config(tmp_path, space)
     data["proxy"]["steps"] = 40  # a few seconds: the kill lands inside a trial
     data["tracking"] = {"enabled": False}
     config = _write_config(tmp_path, data)
     args = ("search", "--config", str(config), "--root", str(tmp_path / "mlruns"))
-    worker = _cli(*args, cwd=tmp_path)
-    deadline = time.time() + 240
-    killed_number = None
-    while time.time() < deadline and killed_number is None:
-        time.sleep(0.5)
+    worker = _cli(spawn, *args, cwd=tmp_path)
+
+    def second_trial_training() -> int | None:
         try:
             study = load_study("tiny", None, tmp_path / "mlruns")
-        except Exception:
-            continue
+        except Exception:  # the study does not exist yet
+            return None
         done = study.get_trials(states=(TrialState.COMPLETE,))
         running = study.get_trials(states=(TrialState.RUNNING,))
         if done and running and TrialRecord.of(running[0]).layers:
-            os.kill(worker.pid, signal.SIGKILL)  # `layers` is set just before training starts
-            killed_number = running[0].number
-    worker.wait(timeout=30)
-    assert killed_number is not None, "the search never reached a second trial"
+            return running[0].number  # `layers` is set just before training starts
+        return None
+
+    killed_number = wait_until(second_trial_training, worker, "a second trial training")
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.communicate()
     at_kill = load_study("tiny", None, tmp_path / "mlruns").trials[killed_number]
     assert at_kill.state == TrialState.RUNNING  # killed mid-trial, not between trials
     finished_before = {
@@ -160,8 +170,8 @@ def test_sigkill_mid_trial_then_rerun_loses_no_finished_trial(tmp_path: Path) ->
         )
     }
 
-    rerun = _cli(*args, cwd=tmp_path)
-    output, _ = rerun.communicate(timeout=300)
+    rerun = _cli(spawn, *args, cwd=tmp_path)
+    output, _ = rerun.communicate(timeout=CAP)
     assert rerun.returncode == 0, output
     study = load_study("tiny", None, tmp_path / "mlruns")
     killed = study.trials[killed_number]
@@ -176,7 +186,9 @@ def test_sigkill_mid_trial_then_rerun_loses_no_finished_trial(tmp_path: Path) ->
 
 
 @pytest.mark.slow  # test_workers runs the same two PostgreSQL workers, with more checks
-def test_two_workers_share_one_postgresql_study(tmp_path: Path, postgres_url: str) -> None:
+def test_two_workers_share_one_postgresql_study(
+    tmp_path: Path, postgres_url: str, spawn: Spawn
+) -> None:
     space = write_space(tmp_path, layers=[2, 5])
     data = tiny_config(tmp_path, space, storage=postgres_url)
     data["tracking"] = {"enabled": False}
@@ -184,6 +196,7 @@ def test_two_workers_share_one_postgresql_study(tmp_path: Path, postgres_url: st
     root = str(tmp_path / "mlruns")
     workers = [
         _cli(
+            spawn,
             "search",
             "--config",
             str(config),
@@ -197,7 +210,7 @@ def test_two_workers_share_one_postgresql_study(tmp_path: Path, postgres_url: st
         )
         for seed in (0, 1)
     ]
-    outputs = [w.communicate(timeout=400)[0] for w in workers]
+    outputs = [w.communicate(timeout=CAP)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     study = optuna.load_study(
         study_name="tiny", storage=load_study("tiny", postgres_url, Path(root))._storage
@@ -211,11 +224,12 @@ def test_two_workers_share_one_postgresql_study(tmp_path: Path, postgres_url: st
 
 
 @pytest.mark.parametrize("bad", ["postgresql://nobody@127.0.0.1:1/none", "foo://bar"])
-def test_bad_storage_is_one_sentence_and_exit_2(tmp_path: Path, bad: str) -> None:
+def test_bad_storage_is_one_sentence_and_exit_2(tmp_path: Path, bad: str, spawn: Spawn) -> None:
     space = write_space(tmp_path, layers=[3, 3])
     data = tiny_config(tmp_path, space)
     config = _write_config(tmp_path, data)
     proc = _cli(
+        spawn,
         "search",
         "--config",
         str(config),
@@ -225,40 +239,23 @@ def test_bad_storage_is_one_sentence_and_exit_2(tmp_path: Path, bad: str) -> Non
         bad,
         cwd=tmp_path,
     )
-    output, _ = proc.communicate(timeout=120)
+    output, _ = proc.communicate(timeout=CAP)
     assert proc.returncode == 2
     assert output.strip().startswith("autolayer: error:")
     assert "Traceback" not in output
     assert len(output.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("pruner", ["wilcoxon", "hyperband"])
-def test_pruners_run_on_real_trials(tmp_path: Path, pruner: str) -> None:
-    space = write_space(tmp_path, layers=[2, 5])
-    data = tiny_config(tmp_path, space, pruner=pruner)
-    data["tracking"] = {"enabled": False}
-    study = run_search(config_from_dict(data), root=tmp_path / "mlruns").study
-    assert len(study.trials) == 4
-    for trial in study.trials:
-        assert trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        if trial.state == TrialState.PRUNED:
-            assert TrialRecord.of(trial).prune_reason
-        if pruner == "wilcoxon":  # paired blocks of the 64 eval prompts: 50 + 14
-            assert sorted(trial.intermediate_values) == [0, 1]
-        else:  # held-out score by rollout step (eval_every 2, 4 steps: only step 2 is reported)
-            assert sorted(trial.intermediate_values) == [2]
-
-
-def test_demo_command_prints_the_table_and_how_to_browse(tmp_path: Path) -> None:
+def test_demo_command_prints_the_table_and_how_to_browse(tmp_path: Path, spawn: Spawn) -> None:
     """`make demo` end to end: the bundled model, its task, the single-layer space."""
-    proc = _cli("demo", "--root", str(tmp_path / "mlruns"), cwd=tmp_path)
-    output, _ = proc.communicate(timeout=600)
+    proc = _cli(spawn, "demo", "--root", str(tmp_path / "mlruns"), cwd=tmp_path)
+    output, _ = proc.communicate(timeout=CAP)
     assert proc.returncode == 0, output
     assert "★ best" in output and "C at the proxy horizon of 30 steps" in " ".join(output.split())
     root = str(tmp_path / "mlruns")
-    shown = _cli("results", "--study-name", "organism-organism-single_layer", "--root", root,
+    shown = _cli(spawn, "results", "--study-name", "organism-organism-single_layer", "--root", root,
                  "--json", cwd=tmp_path)  # fmt: skip
-    data = json.loads(shown.communicate(timeout=120)[0])
+    data = json.loads(shown.communicate(timeout=CAP)[0])
     candidates = {tuple(c["layers"]): c for c in data["candidates"]}
     table = [line for line in output.splitlines() if line.startswith("│")]
     assert len(table) == len(candidates)  # one row per measured layer, over its seeds
@@ -281,3 +278,213 @@ def test_tracking_leaves_the_environment_alone(tmp_path: Path) -> None:
     space = write_space(tmp_path, layers=[4, 4])
     run_search(config_from_dict(tiny_config(tmp_path, space)), root=tmp_path / "mlruns")
     assert os.environ.get("MLFLOW_TRACKING_URI") == before
+
+
+# --- The search's logic as a specification: a fake proxy run, no training --------------------
+
+N = 100  # held-out prompts of the fake runs
+BASE, FULL = 0.2, 0.8  # the references: C = (score - 0.2) / 0.6
+
+
+def held_out(p: float) -> Evaluation:
+    k = round(p * N)
+    return Evaluation.from_outcomes([1.0] * k + [0.0] * (N - k))
+
+
+class FakeProxy:
+    """Stands in for `run_proxy`: layer l's held-out score at step s is `curves[l](s)`; it calls
+    the eval hook at every `eval_every` step, as the real run does, and stops when told to."""
+
+    def __init__(self, curves: dict[int, Callable[[int], float]], fail: tuple[int, ...] = ()):
+        self.curves, self.fail = curves, fail
+        self.runs: list[tuple[int, ...]] = []
+
+    def __call__(
+        self, work: Any, config: ProxyConfig, layers: Any, lr: float | None = None, *,
+        keep: bool = True, eval_hook: Any = None, logger: Any = None,
+    ) -> ProxyResult:  # fmt: skip
+        chosen = tuple(sorted(layers))
+        self.runs.append(chosen)
+        if chosen[0] in self.fail:
+            raise FloatingPointError("the loss became nan")
+        evals = []
+        for step in range(config.eval_every, config.steps + 1, config.eval_every):
+            final = held_out(self.curves[chosen[0]](step))
+            evals.append((step, final.score))
+            if eval_hook is not None and eval_hook(step, final):
+                return ProxyResult(chosen, lr or config.lr, final, step, 0.0, evals, [], True)
+        return ProxyResult(chosen, lr or config.lr, final, config.steps, 0.0, evals)
+
+
+def flat(p: float) -> Callable[[int], float]:
+    return lambda step: p
+
+
+def fake_search(
+    tmp_path: Path, proxy: FakeProxy, bounds: tuple[int, int], first: list[int] | None = None,
+    **search: Any,
+) -> SearchContext:  # fmt: skip
+    """A real study (journal storage under tmp_path) and the real trial loop around `proxy`,
+    over the single layers `bounds` (inclusive), trying the layers `first` first."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = {
+        "proxy": {"steps": 30, "eval_every": 10, "device": "cpu"},
+        "search": {"space": write_space(tmp_path, layers=list(bounds)),
+                   "study_name": "spec", "pruner": "none", "seeds": 1, "baselines": False,
+                   **search},
+        "tracking": {"enabled": False},
+    }  # fmt: skip
+    config = config_from_dict(data)
+    space = bind(load_space(config.search.space), 8)
+    study = open_study(config, space, root=tmp_path)
+    write_study(
+        study,
+        reference_base_outcomes=list(held_out(BASE).outcomes),
+        reference_full_outcomes=list(held_out(FULL).outcomes),
+        objective=CONTRIBUTION_OBJECTIVE,
+        objective_origin=0.0,
+    )
+    task = SimpleNamespace(name="fake")
+    ctx = SearchContext(
+        config, Workload(None, None, task), space, study, NullTracker(), "",  # type: ignore[arg-type]
+        References(held_out(BASE), held_out(FULL)), proxy_run=proxy,
+    )  # fmt: skip
+    for layer in first or []:
+        study.enqueue_trial({"layer": layer})
+    return ctx
+
+
+def by_layer(study: optuna.Study) -> dict[int, FrozenTrial]:
+    return {TrialRecord.of(t).layers[0]: t for t in study.trials if TrialRecord.of(t).layers}
+
+
+def test_the_objective_is_c_and_the_record_holds_its_interval(tmp_path: Path) -> None:
+    ctx = fake_search(tmp_path, FakeProxy({3: flat(0.5)}), (3, 3))
+    optimize(ctx)
+    (trial,) = ctx.study.trials
+    record = TrialRecord.of(trial)
+    assert trial.value == pytest.approx((0.5 - BASE) / (FULL - BASE))  # 0.5 by hand
+    assert record.contribution == pytest.approx(0.5)
+    assert record.ci_low is not None and record.ci_high is not None
+    assert record.ci_low < 0.5 < record.ci_high
+    assert (record.score, record.steps, len(record.outcomes or ())) == (0.5, 30, N)
+
+
+def test_the_step_budget_stops_the_search_before_a_run_that_would_overspend(
+    tmp_path: Path,
+) -> None:
+    proxy = FakeProxy({layer: flat(0.5) for layer in range(8)})
+    ctx = fake_search(tmp_path, proxy, (0, 7), max_total_steps=75)  # room for two 30-step runs
+    optimize(ctx)
+    assert len(proxy.runs) == 2 and steps_used(ctx.study) == 60
+    spent = [t for t in ctx.study.trials if TrialRecord.of(t).budget_spent]
+    assert len(spent) == 1 and spent[0].state == TrialState.PRUNED
+    assert TrialRecord.of(spent[0]).prune_reason == "not run: the budget of 75 proxy steps is spent"
+    assert len(ctx.study.trials) == 3  # the study stopped there, eight candidates or not
+    assert not can_start_trial(ctx)
+
+
+def test_the_median_pruner_stops_a_layer_under_the_median_where_it_stands(tmp_path: Path) -> None:
+    proxy = FakeProxy({1: flat(0.7), 2: flat(0.68), 0: flat(0.35)})
+    ctx = fake_search(tmp_path, proxy, (0, 2), first=[1, 2, 0], pruner="median")
+    optimize(ctx)
+    trials = by_layer(ctx.study)
+    assert trials[0].state == TrialState.PRUNED
+    assert TrialRecord.of(trials[0]).steps == 10  # stopped at its first report
+    assert TrialRecord.of(trials[0]).prune_reason == (
+        "step 10: score 0.350 under the median pruner's bar"
+    )
+    assert steps_used(ctx.study) == 30 + 30 + 10
+
+
+def test_the_interval_pruner_keeps_a_slow_starter_and_stops_a_flat_laggard(
+    tmp_path: Path,
+) -> None:
+    """Layer 0 starts at C 0.25 and ends best; layer 3 stays at C 0.25. At step 10 they look
+    alike, the median pruner drops both, and only their slopes tell them apart."""
+    slow = {10: 0.35, 20: 0.6, 30: 0.78}
+    curves = {1: flat(0.7), 2: flat(0.68), 0: slow.__getitem__, 3: flat(0.35)}
+    interval = fake_search(tmp_path / "interval", FakeProxy(curves), (0, 3), first=[1, 2, 0, 3],
+                           pruner="interval")  # fmt: skip
+    optimize(interval)
+    trials = by_layer(interval.study)
+    assert trials[0].state == TrialState.COMPLETE and trials[0].value == pytest.approx(
+        (0.78 - BASE) / (FULL - BASE)
+    )
+    assert trials[3].state == TrialState.PRUNED and TrialRecord.of(trials[3]).steps == 20
+    median = fake_search(tmp_path / "median", FakeProxy(curves), (0, 3), first=[1, 2, 0, 3],
+                         pruner="median")  # fmt: skip
+    optimize(median)
+    pruned = {layer for layer, t in by_layer(median.study).items() if t.state == TrialState.PRUNED}
+    assert pruned == {0, 3}
+
+
+def test_a_queued_repeat_runs_to_the_end_whatever_the_pruner_says(tmp_path: Path) -> None:
+    proxy = FakeProxy({1: flat(0.7), 2: flat(0.68), 0: flat(0.35)})
+    ctx = fake_search(tmp_path, proxy, (0, 2), first=[1, 2], pruner="median")
+    ctx.study.enqueue_trial({"layer": 0}, user_attrs=trial_fields(role="repeat", seed=7))
+    optimize(ctx)
+    repeat = by_layer(ctx.study)[0]
+    assert repeat.state == TrialState.COMPLETE and TrialRecord.of(repeat).seed == 7
+
+
+@pytest.mark.parametrize("pruner", ["wilcoxon", "hyperband"])
+def test_each_pruner_gets_the_reports_it_reads(tmp_path: Path, pruner: str) -> None:
+    proxy = FakeProxy({2: flat(0.7), 3: flat(0.4)})
+    ctx = fake_search(tmp_path, proxy, (2, 3), first=[2, 3], pruner=pruner)
+    optimize(ctx)
+    for trial in ctx.study.trials:
+        if trial.state == TrialState.PRUNED:
+            assert TrialRecord.of(trial).prune_reason
+        if pruner == "wilcoxon":  # paired blocks of the 100 held-out prompts: 50 + 50
+            assert sorted(trial.intermediate_values) == [0, 1]
+        else:  # held-out score by step, every eval_every steps before the last
+            assert sorted(trial.intermediate_values) in ([10, 20], [10])
+
+
+def test_a_rerun_resumes_and_never_repeats_a_finished_candidate(tmp_path: Path) -> None:
+    curves = {layer: flat(0.5) for layer in range(8)}
+    first = FakeProxy(curves)
+    optimize(fake_search(tmp_path, first, (2, 4), n_trials=1))
+    rest = FakeProxy(curves)
+    ctx = fake_search(tmp_path, rest, (2, 4))  # the same study, opened again
+    optimize(ctx)
+    assert sorted(first.runs + rest.runs) == [(2,), (3,), (4,)]  # each layer once
+    again = FakeProxy(curves)
+    done = fake_search(tmp_path, again, (2, 4))
+    assert trials_to_run(done) == 0
+    optimize(done)
+    assert again.runs == [] and len(done.study.trials) == 3
+
+
+def test_a_failing_trial_keeps_its_reason_and_the_study_goes_on(tmp_path: Path) -> None:
+    proxy = FakeProxy({2: flat(0.5), 4: flat(0.6)}, fail=(3,))
+    ctx = fake_search(tmp_path, proxy, (2, 4))
+    optimize(ctx)
+    trials = by_layer(ctx.study)
+    assert trials[3].state == TrialState.FAIL
+    assert TrialRecord.of(trials[3]).fail_reason == "FloatingPointError: the loss became nan"
+    assert trials[2].state == trials[4].state == TrialState.COMPLETE
+
+
+def test_an_interrupt_mid_trial_marks_it_and_the_rerun_retries_only_it(tmp_path: Path) -> None:
+    class Interrupting(FakeProxy):
+        def __call__(self, *args: Any, **kwargs: Any) -> ProxyResult:
+            if len(self.runs) == 1:  # the second run: Ctrl-C arrives while it trains
+                self.runs.append(tuple(args[2]))
+                raise Interrupted(signal.SIGINT)
+            return super().__call__(*args, **kwargs)
+
+    curves = {layer: flat(0.5) for layer in range(8)}
+    ctx = fake_search(tmp_path, Interrupting(curves), (2, 4), first=[2, 3, 4])
+    with pytest.raises(TrialInterrupted):
+        optimize(ctx)
+    trials = by_layer(ctx.study)
+    assert trials[2].state == TrialState.COMPLETE and 4 not in trials
+    assert trials[3].state == TrialState.FAIL
+    assert TrialRecord.of(trials[3]).fail_reason == "interrupted by SIGINT"
+    rerun = FakeProxy(curves)
+    resumed = fake_search(tmp_path, rerun, (2, 4))
+    assert [TrialRecord.of(t).layers for t in retry_failed(resumed.study)] == [(3,)]
+    optimize(resumed)
+    assert sorted(rerun.runs) == [(3,), (4,)]  # the interrupted layer again, then the rest
