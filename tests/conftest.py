@@ -7,6 +7,7 @@ import os
 import pwd
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -43,6 +44,15 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[str]]]:
         for stream in (child.stdin, child.stdout, child.stderr):
             if stream is not None:
                 stream.close()
+
+
+@pytest.fixture
+def signal_handlers() -> Iterator[None]:
+    """`main` installs its own SIGINT and SIGTERM handlers: put pytest's back afterwards."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 def wait_until(ready: Callable[[], T | None], child: subprocess.Popen[str], what: str) -> T:

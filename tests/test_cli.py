@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -125,15 +124,6 @@ def test_every_config_key_is_an_option_validated_like_the_file(tmp_path: Path) -
     assert "HEAVY []" in bad.stdout and not (tmp_path / "mlruns").exists()
     help_text = run("search", "--help", cwd=tmp_path).stdout
     assert "--proxy.full_lr VALUE" in help_text and "--train.output_dir VALUE" in help_text
-
-
-@pytest.fixture
-def signal_handlers() -> Iterator[None]:
-    """`main` installs its own SIGINT and SIGTERM handlers: put pytest's back afterwards."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import socket
 
 import pytest
 
@@ -20,13 +20,24 @@ def unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
     hub._reachable.cache_clear()
 
 
-def test_a_hub_model_or_dataset_fails_fast_without_a_network() -> None:
-    start = time.monotonic()
+def test_a_hub_model_or_dataset_fails_fast_without_a_network(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fast means one short TCP probe, then the sentence: no library retry loop is entered."""
+    probes: list[tuple[tuple[str, int], float]] = []
+    real = socket.create_connection
+
+    def probe(address: tuple[str, int], timeout: float, *args: object) -> socket.socket:
+        probes.append((address, timeout))
+        return real(address, timeout, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "create_connection", probe)
     with pytest.raises(AutolayerError, match="cannot reach the Hugging Face hub .* model 'org/m'"):
         load_model("org/m", device="cpu")
     with pytest.raises(AutolayerError, match="the dataset 'org/data'"):
         load_task(TaskConfig(name="mine", dataset="org/data", reward_funcs=["os.path.join"]))
-    assert time.monotonic() - start < 10
+    assert probes == [(("127.0.0.1", 9), hub.TIMEOUT)]  # once, bounded, and remembered
+    assert hub.TIMEOUT <= 5
 
 
 def test_offline_mode_skips_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:

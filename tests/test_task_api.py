@@ -14,6 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from autolayer import organism
+from autolayer.cli import main
 from autolayer.config import config_from_dict
 from autolayer.search import run_search
 from autolayer.storage import make_storage
@@ -71,18 +72,25 @@ def test_the_example_task_runs_search_and_train_from_the_cli(tmp_path: Path) -> 
     ],
 )  # fmt: skip
 def test_bad_task_input_exits_2_with_one_sentence(
-    tmp_path: Path, yaml_task: str, message: str
+    tmp_path: Path,
+    yaml_task: str,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    signal_handlers: None,
 ) -> None:
+    """In-process `main`, as the console script calls it (one real process: the example above)."""
     (tmp_path / "d.csv").write_text("prompt,answer\n1+1=,2\n2+2=,4\n3+3=,6\n")
     (tmp_path / "r.py").write_text(
         "def one(completions, **kw):\n    return [0.0] * len(completions)\n\n"
         "def two(completions):\n    return [0.0] * len(completions)\n"
     )
     (tmp_path / "c.yaml").write_text(f"task:\n  {yaml_task}\n")
-    done = cli("search", "--config", "c.yaml", "--root", "mlruns", "--no-tracking", cwd=tmp_path)
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
+    monkeypatch.chdir(tmp_path)
+    code = main(["search", "--config", "c.yaml", "--root", "mlruns", "--no-tracking"])
+    out, err = capsys.readouterr()
+    assert code == 2, out + err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("autolayer: error:")
     assert re.search(message, lines[0]), lines[0]
     storage = make_storage(None, tmp_path / "mlruns")

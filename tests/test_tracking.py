@@ -4,21 +4,37 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from autolayer.errors import AutolayerError
-from autolayer.tracking import KIND, KIND_TAG, MlflowTracker, probe_server
+from autolayer.tracking import KIND, KIND_TAG, PROBE_TIMEOUT, MlflowTracker, probe_server
 
 
-def test_an_unreachable_server_is_one_sentence_in_seconds() -> None:
-    start = time.monotonic()
+def test_an_unreachable_server_is_one_sentence_after_one_bounded_probe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In seconds means one /health request with PROBE_TIMEOUT, and MLflow's client (which
+    retries for minutes) never made."""
+    import urllib.request
+
+    probes: list[tuple[str, float]] = []
+    real = urllib.request.urlopen
+
+    def probe(url: str, timeout: float) -> object:
+        probes.append((url, timeout))
+        return real(url, timeout=timeout)
+
+    def no_client(*args: object, **kwargs: object) -> None:
+        raise AssertionError("MLflow's client was made for an unreachable server")
+
+    monkeypatch.setattr(urllib.request, "urlopen", probe)
+    monkeypatch.setattr(mlflow, "MlflowClient", no_client)
     with pytest.raises(AutolayerError, match="http://127.0.0.1:9 is unreachable"):
         MlflowTracker("http://127.0.0.1:9", "x")
-    assert time.monotonic() - start < 10
+    assert probes == [("http://127.0.0.1:9/health", PROBE_TIMEOUT)] and PROBE_TIMEOUT <= 5
     with pytest.raises(AutolayerError, match="unreachable"):
         probe_server("http://127.0.0.1:9/")
 
