@@ -1,4 +1,4 @@
-"""The sandbox's program runner: a script for `python -I -S -B`, never imported by autolayer.
+"""The sandbox's program runner: a script for `python -I -S -B` (autolayer imports its constants).
 
 `_sandbox_runner.py WORKDIR LAYERS LIMITS` runs WORKDIR/program.py after entering the OS layers
 named in LAYERS (network, pid, drop_user), setting LIMITS (cpu, memory, file size, open files,

@@ -8,6 +8,7 @@ import optuna
 
 from autolayer.config import PrunerName, SamplerName
 from autolayer.errors import AutolayerError
+from autolayer.scoring import Z95
 from autolayer.spaces import Space, grid_size
 from autolayer.study import StudyRecord, TrialRecord
 
@@ -46,9 +47,6 @@ def make_sampler(name: SamplerName, space: Space, seed: int) -> optuna.samplers.
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise AutolayerError(f"unknown sampler {name!r}; use auto, grid, tpe, gp or random")
-
-
-Z95 = 1.96
 
 
 class IntervalPruner(optuna.pruners.BasePruner):

@@ -38,9 +38,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from autolayer._sandbox_runner import EXIT_REFUSED  # the runner's code for a refused operation
+
 RUNNER = Path(__file__).resolve().parent / "_sandbox_runner.py"
 PROGRAM_FILE = "program.py"
-EXIT_REFUSED = 3  # the runner's exit code when the audit hook refused an operation
 EXIT_TIMEOUT = 124  # our code for a wall-clock timeout (as coreutils' `timeout`)
 CACHE_SIZE = 65536  # programs whose outcome is kept: RL samples repeat the same program often
 

@@ -42,8 +42,8 @@ from autolayer.study import (
     write_study,
     write_trial,
 )
+from autolayer.tracking import DEFAULT_ROOT  # the local store: Optuna and MLflow files
 
-DEFAULT_ROOT = Path("mlruns")
 JOURNAL_SCHEME = "journal:"
 HEARTBEAT_INTERVAL = 60  # seconds between a running trial's heartbeats
 GRACE_PERIOD = 120  # a trial without a heartbeat this long belongs to a dead worker

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from autolayer.errors import AutolayerError
 from autolayer.processes import died_here
 
-DEFAULT_ROOT = Path("mlruns")
+DEFAULT_ROOT = Path("mlruns")  # the local store of both the Optuna study and MLflow
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests runs that carry it
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # the model-training view
 HOST_TAG, PID_TAG = "autolayer.host", "autolayer.pid"

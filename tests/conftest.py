@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 # ---------------------------------------------------------------- child processes
 
-CAP = 300  # seconds: a safety net for a hung child, never a timing assertion
+CAP = 600  # seconds: a safety net for a hung child, never a timing assertion
 
 
 @pytest.fixture

@@ -18,8 +18,7 @@ from optuna.trial import TrialState
 from autolayer.search import WARM_START_CLAIM
 from autolayer.storage import load_study, make_storage
 from autolayer.study import StudyRecord, TrialRecord
-
-CAP = 600  # seconds: a safety net for a hung worker, not a timing assertion
+from tests.conftest import CAP
 
 
 def _config(tmp_path: Path, storage: str | None, name: str) -> Path:
