@@ -34,6 +34,7 @@ import numpy as np
 from autolayer.errors import AutolayerError
 
 K = TypeVar("K", bound=Hashable)  # what identifies a candidate (racing: its layers and lr)
+Z95 = 1.959964  # two-sided 95% normal quantile
 RESAMPLES = 2000
 CONFIDENCE = 0.95
 

@@ -8,7 +8,7 @@ import optuna
 
 from autolayer.config import PrunerName, SamplerName
 from autolayer.errors import AutolayerError
-from autolayer.scoring import Z95
+from autolayer.estimate import Z95
 from autolayer.spaces import Space, grid_size
 from autolayer.study import StudyRecord, TrialRecord
 
@@ -54,9 +54,9 @@ class IntervalPruner(optuna.pruners.BasePruner):
 
     At step t with value v, the trial's learning curve is extrapolated to the last step at the
     steeper of its slope since step 0 (the untrained model's objective, study attr
-    `objective_origin`) and its slope since its previous report; the projection plus 1.96
+    `objective_origin`) and its slope since its previous report; the projection plus Z95 (1.96)
     standard errors of v (trial attr `objective_se`) is its optimistic final value. The trial is
-    pruned when that is below the best completed trial's final value minus 1.96 of its standard
+    pruned when that is below the best completed trial's final value minus Z95 of its standard
     errors. A median pruner compares one early point with other trials' early points, and so
     stops slow starters that would have finished near the top; this one stops only what is behind
     by more than noise and has no slope to close the gap.
@@ -87,7 +87,7 @@ def optimistic_final(
     trial: optuna.trial.FrozenTrial, final_step: int, origin: float | None
 ) -> float:
     """The trial's last value extrapolated to `final_step` at its steepest recent slope, plus
-    1.96 standard errors."""
+    Z95 (1.96) standard errors."""
     values = trial.intermediate_values
     steps = sorted(values)
     step, value = steps[-1], values[steps[-1]]

@@ -181,7 +181,6 @@ def probe(model_dir: str, steps: int, lrs: list[float], layers: list[int]) -> No
 
     from autolayer.config import Config, ModelConfig, ProxyConfig
     from autolayer.loading import load_for
-    from autolayer.models import layer_param_names, restore, snapshot
     from autolayer.organism import reward_correct
     from autolayer.proxy import run_proxy
     from autolayer.tasks import Task
@@ -205,9 +204,7 @@ def probe(model_dir: str, steps: int, lrs: list[float], layers: list[int]) -> No
                 return False
 
             proxy = ProxyConfig(steps=steps, eval_every=max(1, steps // 3), device="cpu")
-            saved = snapshot(model, layer_param_names(model, [layer]))
-            run_proxy(work, proxy, [layer], lr, eval_hook=hook)
-            restore(model, saved)
+            run_proxy(work, proxy, [layer], lr, keep=False, eval_hook=hook)
             print(f"lr {lr:g} layer {layer}: {curve}", flush=True)
 
 

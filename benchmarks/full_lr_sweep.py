@@ -28,10 +28,9 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config)
     work = load_for(config)
-    model, tokenizer, task = work
     base = base_reference(config, work, DEFAULT_ROOT)
     print(json.dumps({"base_score": base.score, "stderr": round(base.stderr, 4)}))
-    every_layer = range(len(find_layer_stack(model)))
+    every_layer = range(len(find_layer_stack(work.model)))
     for lr in (float(x) for x in args.lrs.split(",")):
         start = time.perf_counter()
         result = run_proxy(work, config.proxy, every_layer, lr, keep=False)

@@ -54,7 +54,6 @@ def configure(name: str, path: str, algorithm: str, root: Path, seed: int) -> Co
 def signal_rho(config: Config, scores: np.ndarray, layers: tuple[int, ...]) -> tuple[float, float]:
     """Spearman of the pre-search signal (update norm, gradient norm) against the profile."""
     work = load_for(config, prepare_task(config))
-    model, tokenizer, task = work
     signals = layer_signal(work, config.proxy, SIGNAL_STEPS, config.proxy.full_lr)
     by_layer = {s.layer: s for s in signals}
     update = [by_layer[x].update_norm for x in layers]

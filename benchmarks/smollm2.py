@@ -17,7 +17,6 @@ import torch
 
 from autolayer.config import Config
 from autolayer.loading import load_for, prepare_task
-from autolayer.models import layer_param_names, restore, snapshot
 from autolayer.proxy import run_proxy
 from autolayer.rollout import complete
 from autolayer.scoring import Evaluation, evaluate
@@ -49,9 +48,7 @@ def main() -> None:
     base = evaluate(model, tokenizer, task)
     print(f"base held-out score {base.score:.3f} +- {base.stderr:.3f} on {len(base.outcomes)} "
           f"prompts ({time.perf_counter() - start:.0f} s)")  # fmt: skip
-    saved = snapshot(model, layer_param_names(model, [args.layer]))
-    result = run_proxy(work, config.proxy, [args.layer], args.lr)
-    restore(model, saved)
+    result = run_proxy(work, config.proxy, [args.layer], args.lr, keep=False)
     after: Evaluation = result.final
     print(
         f"layer {args.layer}, {args.steps} steps at lr {args.lr:g}: {after.score:.3f} +- "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import glob
 import os
 import pwd
@@ -27,8 +28,9 @@ CAP = 600  # seconds: a safety net for a hung child, never a timing assertion
 
 @pytest.fixture
 def spawn() -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    """`subprocess.Popen` for a test, text mode; every child is killed and reaped at teardown,
-    whether the test passed, failed or timed out waiting on it."""
+    """`subprocess.Popen` for a test, text mode; every process it started is killed and reaped
+    at teardown, whether the test passed, failed or timed out waiting on it. Their own children
+    are not tracked here (the sandbox's programs die with their parent by PR_SET_PDEATHSIG)."""
     children: list[subprocess.Popen[str]] = []
 
     def start(args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
@@ -64,7 +66,10 @@ def wait_until(ready: Callable[[], T | None], child: subprocess.Popen[str], what
         if found is not None:
             return found
         time.sleep(0.2)
-    raise AssertionError(f"{what} never happened (child exit code {child.poll()})")
+    if child.poll() is None:
+        raise AssertionError(f"{what} did not happen within {CAP} s")
+    out, err = child.communicate()
+    raise AssertionError(f"{what} never happened; the child exited {child.returncode}:\n{out}{err}")
 
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -194,3 +199,11 @@ def save_organism_shaped(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what collection imported (torch, transformers, Lightning: ~500k objects) so the
+    garbage collections the search runs after every trial scan only what the tests allocate.
+    `autolayer.search.frozen_heap` does the same for a real search."""
+    gc.collect()
+    gc.freeze()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import socket
 
+import datasets
 import pytest
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from autolayer import hub
 from autolayer.config import TaskConfig
@@ -23,7 +25,8 @@ def unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_hub_model_or_dataset_fails_fast_without_a_network(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Fast means one short TCP probe, then the sentence: no library retry loop is entered."""
+    """Fast means one short TCP probe, then the sentence: transformers and datasets, which retry
+    for minutes without a network, are never asked."""
     probes: list[tuple[tuple[str, int], float]] = []
     real = socket.create_connection
 
@@ -31,7 +34,13 @@ def test_a_hub_model_or_dataset_fails_fast_without_a_network(
         probes.append((address, timeout))
         return real(address, timeout, *args)  # type: ignore[arg-type]
 
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a library was asked for the hub after the probe failed")
+
     monkeypatch.setattr(socket, "create_connection", probe)
+    for cls in (AutoConfig, AutoModelForCausalLM, AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", never)
+    monkeypatch.setattr(datasets, "load_dataset", never)
     with pytest.raises(AutolayerError, match="cannot reach the Hugging Face hub .* model 'org/m'"):
         load_model("org/m", device="cpu")
     with pytest.raises(AutolayerError, match="the dataset 'org/data'"):

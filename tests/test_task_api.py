@@ -87,6 +87,7 @@ def test_bad_task_input_exits_2_with_one_sentence(
     )
     (tmp_path / "c.yaml").write_text(f"task:\n  {yaml_task}\n")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # main sets it for the process
     code = main(["search", "--config", "c.yaml", "--root", "mlruns", "--no-tracking"])
     out, err = capsys.readouterr()
     assert code == 2, out + err
