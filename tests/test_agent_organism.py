@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from autolayer.agent_organism import organism_path
+from autolayer.cli import main
 from autolayer.config import ProxyConfig, TaskConfig, load_config
 from autolayer.loading import Workload
 from autolayer.models import load_model
@@ -70,15 +69,14 @@ def test_the_example_search_picks_a_layer_and_train_beats_the_base(tmp_path: Pat
     assert result.trainable_params == 61_600 and (tmp_path / "out" / "delta").is_dir()
 
 
-def test_a_user_environment_runs_a_search_from_the_cli(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "autolayer.cli", "search", "--config",
-         str(EXAMPLES / "agent_env" / "task.yaml"), "--root", str(tmp_path / "mlruns"),
-         "--n-trials", "1", "--no-tracking"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "agent-organism-corridor-single_layer" in done.stdout and "★ best" in done.stdout
+def test_a_user_environment_runs_a_search_from_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], signal_handlers: None
+) -> None:
+    code = main(["search", "--config", str(EXAMPLES / "agent_env" / "task.yaml"), "--root",
+                 str(tmp_path / "mlruns"), "--n-trials", "1", "--no-tracking"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "agent-organism-corridor-single_layer" in out and "★ best" in out
 
 
 def test_a_broken_environment_fails_its_trial_not_the_study(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState, create_trial
 
+from autolayer.cli import main
 from autolayer.storage import MAX_ATTEMPTS, exhausted_candidates, load_study, retry_failed
 from autolayer.study import TrialRecord, trial_fields
 from tests.conftest import CAP, wait_until
@@ -64,14 +65,15 @@ def _running_trial(root: Path) -> int | None:
     return None
 
 
-def _search_blocking(config: Path, root: Path, *extra: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "autolayer.cli", "search", "--config", str(config),
-         "--root", str(root), *extra],
-        cwd=root.parent, capture_output=True, text=True, timeout=CAP,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+def _search_blocking(
+    capsys: pytest.CaptureFixture[str], config: Path, root: Path, *extra: str
+) -> str:
+    """The searches before and after the signal run in-process: only the signalled one needs
+    a process of its own."""
+    code = main(["search", "--config", str(config), "--root", str(root), *extra])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    return out
 
 
 @pytest.mark.parametrize(
@@ -79,10 +81,16 @@ def _search_blocking(config: Path, root: Path, *extra: str) -> str:
     [pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow), (signal.SIGTERM, 143)],
 )
 def test_a_signal_mid_trial_is_one_sentence_and_a_rerun_resumes(
-    tmp_path: Path, signum: int, code: int, spawn: Spawn
+    tmp_path: Path,
+    signum: int,
+    code: int,
+    spawn: Spawn,
+    capsys: pytest.CaptureFixture[str],
+    signal_handlers: None,
 ) -> None:
     root = tmp_path / "mlruns"
-    _search_blocking(_config(tmp_path, steps=2), root, "--n-trials", "1")  # references, layer 3
+    first = _config(tmp_path, steps=2)
+    _search_blocking(capsys, first, root, "--n-trials", "1")  # references, layer 3
     proc = _search(spawn, _config(tmp_path, steps=100_000), root)  # layer 4 would never end
     number = wait_until(lambda: _running_trial(root), proc, "a trial training")
     proc.send_signal(signum)
@@ -102,7 +110,7 @@ def test_a_signal_mid_trial_is_one_sentence_and_a_rerun_resumes(
     )
     assert run.info.status == "KILLED" and run.data.tags["fail_reason"] == f"interrupted by {name}"
 
-    out = _search_blocking(_config(tmp_path, steps=2), root)
+    out = _search_blocking(capsys, _config(tmp_path, steps=2), root)
     assert f"retrying 1 failed candidate(s), at most {MAX_ATTEMPTS} tries each: layers 4" in out
     study = load_study("sig", None, root)
     complete = study.get_trials(states=(TrialState.COMPLETE,))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -26,36 +24,32 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "byo_task" / "task.yaml"
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "autolayer.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def test_the_example_task_runs_search_and_train_from_the_cli(tmp_path: Path) -> None:
-    """The README's bring-your-own-task example, run from another directory."""
+def test_the_example_task_runs_search_and_train_from_the_cli(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    signal_handlers: None,
+) -> None:
+    """The README's bring-your-own-task example, run from another directory (in-process
+    `main`, as the console script calls it)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # main sets it for the process
     root = str(tmp_path / "mlruns")
-    search = cli(
-        "search", "--config", str(EXAMPLE), "--root", root, "--n-trials", "1", "--no-tracking",
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert search.returncode == 0, search.stdout + search.stderr
-    assert "organism-subtraction-single_layer" in search.stdout
-    assert "★ best" in search.stdout
-    out = tmp_path / "trained"
-    train = cli(
-        "train", "--config", str(EXAMPLE), "--study-name", "organism-subtraction-single_layer",
-        "--root", root, "--out", str(out), "--steps", "2", "--no-tracking",
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert train.returncode == 0, train.stdout + train.stderr
-    summary = json.loads((out / "train_summary.json").read_text())
+    code = main(["search", "--config", str(EXAMPLE), "--root", root, "--n-trials", "1",
+                 "--no-tracking"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "organism-subtraction-single_layer" in out
+    assert "★ best" in out
+    trained = tmp_path / "trained"
+    code = main(["train", "--config", str(EXAMPLE), "--study-name",
+                 "organism-subtraction-single_layer", "--root", root, "--out", str(trained),
+                 "--steps", "2", "--no-tracking"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    summary = json.loads((trained / "train_summary.json").read_text())
     assert summary["task"] == "subtraction" and summary["eval_prompts"] == 200
-    assert (out / "model" / "config.json").is_file() and (out / "delta").is_dir()
+    assert (trained / "model" / "config.json").is_file() and (trained / "delta").is_dir()
 
 
 @pytest.mark.parametrize(
