@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -538,6 +538,23 @@ def make_trainer(
         log_every_n_steps=1,
         deterministic=not cuda,  # CPU runs reproduce exactly for a seed
     )
+
+
+class ProxyRun(Protocol):
+    """What trains one candidate: `run_proxy`, or a stand-in for it (the search's tests)."""
+
+    def __call__(
+        self,
+        work: Workload,
+        config: ProxyConfig,
+        layers: Sequence[int],
+        lr: float | None = None,
+        *,
+        keep: bool = True,
+        eval_hook: EvalHook | None = None,
+        logger: Any = None,
+        progress: bool = False,
+    ) -> ProxyResult: ...
 
 
 def run_proxy(

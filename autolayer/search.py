@@ -30,7 +30,7 @@ from autolayer.config import Config, require_one_device
 from autolayer.errors import Interrupted, TrialInterrupted
 from autolayer.loading import Workload, base_reference, load_for, prepare_task
 from autolayer.models import find_layer_stack
-from autolayer.proxy import ProxyResult, run_proxy
+from autolayer.proxy import ProxyResult, ProxyRun, run_proxy
 from autolayer.samplers import make_pruner, make_sampler
 from autolayer.scoring import Contribution, Evaluation, contribution, full_gain_noise
 from autolayer.spaces import (
@@ -111,7 +111,7 @@ class SearchContext:
     hooks: SearchHooks = field(default_factory=SearchHooks)
     # How a trial trains: `proxy.run_proxy`. The search's own logic (budget, pruning, resume,
     # duplicates, racing) is tested with a fake here that returns held-out curves, no training.
-    proxy_run: Callable[..., ProxyResult] = run_proxy
+    proxy_run: ProxyRun = run_proxy
     deadline: float | None = None  # time.monotonic() after which no trial starts (search.timeout)
     started: int = 0  # trials this invocation started (search.n_trials bounds them all)
 
