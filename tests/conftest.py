@@ -24,10 +24,11 @@ T = TypeVar("T")
 # ---------------------------------------------------------------- child processes
 
 CAP = 600  # seconds: a safety net for a hung child, never a timing assertion
+Spawn = Callable[..., subprocess.Popen[str]]  # the `spawn` fixture
 
 
 @pytest.fixture
-def spawn() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+def spawn() -> Iterator[Spawn]:
     """`subprocess.Popen` for a test, text mode; every process it started is killed and reaped
     at teardown, whether the test passed, failed or timed out waiting on it. Their own children
     are not tracked here (the sandbox's programs die with their parent by PR_SET_PDEATHSIG)."""
@@ -49,8 +50,10 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[str]]]:
 
 
 @pytest.fixture
-def signal_handlers() -> Iterator[None]:
-    """`main` installs its own SIGINT and SIGTERM handlers: put pytest's back afterwards."""
+def main_in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For tests that call `autolayer.cli.main` in-process: `main` installs its own SIGINT and
+    SIGTERM handlers and sets TOKENIZERS_PARALLELISM for the process; put both back afterwards."""
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", os.environ.get("TOKENIZERS_PARALLELISM", "false"))
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     yield
     for signum, handler in saved.items():

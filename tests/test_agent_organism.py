@@ -70,7 +70,7 @@ def test_the_example_search_picks_a_layer_and_train_beats_the_base(tmp_path: Pat
 
 
 def test_a_user_environment_runs_a_search_from_the_cli(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], signal_handlers: None
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], main_in_process: None
 ) -> None:
     code = main(["search", "--config", str(EXAMPLES / "agent_env" / "task.yaml"), "--root",
                  str(tmp_path / "mlruns"), "--n-trials", "1", "--no-tracking"])  # fmt: skip

@@ -130,7 +130,7 @@ def test_every_config_key_is_an_option_validated_like_the_file(tmp_path: Path) -
 def test_a_signal_mid_command_is_one_sentence_and_128_plus_its_number(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    signal_handlers: None,
+    main_in_process: None,
     signum: int,
     code: int,
 ) -> None:

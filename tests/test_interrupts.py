@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -24,7 +23,7 @@ from optuna.trial import TrialState, create_trial
 from autolayer.cli import main
 from autolayer.storage import MAX_ATTEMPTS, exhausted_candidates, load_study, retry_failed
 from autolayer.study import TrialRecord, trial_fields
-from tests.conftest import CAP, wait_until
+from tests.conftest import CAP, Spawn, wait_until
 
 
 def _config(tmp_path: Path, steps: int) -> Path:
@@ -41,9 +40,6 @@ def _config(tmp_path: Path, steps: int) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-Spawn = Callable[..., subprocess.Popen[str]]
 
 
 def _search(spawn: Spawn, config: Path, root: Path) -> subprocess.Popen[str]:
@@ -86,7 +82,7 @@ def test_a_signal_mid_trial_is_one_sentence_and_a_rerun_resumes(
     code: int,
     spawn: Spawn,
     capsys: pytest.CaptureFixture[str],
-    signal_handlers: None,
+    main_in_process: None,
 ) -> None:
     root = tmp_path / "mlruns"
     first = _config(tmp_path, steps=2)
@@ -155,7 +151,7 @@ def test_a_killed_train_leaves_no_debris_and_a_rerun_keeps_frozen_layers_bit_ide
     spawn: Spawn,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    signal_handlers: None,
+    main_in_process: None,
 ) -> None:
     """SIGKILL mid-training (no handler can run), then train again: the killed run's temp
     directory is removed, its MLflow run ends KILLED, and every frozen tensor equals the base."""
@@ -197,7 +193,6 @@ def test_a_killed_train_leaves_no_debris_and_a_rerun_keeps_frozen_layers_bit_ide
     assert killed.info.status == "RUNNING"  # nothing could end it
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # main sets it for the process
     code = main([*args, "--steps", "2"])  # the rerun needs no process of its own
     assert code == 0, capsys.readouterr().err
     assert not list(tmp_path.glob(".out.tmp-*"))  # the dead run's copy is gone

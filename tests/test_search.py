@@ -45,7 +45,7 @@ from autolayer.study import (
     write_study,
 )
 from autolayer.tracking import NullTracker
-from tests.conftest import CAP, wait_until
+from tests.conftest import CAP, Spawn, wait_until
 
 TINY = {
     "task": {"eval_size": 64, "train_size": 256},
@@ -121,9 +121,6 @@ def test_a_failing_trial_does_not_stop_the_study(tmp_path: Path) -> None:
             assert trial.state == TrialState.COMPLETE
 
 
-Spawn = Callable[..., subprocess.Popen[str]]
-
-
 def _cli(spawn: Spawn, *args: str, cwd: Path) -> subprocess.Popen[str]:
     return spawn(
         [sys.executable, "-m", "autolayer.cli", *args],
@@ -141,7 +138,7 @@ def _write_config(tmp_path: Path, data: dict) -> Path:
 
 
 def test_sigkill_mid_trial_then_rerun_loses_no_finished_trial(
-    tmp_path: Path, spawn: Spawn, capsys: pytest.CaptureFixture[str], signal_handlers: None
+    tmp_path: Path, spawn: Spawn, capsys: pytest.CaptureFixture[str], main_in_process: None
 ) -> None:
     space = write_space(tmp_path, layers=[2, 5])
     data = tiny_config(tmp_path, space)

@@ -28,12 +28,11 @@ def test_the_example_task_runs_search_and_train_from_the_cli(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    signal_handlers: None,
+    main_in_process: None,
 ) -> None:
     """The README's bring-your-own-task example, run from another directory (in-process
     `main`, as the console script calls it)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # main sets it for the process
     root = str(tmp_path / "mlruns")
     code = main(["search", "--config", str(EXAMPLE), "--root", root, "--n-trials", "1",
                  "--no-tracking"])  # fmt: skip
@@ -71,7 +70,7 @@ def test_bad_task_input_exits_2_with_one_sentence(
     message: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    signal_handlers: None,
+    main_in_process: None,
 ) -> None:
     """In-process `main`, as the console script calls it (one real process: the example above)."""
     (tmp_path / "d.csv").write_text("prompt,answer\n1+1=,2\n2+2=,4\n3+3=,6\n")
@@ -81,7 +80,6 @@ def test_bad_task_input_exits_2_with_one_sentence(
     )
     (tmp_path / "c.yaml").write_text(f"task:\n  {yaml_task}\n")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # main sets it for the process
     code = main(["search", "--config", "c.yaml", "--root", "mlruns", "--no-tracking"])
     out, err = capsys.readouterr()
     assert code == 2, out + err
