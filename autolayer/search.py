@@ -618,9 +618,9 @@ def optimize(ctx: SearchContext) -> optuna.Study:
 def frozen_heap() -> Iterator[None]:
     """Keep what is loaded for the whole search (libraries, model, data) out of later garbage
     collections. Optuna and the racing loop collect after every trial, to free its trainer and
-    optimizer state, and a full collection over the ~570k objects of a loaded search costs
-    0.22 s (2 CPU cores): seconds per search of short trials. A frozen heap is skipped by the
-    collector, so each collection scans only what the trials allocated."""
+    optimizer state, and a full collection over the ~567k objects of a loaded search costs
+    0.20 s on 2 CPU cores (`benchmarks/gc_freeze.py`): seconds per search of short trials. A
+    frozen heap is skipped by the collector, so each collection scans only what trials allocate."""
     if gc.get_freeze_count():  # the caller froze its own heap, and will unfreeze it
         yield
         return
