@@ -193,8 +193,19 @@ class MlflowTracker:
         self.client.log_artifact(run_id, str(path))
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        from mlflow.exceptions import MlflowException
+        from sqlalchemy.exc import IntegrityError
+
         for key, value in tags.items():
-            self.client.set_tag(run_id, key, value)
+            try:
+                self.client.set_tag(run_id, key, value)
+            except MlflowException as err:
+                if not isinstance(err.__cause__, IntegrityError):
+                    raise
+                # Two workers tagged the study's shared parent run at the same instant: MLflow's
+                # SQL store merges by select-then-insert, so both inserted and one lost. The row
+                # exists now, and the same merge updates it.
+                self.client.set_tag(run_id, key, value)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
