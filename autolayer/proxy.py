@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from autolayer import agent, rl
+from autolayer import agent, prefix, rl
 from autolayer.config import ProxyConfig
 from autolayer.loading import Workload
 from autolayer.models import (
@@ -35,8 +35,9 @@ from autolayer.models import (
     store_as_bf16,
     trainable_parameters,
 )
+from autolayer.prefix import position_ids
 from autolayer.rewards import repeat_rows, score_completions
-from autolayer.rollout import complete
+from autolayer.rollout import Completions, complete
 from autolayer.scoring import Evaluation, evaluate
 from autolayer.tasks import Task
 
@@ -105,11 +106,6 @@ def upcast_trainable(model: nn.Module) -> None:
             param.data = param.data.float()
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as `generate` assigns them."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
 @dataclass
 class ProxyResult:
     layers: tuple[int, ...]
@@ -126,36 +122,73 @@ class ProxyResult:
         return self.final.score
 
 
+@dataclass
+class Rollout:
+    """A sampled batch as the loss takes it: `group` completions per prompt, prompt-major."""
+
+    prompt_ids: torch.Tensor  # (B, P) one left-padded prompt per group
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor  # (N, T), N = B x group, padding included
+    mask: torch.Tensor  # (N, T) float: the tokens each completion really produced
+    rewards: torch.Tensor  # (N,) a trajectory's return for agent turns
+    group: int  # completions per prompt: G, or 1 for agent turns (each has its own history)
+    advantages: torch.Tensor | None = None  # given by the environment path (GiGPO)
+    # the lowest trained layer's input as generation computed it: prompt states (N, P, H) and
+    # completion states (N, T, H); None when generation could not keep it
+    generated: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def joined(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) of `rows` as whole sequences, each prompt repeated."""
+        ids = self.prompt_ids.repeat_interleave(self.group, dim=0)[rows]
+        mask = self.prompt_mask.repeat_interleave(self.group, dim=0)[rows]
+        return (
+            torch.cat([ids, self.completion_ids[rows]], dim=1),
+            torch.cat([mask, self.mask[rows].to(mask.dtype)], dim=1),
+        )
+
+
 class _Passthrough(nn.Module):
     """Stands in for a frozen layer below the trained ones while its output is replayed from
-    the cache: hands its input on, in the return form of the layer it replaces."""
+    the cache: hands its input on, in the return form of the layer it replaces, and marks the
+    positions it skipped in a KV cache it is given (`prefix.mark_length`)."""
 
-    def __init__(self, as_tuple: bool) -> None:
+    def __init__(self, as_tuple: bool, index: int) -> None:
         super().__init__()
         self.as_tuple = as_tuple
+        self.index = index
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden = args[0] if args else kwargs["hidden_states"]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            prefix.mark_length(cache, self.index, hidden)
         return (hidden,) if self.as_tuple else hidden
 
 
-def _generated_prefix(parts: list[torch.Tensor], shape: torch.Size) -> torch.Tensor | None:
-    """The hidden states generation handed the lowest trained layer, laid out as the training
-    batch `shape` (rows, prompt + completion): the prefill's prompt positions, then one position
-    per decoding step. The last sampled token never went through the model; its slot is zeros,
-    which changes nothing scored (its logits predict past the completion, and causal attention
-    hides it from every earlier position). None when generation ran in another layout."""
-    rows, length = shape
-    if (
-        not parts
-        or any(p.shape[0] != rows for p in parts)
-        or any(p.shape[1] != 1 for p in parts[1:])
-    ):
+def _generated_states(
+    parts: list[torch.Tensor], done: Completions
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What generation handed the lowest trained layer, as (prompt states (N, P, H), completion
+    states (N, T, H)): the prefill's prompt positions (of each distinct prompt, then of its
+    last token per row when prompts were shared), then one position per decoding step. The last
+    sampled token never went through the model; its slot is zeros, which changes nothing scored
+    (its logits predict past the completion, and causal attention hides it from every earlier
+    position). None when generation ran in another layout."""
+    rows, width = done.prompt_ids.shape
+    length = done.completion_ids.shape[1]
+    if done.prompt_index is not None and len(parts) >= 2:
+        prompt = torch.cat([parts[0][done.prompt_index], parts[1]], dim=1)
+        steps = parts[2:]
+    elif done.prompt_index is None and parts:
+        prompt, steps = parts[0], parts[1:]
+    else:
         return None
-    hidden = torch.cat(parts, dim=1)
-    if hidden.shape[1] != length - 1:
+    if prompt.shape[:2] != (rows, width) or any(p.shape[:2] != (rows, 1) for p in steps):
         return None
-    return torch.cat([hidden, hidden.new_zeros(rows, 1, hidden.shape[2])], dim=1)
+    if len(steps) != length - 1:
+        return None
+    completion = torch.cat([*steps, prompt.new_zeros(rows, 1, prompt.shape[2])], dim=1)
+    return prompt, completion
 
 
 def _has_dropout(model: nn.Module, layers: list[nn.Module]) -> bool:
@@ -179,6 +212,7 @@ class GRPOModule(L.LightningModule):
 
     share_prefix = True  # replay the frozen layers below the trained ones (tests turn it off)
     capture_prefix = True  # take their output from generation (tests and benchmarks turn it off)
+    share_prompts = True  # each distinct prompt once in sampling and the passes (tests: off)
 
     def __init__(
         self, work: Workload, config: ProxyConfig, layers: Sequence[int], lr: float
@@ -219,6 +253,10 @@ class GRPOModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(trainable_parameters(self.model), lr=self.lr, weight_decay=0.0)
 
+    def _reference_forward(self, **kwargs: Any) -> Any:
+        """The model with the trained layers at their original weights (the KL reference)."""
+        return torch.func.functional_call(self.model, self.reference, (), kwargs, strict=False)
+
     def _logprobs(
         self, input_ids: torch.Tensor, mask: torch.Tensor, prompt_len: int, reference: bool = False
     ) -> torch.Tensor:
@@ -231,14 +269,11 @@ class GRPOModule(L.LightningModule):
             # Only the positions that predict completion tokens need logits, as TRL asks for:
             # the LM head over the prompt positions is skipped instead of computed and sliced.
             kwargs["logits_to_keep"] = input_ids.shape[1] - prompt_len + 1
-        if reference:
-            out = torch.func.functional_call(self.model, self.reference, (), kwargs, strict=False)
-        else:
-            out = self.model(**kwargs)
+        out = self._reference_forward(**kwargs) if reference else self.model(**kwargs)
         logits = out.logits[:, -(input_ids.shape[1] - prompt_len) - 1 : -1]
         return rl.token_logprobs(logits, input_ids[:, prompt_len:], self.config.temperature)
 
-    def _rollout(self, batch: dict[str, list[Any]]) -> dict[str, Any]:
+    def _rollout(self, batch: dict[str, list[Any]]) -> Rollout:
         """Sample G completions per prompt and score them with the task's rewards."""
         cfg = self.config
         rows = repeat_rows(batch, cfg.num_generations)
@@ -249,7 +284,7 @@ class GRPOModule(L.LightningModule):
         with self._capture_prefix(parts):
             done = complete(
                 self.model, self.tokenizer, self.task, rows["prompt"], do_sample=True,
-                temperature=cfg.temperature,
+                temperature=cfg.temperature, share_prompts=self.share_prompts,
             )  # fmt: skip
         self.model.train()
         columns = {k: v for k, v in rows.items() if k != "prompt"}
@@ -258,19 +293,16 @@ class GRPOModule(L.LightningModule):
             dtype=torch.float32,
             device=self.device,
         )
-        prompt_mask = done.prompt_mask
-        input_ids = torch.cat([done.prompt_ids, done.completion_ids], dim=1)
-        roll = {
-            "input_ids": input_ids,
-            "attention_mask": torch.cat([prompt_mask, done.mask.to(prompt_mask.dtype)], dim=1),
-            "prompt_len": done.prompt_ids.shape[1],
-            "mask": done.mask,
-            "rewards": rewards,
-        }
-        prefix = _generated_prefix(parts, input_ids.shape)
-        if prefix is not None:
-            roll["prefix"] = prefix
-        return roll
+        group = cfg.num_generations
+        return Rollout(
+            prompt_ids=done.prompt_ids[::group],
+            prompt_mask=done.prompt_mask[::group],
+            completion_ids=done.completion_ids,
+            mask=done.mask,
+            rewards=rewards,
+            group=group,
+            generated=_generated_states(parts, done),
+        )
 
     @contextmanager
     def _capture_prefix(self, parts: list[torch.Tensor]) -> Iterator[None]:
@@ -315,7 +347,46 @@ class GRPOModule(L.LightningModule):
         # activations that micro-batching exists to avoid.
         return self.share_prefix and self.lowest > 0 and not self.config.micro_batch_size
 
-    def _play(self, seeds: list[int]) -> dict[str, Any]:
+    def _groups_prompts(self, roll: Rollout) -> bool:
+        """Whether the passes run each prompt once per group (`prefix.grouped_logprobs`).
+
+        Not where each prompt has one completion (agent turns), where a micro-batch would split
+        a group, where the model takes no KV cache, or under activation checkpointing, which
+        drops the cache in a pass with gradients (transformers' `GradientCheckpointingLayer`):
+        those run the repeated sequences as before.
+        """
+        cfg = self.config
+        return (
+            self.share_prompts
+            and roll.group > 1
+            and (cfg.micro_batch_size or roll.group) % roll.group == 0
+            and not cfg.gradient_checkpointing
+            and prefix.cache_keyword(self.model) is not None
+        )
+
+    def _batch_logprobs(self, roll: Rollout, rows: slice, reference: bool = False) -> torch.Tensor:
+        """Log-probs of the completions `rows` (N_rows, T), each prompt computed once per group
+        where it can be, else as whole repeated sequences."""
+        if not self._groups_prompts(roll):
+            ids, attn = roll.joined(rows)
+            return self._logprobs(ids, attn, roll.prompt_ids.shape[1], reference)
+        groups = slice(rows.start // roll.group, rows.stop // roll.group)
+        forward = self._reference_forward if reference else self.model
+        return prefix.grouped_logprobs(
+            self.model, forward, roll.prompt_ids[groups], roll.prompt_mask[groups],
+            roll.completion_ids[rows], roll.mask[rows], self.config.temperature,
+        )  # fmt: skip
+
+    def _replayed(self, roll: Rollout) -> dict[int, list[torch.Tensor]]:
+        """The frozen-prefix cache seeded from generation, in the layout of the passes."""
+        if roll.generated is None or not self._shares_prefix():
+            return {}
+        prompt, completion = roll.generated
+        if self._groups_prompts(roll):
+            return {0: [prompt[:: roll.group], completion]}
+        return {0: [torch.cat([prompt, completion], dim=1)]}
+
+    def _play(self, seeds: list[int]) -> Rollout:
         """G trajectories per seed; each action is a loss row with its trajectory's advantage
         (GRPO, Dr. GRPO) or GiGPO's episode-plus-step advantage."""
         cfg = self.config
@@ -338,14 +409,15 @@ class GRPOModule(L.LightningModule):
             advantages = rl.trajectory_advantages(steps, cfg.algorithm)
         input_ids, attention, prompt_len, mask = agent.pack(self.tokenizer, turns, self.device)
         returns = [e.total for e in episodes]
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention,
-            "prompt_len": prompt_len,
-            "mask": mask,
-            "rewards": torch.tensor(returns, dtype=torch.float32, device=self.device),
-            "advantages": advantages.to(self.device),
-        }
+        return Rollout(
+            prompt_ids=input_ids[:, :prompt_len],
+            prompt_mask=attention[:, :prompt_len],
+            completion_ids=input_ids[:, prompt_len:],
+            mask=mask,
+            rewards=torch.tensor(returns, dtype=torch.float32, device=self.device),
+            group=1,
+            advantages=advantages.to(self.device),
+        )
 
     def training_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
         cfg = self.config
@@ -353,41 +425,32 @@ class GRPOModule(L.LightningModule):
         loss_algorithm: rl.Algorithm = "dr_grpo" if cfg.algorithm == "dr_grpo" else "grpo"
         start = time.perf_counter()
         roll = self._rollout(batch)
-        ids, attn, plen, mask = (
-            roll["input_ids"],
-            roll["attention_mask"],
-            roll["prompt_len"],
-            roll["mask"],
-        )
-        advantages = roll.get("advantages")
+        advantages = roll.advantages
         if advantages is None:
-            advantages = rl.group_advantages(roll["rewards"], cfg.num_generations, loss_algorithm)
-        chunks = self._micro_batches(ids.shape[0])
+            advantages = rl.group_advantages(roll.rewards, cfg.num_generations, loss_algorithm)
+        rows_total = roll.completion_ids.shape[0]
+        chunks = self._micro_batches(rows_total)
         # per micro-batch: the frozen layers' output, kept from generation when it could be
-        prefix: dict[int, torch.Tensor] = {0: roll["prefix"]} if "prefix" in roll else {}
+        frozen = self._replayed(roll)
         with torch.no_grad():
             ref_logp = (
-                self._chunked_logprobs(ids, attn, plen, chunks, prefix, True)
-                if cfg.beta > 0
-                else None
+                self._chunked_logprobs(roll, chunks, frozen, True) if cfg.beta > 0 else None
             )
             old_logp = (
-                self._chunked_logprobs(ids, attn, plen, chunks, prefix)
-                if cfg.num_iterations > 1
-                else None
+                self._chunked_logprobs(roll, chunks, frozen) if cfg.num_iterations > 1 else None
             )
         optimizer: Any = self.optimizers()  # one optimizer, configured below
         for _ in range(cfg.num_iterations):
             optimizer.zero_grad(set_to_none=True)
             parts = []
             for rows in chunks:
-                with self._frozen_prefix(prefix, rows.start):
-                    logp = self._logprobs(ids[rows], attn[rows], plen)
+                with self._frozen_prefix(frozen, rows.start):
+                    logp = self._batch_logprobs(roll, rows)
                 out = rl.policy_loss(
                     logp,
                     logp.detach() if old_logp is None else old_logp[rows],
                     advantages[rows],
-                    mask[rows],
+                    roll.mask[rows],
                     loss_algorithm,
                     epsilon=cfg.epsilon,
                     beta=cfg.beta,
@@ -400,7 +463,7 @@ class GRPOModule(L.LightningModule):
                     )
                 # Both losses are means over sequences (grpo) or over N x L_max (dr_grpo), so a
                 # micro-batch of n rows weighs n / N: the summed gradient is the full batch's.
-                weight = (rows.stop - rows.start) / ids.shape[0]
+                weight = (rows.stop - rows.start) / rows_total
                 self.manual_backward(out.loss * weight)
                 parts.append((weight, out))
             out = _weighted(parts)
@@ -412,28 +475,33 @@ class GRPOModule(L.LightningModule):
         self._log_step(roll, out, grad_norm, time.perf_counter() - start)
 
     @contextmanager
-    def _frozen_prefix(self, cache: dict[int, torch.Tensor], key: int) -> Iterator[None]:
+    def _frozen_prefix(self, cache: dict[int, list[torch.Tensor]], key: int) -> Iterator[None]:
         """Compute the frozen layers below the lowest trained one once per micro-batch.
 
         Those layers see the same input with the same weights in the reference, old-policy and
         policy passes, so their output (the lowest trained layer's input) is the same in all of
-        them: the first pass of a micro-batch keeps it, the later ones swap the layers below for
-        pass-throughs and feed the kept hidden states in. Nothing below the lowest trained layer
-        needs a gradient, so replaying a detached tensor changes no gradient.
+        them: the first pass of a micro-batch keeps it, one tensor per forward (the grouped
+        passes run two: prompts, then completions), the later ones swap the layers below for
+        pass-throughs and feed the kept hidden states in, in the same order. Nothing below the
+        lowest trained layer needs a gradient, so replaying a detached tensor changes no
+        gradient.
         """
         if not self._shares_prefix():
             yield
             return
         layers, first = self.stack.layers, self.stack.layers[self.lowest]
         if key not in cache:
-            with self._watch_lowest(lambda hidden: cache.__setitem__(key, hidden)):
+            kept: list[torch.Tensor] = []
+            with self._watch_lowest(kept.append):
                 yield
+            cache[key] = kept
             return
         below = [layers[i] for i in range(self.lowest)]
         for i in range(self.lowest):
-            layers[i] = _Passthrough(bool(self._as_tuple))
+            layers[i] = _Passthrough(bool(self._as_tuple), i)
+        replay = iter(cache[key])
         handle = first.register_forward_pre_hook(
-            lambda _, args, kwargs: _with_hidden(args, kwargs, cache[key]), with_kwargs=True
+            lambda _, args, kwargs: _with_hidden(args, kwargs, next(replay)), with_kwargs=True
         )
         try:
             yield
@@ -449,17 +517,15 @@ class GRPOModule(L.LightningModule):
 
     def _chunked_logprobs(
         self,
-        ids: torch.Tensor,
-        attn: torch.Tensor,
-        plen: int,
+        roll: Rollout,
         chunks: list[slice],
-        prefix: dict[int, torch.Tensor],
+        frozen: dict[int, list[torch.Tensor]],
         reference: bool = False,
     ) -> torch.Tensor:
         parts = []
         for rows in chunks:
-            with self._frozen_prefix(prefix, rows.start):
-                parts.append(self._logprobs(ids[rows], attn[rows], plen, reference))
+            with self._frozen_prefix(frozen, rows.start):
+                parts.append(self._batch_logprobs(roll, rows, reference))
         return torch.cat(parts)
 
     def _clip_gradients(self) -> torch.Tensor:
@@ -468,19 +534,20 @@ class GRPOModule(L.LightningModule):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def _log_step(
-        self, roll: dict[str, Any], out: rl.LossOutput, grad_norm: torch.Tensor, dt: float
+        self, roll: Rollout, out: rl.LossOutput, grad_norm: torch.Tensor, dt: float
     ) -> None:
-        tokens = float(roll["mask"].sum())
+        tokens = float(roll.mask.sum())
+        rows = roll.completion_ids.shape[0]
         metrics = {
-            "proxy/reward_mean": float(roll["rewards"].mean()),
-            "proxy/reward_std": float(roll["rewards"].std()),
+            "proxy/reward_mean": float(roll.rewards.mean()),
+            "proxy/reward_std": float(roll.rewards.std()),
             "proxy/loss": float(out.loss.detach()),
             "proxy/kl": float(out.kl),
             "proxy/clip_fraction": float(out.clip_fraction),
             "proxy/grad_norm": float(grad_norm),
-            "proxy/completion_length": tokens / roll["mask"].shape[0],
-            "proxy/tokens_per_second": (tokens + roll["input_ids"].numel() - roll["mask"].numel())
-            / dt,
+            "proxy/completion_length": tokens / rows,
+            # every sequence position the step trained on, prompts counted per completion
+            "proxy/tokens_per_second": (tokens + rows * roll.prompt_ids.shape[1]) / dt,
             "proxy/step_seconds": dt,
         }
         self.history.append({"step": float(self.rollouts), **metrics})

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
-from autolayer import rl
+from autolayer import prefix, rl
 from autolayer.tasks import Task, prompt_text
 
 
@@ -43,24 +43,52 @@ def generate_completions(
     do_sample: bool = False,
     temperature: float = 1.0,
     stop_strings: Sequence[str] = (),
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Generate from left-padded prompts; returns (prompt_ids, prompt_mask, completion_ids).
+    share_prompts: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Generate from left-padded prompts; returns (prompt_ids, prompt_mask, completion_ids,
+    prompt_index).
 
     Stops at any EOS id and after any stop string, as TRL's generation does; rows that stopped
-    early are padded with the pad id.
+    early are padded with the pad id. Where prompts repeat (G samples of one prompt, agent turns
+    with one history) and `share_prompts` is on, each distinct prompt is prefilled once, all but
+    its last token, and its cache is copied to every row that asks for it: `prompt_index` is
+    then each row's index among the distinct prompts, in the order that prefill saw them (None
+    when every row was prefilled itself).
     """
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    shared = _prefilled(model, ids, mask) if share_prompts else None
+    cache, index = shared if shared is not None else ({}, None)
     out = model.generate(  # type: ignore[operator]
-        **enc,
+        input_ids=ids,
+        attention_mask=mask,
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=eos_token_ids(model, tokenizer),
         stopping_criteria=stop_criteria(tokenizer, tuple(stop_strings)),
+        **cache,
         **(sampling if do_sample else {"do_sample": False}),
     )
-    return enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1] :]
+    return ids, mask, out[:, ids.shape[1] :], index
+
+
+def _prefilled(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[dict[str, Any], torch.Tensor] | None:
+    """The KV cache of every row's prompt but its last token, each distinct prompt computed
+    once, as `generate`'s keyword argument; None where no prompt repeats or the model takes no
+    cache. `generate` then feeds only the last prompt token, whose logits it samples from."""
+    keyword = prefix.cache_keyword(model)
+    distinct = prefix.distinct_rows(ids, mask) if ids.shape[1] > 1 else None
+    if keyword is None or distinct is None:
+        return None
+    unique, unique_mask, index = distinct
+    cache = prefix.new_cache(model)
+    prefix.prefill(model, model, unique[:, :-1], unique_mask[:, :-1], cache)
+    cache.batch_select_indices(index)
+    return {keyword: cache}, index
 
 
 class TailStop(StoppingCriteria):
@@ -125,6 +153,7 @@ class Completions:
     mask: torch.Tensor  # (N, T) float: the tokens each completion really produced
     ids: list[list[int]]  # each completion's produced ids (TRL's completion_ids)
     texts: list[str]  # their decoded text
+    prompt_index: torch.Tensor | None = None  # (N,) row -> distinct prompt prefilled for it
 
 
 def complete(
@@ -135,11 +164,12 @@ def complete(
     *,
     do_sample: bool = False,
     temperature: float = 1.0,
+    share_prompts: bool = True,
 ) -> Completions:
     """Render `prompts` (text or chat messages), generate with the task's length and stop
     strings, and mask, cut and decode what each completion produced: the one generation path
     of scoring, proxy rollouts and agent turns."""
-    prompt_ids, prompt_mask, completion_ids = generate_completions(
+    prompt_ids, prompt_mask, completion_ids, index = generate_completions(
         model,
         tokenizer,
         [prompt_text(p, tokenizer) for p in prompts],
@@ -147,7 +177,9 @@ def complete(
         do_sample=do_sample,
         temperature=temperature,
         stop_strings=task.stop_strings,
+        share_prompts=share_prompts,
     )
     mask = completion_mask(model, tokenizer, completion_ids)
     ids = masked_ids(completion_ids, mask)
-    return Completions(prompt_ids, prompt_mask, completion_ids, mask, ids, decode(tokenizer, ids))
+    texts = decode(tokenizer, ids)
+    return Completions(prompt_ids, prompt_mask, completion_ids, mask, ids, texts, index)

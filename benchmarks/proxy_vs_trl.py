@@ -105,14 +105,14 @@ def physical_limit(work: Workload, config: Config, layer: int, repeats: int) -> 
         start = time.perf_counter()
         roll = module._rollout(batch)
         gen.append(time.perf_counter() - start)
-        ids, attn, plen = roll["input_ids"], roll["attention_mask"], roll["prompt_len"]
-        cache: dict[int, torch.Tensor] = {}
+        rows = slice(0, roll.completion_ids.shape[0])
+        cache: dict[int, list[torch.Tensor]] = {}
         with torch.no_grad(), module._frozen_prefix(cache, 0):
-            module._logprobs(ids, attn, plen)  # keeps the trained layer's input
+            module._batch_logprobs(roll, rows)  # keeps the trained layer's input
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         with module._frozen_prefix(cache, 0):
-            module._logprobs(ids, attn, plen).sum().backward()
+            module._batch_logprobs(roll, rows).sum().backward()
         top.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
     for p in model.parameters():

@@ -7,6 +7,7 @@ for rank 1):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from autolayer.config import ProxyConfig
 from autolayer.layers import ORGANISM
 from autolayer.loading import Workload
 from autolayer.models import load_model, trainable_parameters
-from autolayer.proxy import GRPOModule, run_proxy
+from autolayer.proxy import GRPOModule, Rollout, run_proxy
 from autolayer.tasks import TaskConfig, load_task
 
 G = 4
@@ -36,20 +37,31 @@ def main() -> None:
     rollout = out / "rollout.pt"
     sample = GRPOModule._rollout
 
-    def fixed(self: GRPOModule, batch: dict[str, list[Any]]) -> dict[str, Any]:
+    def fixed(self: GRPOModule, batch: dict[str, list[Any]]) -> Rollout:
         """The one-device run samples and keeps the step's batch; every rank of the N-device run
         takes its prompts' G rows of it, padded as in the full batch."""
         if not rollout.exists():
-            roll = {**sample(self, batch), "prompts": list(batch["prompt"])}
-            roll.pop("prefix", None)
-            roll["rewards"] = (torch.arange(4 * G) % 3 == 0).float()  # every group has a spread
-            torch.save(roll, rollout)
-        saved = torch.load(rollout)
-        assert len(set(saved["prompts"])) == len(saved["prompts"])
-        rows = [saved["prompts"].index(p) * G + j for p in batch["prompt"] for j in range(G)]
+            roll = dataclasses.replace(
+                sample(self, batch),
+                rewards=(torch.arange(4 * G) % 3 == 0).float(),  # every group has a spread
+                generated=None,
+            )
+            torch.save({"roll": roll.__dict__, "prompts": list(batch["prompt"])}, rollout)
+        saved = torch.load(rollout, weights_only=False)
+        prompts = saved["prompts"]
+        assert len(set(prompts)) == len(prompts)
+        groups = [prompts.index(p) for p in batch["prompt"]]
+        rows = [g * G + j for g in groups for j in range(G)]
         seen.append(len(rows))
-        keys = ("input_ids", "attention_mask", "mask", "rewards")
-        return {**{k: saved[k][rows] for k in keys}, "prompt_len": saved["prompt_len"]}
+        roll = Rollout(**saved["roll"])
+        return dataclasses.replace(
+            roll,
+            prompt_ids=roll.prompt_ids[groups],
+            prompt_mask=roll.prompt_mask[groups],
+            completion_ids=roll.completion_ids[rows],
+            mask=roll.mask[rows],
+            rewards=roll.rewards[rows],
+        )
 
     clip = GRPOModule._clip_gradients
     seen: list[int] = []  # completions this process trained on

@@ -285,8 +285,9 @@ def test_replaying_the_frozen_prefix_changes_nothing(
     assert len(trained[False]) == 11 * len(layers)  # every matrix and norm of the trained layers
     for name, value in trained[False].items():
         torch.testing.assert_close(trained[True][name], value, rtol=0, atol=1e-6)
-    # per step, layer 0 runs in the reference pass only, not in the old-policy and 2 policy passes
-    assert ran[False][0] - ran[True][0] == 3 * config.steps
+    # per step, layer 0 runs in the reference pass only, not in the old-policy and 2 policy
+    # passes, each two forwards: the prompts once per group, then the completions
+    assert ran[False][0] - ran[True][0] == 3 * 2 * config.steps
 
 
 @pytest.mark.parametrize("lowest", [1, 4])
@@ -302,9 +303,11 @@ def test_generation_hands_the_frozen_prefix_to_the_policy_pass(
     torch.manual_seed(0)
     batch = {k: list(task.train[k][:4]) for k in task.train.column_names}
     roll = module._rollout(batch)
-    ids, attn, plen = roll["input_ids"], roll["attention_mask"], roll["prompt_len"]
-    mask = roll["mask"].bool()
-    kept = roll["prefix"]
+    ids, attn = roll.joined(slice(0, roll.completion_ids.shape[0]))
+    plen = roll.prompt_ids.shape[1]
+    mask = roll.mask.bool()
+    assert roll.generated is not None
+    kept = torch.cat(roll.generated, dim=1)
     assert kept.shape[:2] == ids.shape
     seen: list[torch.Tensor] = []
     hook = model.model.layers[lowest].register_forward_pre_hook(
@@ -317,9 +320,74 @@ def test_generation_hands_the_frozen_prefix_to_the_policy_pass(
     counts = attn.bool()
     counts[:, -1] = False  # the last token's slot: its output predicts nothing scored
     torch.testing.assert_close(kept[counts], seen[0][counts], rtol=0, atol=1e-5)
-    with torch.no_grad(), module._frozen_prefix({0: kept}, 0):
+    with torch.no_grad(), module._frozen_prefix({0: [kept]}, 0):
         replayed = module._logprobs(ids, attn, plen)
     torch.testing.assert_close(replayed[mask], full_logp[mask], rtol=0, atol=1e-5)
+    # the grouped passes take the same states, prompts once per group
+    with torch.no_grad(), module._frozen_prefix(module._replayed(roll), 0):
+        grouped = module._batch_logprobs(roll, slice(0, ids.shape[0]))
+    torch.testing.assert_close(grouped[mask], full_logp[mask], rtol=0, atol=1e-5)
+
+
+def _first_step(
+    organism: tuple[Any, Any, Any], config: ProxyConfig, monkeypatch: pytest.MonkeyPatch
+) -> tuple[float, list[torch.Tensor]]:
+    """The loss and the trained layers' gradient of one proxy step."""
+    _, tokenizer, task = organism
+    grads: list[torch.Tensor] = []
+    clip = GRPOModule._clip_gradients
+
+    def keep(self: GRPOModule) -> torch.Tensor:
+        if not grads:
+            trained = (p for p in self.model.parameters() if p.requires_grad)
+            grads.extend(p.grad.detach().clone() for p in trained)
+        return clip(self)
+
+    monkeypatch.setattr(GRPOModule, "_clip_gradients", keep)
+    result = run_proxy(Workload(fresh(organism), tokenizer, task), config, [3, 6])
+    return result.history[0]["proxy/loss"], grads
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"beta": 0.1}, {"beta": 0.1, "num_iterations": 2}, {"micro_batch_size": 8, "beta": 0.1}],
+)
+def test_prompts_once_per_group_give_the_repeated_loss_and_gradient(
+    organism: tuple[Any, Any, Any], changes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sampling and every pass (policy, old policy, KL reference, micro-batches) with each
+    prompt computed once per group: the step's loss and gradient are the repeated path's."""
+    config = ProxyConfig(
+        **{**FAST.__dict__, "steps": 1, "eval_every": 1, **changes}
+    )
+    runs = {}
+    for share in (True, False):
+        monkeypatch.setattr(GRPOModule, "share_prompts", share)
+        runs[share] = _first_step(organism, config, monkeypatch)
+    (loss, grads), (repeated_loss, repeated_grads) = runs[True], runs[False]
+    # the logged loss is the last iteration's: after one AdamW step of lr 1e-2, to 1e-5
+    assert loss == pytest.approx(repeated_loss, abs=1e-5)
+    assert (len(grads), len(repeated_grads)) == (22, 22)
+    assert any(g.abs().max() > 0 for g in repeated_grads)
+    for grad, expected in zip(grads, repeated_grads, strict=True):
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(grad, expected, rtol=0, atol=1e-5 * scale + 1e-9)
+
+
+def test_micro_batches_that_split_a_group_fall_back_to_the_repeated_passes(
+    organism: tuple[Any, Any, Any],
+) -> None:
+    _, tokenizer, task = organism
+    split = ProxyConfig(**{**FAST.__dict__, "micro_batch_size": 2})
+    whole = ProxyConfig(**{**FAST.__dict__, "micro_batch_size": 8})
+    work = Workload(fresh(organism), tokenizer, task)
+    roll = GRPOModule(work, whole, [3], 1e-3)._rollout(
+        {k: list(task.train[k][:4]) for k in task.train.column_names}
+    )
+    assert GRPOModule(work, whole, [3], 1e-3)._groups_prompts(roll)
+    assert not GRPOModule(work, split, [3], 1e-3)._groups_prompts(roll)
+    checkpointed = ProxyConfig(**{**FAST.__dict__, "gradient_checkpointing": True})
+    assert not GRPOModule(work, checkpointed, [3], 1e-3)._groups_prompts(roll)
 
 
 def test_two_cpu_processes_over_gloo_take_the_one_process_gradient(tmp_path: Path) -> None:

@@ -348,7 +348,7 @@ def test_trl_optimises_the_proxys_objective_with_a_kl_penalty(
     trainer = build_trainer(model, tokenizer, task, grpo_args(config, task, tmp_path), groups, [])
     torch.manual_seed(0)
     prompts = [p for p in task.train["prompt"][:4] for _ in range(4)]  # 6 characters: no padding
-    prompt_ids, prompt_mask, completion_ids = generate_completions(
+    prompt_ids, prompt_mask, completion_ids, _ = generate_completions(
         model, tokenizer, prompts, task.max_completion_length, do_sample=True
     )
     mask = completion_mask(model, tokenizer, completion_ids)
