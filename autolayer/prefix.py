@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,24 +54,62 @@ def new_cache(model: nn.Module) -> DynamicCache:
     return DynamicCache(config=getattr(model, "config", None))
 
 
-def _returned_cache(output: Any) -> Any:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
+# A shared prefix must save this many token positions to be worth its own forward: below it the
+# extra call costs more than the positions it saves on a small model.
+MIN_SAVED_POSITIONS = 64
 
 
-def prefill(
-    model: nn.Module, forward: Forward, ids: torch.Tensor, mask: torch.Tensor, cache: Any
+def extend(
+    model: nn.Module,
+    forward: Forward,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    cache: Any,
+    last_only: bool = True,
 ) -> Any:
-    """Run `ids` into `cache`, with logits only at the last position; returns the output."""
+    """Run the new columns `ids` into `cache`, whose rows already hold `mask`'s earlier columns
+    (`mask` covers cached and new columns); logits at the last position only, or at all."""
     keyword = cache_keyword(model)
     assert keyword is not None
     kwargs: dict[str, Any] = {keyword: cache}
-    if keeps_logits(model):
+    if last_only and keeps_logits(model):
         kwargs["logits_to_keep"] = 1
     return forward(
-        input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
-        **kwargs,
+        input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, -ids.shape[1] :],
+        use_cache=True, **kwargs,
     )  # fmt: skip
+
+
+def common_length(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """The leading columns that every row holds as the same real tokens, at most all but the
+    last (whose logits each row needs), where sharing them saves `MIN_SAVED_POSITIONS`."""
+    same = (ids == ids[:1]).all(dim=0) & mask.bool().all(dim=0)
+    common = min(int(same.long().cumprod(dim=0).sum()), ids.shape[1] - 1)
+    return common if common * (ids.shape[0] - 1) >= MIN_SAVED_POSITIONS else 0
+
+
+def align(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one batch, their longest common prefix first in every row, then left
+    padding, then each row's own tokens: (ids, attention_mask).
+
+    With no common prefix this is plain left padding. The common prefix holds the same
+    positions in every row (positions count real tokens: `position_ids`), so a shared cache of
+    it can stand for every row's, whatever each row's length.
+    """
+    common = 0
+    shortest = min(len(r) for r in rows)
+    while common < shortest - 1 and all(r[common] == rows[0][common] for r in rows):
+        common += 1
+    width = max(len(r) for r in rows) - common
+    ids = torch.full((len(rows), common + width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        start = ids.shape[1] - len(row) + common
+        ids[i, :common] = torch.tensor(row[:common])
+        ids[i, start:] = torch.tensor(row[common:])
+        mask[i, :common] = 1
+        mask[i, start:] = 1
+    return ids, mask
 
 
 def grouped_logprobs(
@@ -81,32 +120,30 @@ def grouped_logprobs(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
+    common: int = 0,
 ) -> torch.Tensor:
     """Log-probs (N, T) of N = B x G completions, prompt-major, of B distinct prompts (B, P).
 
-    The prompts run once with a fresh cache (with gradients, when enabled); the cache is
-    expanded to G rows per prompt and the completions run against it. The first completion
-    token is predicted by the prompt's last position, the others by the completion positions
-    before them, exactly the positions the repeated pass would keep.
+    The prompts' first `common` columns (the same in every row) run once, the rest of each
+    prompt once, with a fresh cache expanded at each level (with gradients, when enabled):
+    the completions run against the expanded cache. The first completion token is predicted by
+    the prompt's last position, the others by the completion positions before them, exactly
+    the positions the repeated pass would keep.
     """
-    group = completion_ids.shape[0] // prompt_ids.shape[0]
-    if group * prompt_ids.shape[0] != completion_ids.shape[0]:
-        raise ValueError(f"{completion_ids.shape[0]} completions for {prompt_ids.shape[0]} prompts")
-    keyword = cache_keyword(model)
-    assert keyword is not None
-    first = prefill(model, forward, prompt_ids, prompt_mask, new_cache(model))
-    cache = _returned_cache(first)
-    cache.batch_repeat_interleave(group)  # differentiable: the G rows' gradients add up
+    rows = prompt_ids.shape[0]
+    group = completion_ids.shape[0] // rows
+    if group * rows != completion_ids.shape[0]:
+        raise ValueError(f"{completion_ids.shape[0]} completions for {rows} prompts")
+    cache = new_cache(model)
+    if common:
+        extend(model, forward, prompt_ids[:1, :common], prompt_mask[:1, :common], cache)
+        cache.batch_repeat_interleave(rows)
+    first = extend(model, forward, prompt_ids[:, common:], prompt_mask, cache)
+    cache.batch_repeat_interleave(group)  # differentiable: the rows' gradients add up
     mask = torch.cat(
         [prompt_mask.repeat_interleave(group, dim=0), completion_mask.to(prompt_mask.dtype)], dim=1
     )
-    rest = forward(
-        input_ids=completion_ids,
-        attention_mask=mask,
-        position_ids=position_ids(mask)[:, prompt_ids.shape[1] :],
-        use_cache=True,
-        **{keyword: cache},
-    )
+    rest = extend(model, forward, completion_ids, mask, cache, last_only=False)
     logits = torch.cat(
         [first.logits[:, -1:].repeat_interleave(group, dim=0), rest.logits[:, :-1]], dim=1
     )
@@ -125,6 +162,40 @@ def distinct_rows(
         return None
     width = ids.shape[1]
     return unique[:, :width], unique[:, width:].to(mask.dtype), index
+
+
+@dataclass
+class Shared:
+    """A prompt batch prefilled with each distinct position once: what the layout was."""
+
+    cache: Any  # every row's prompt but its last token
+    common: int  # leading columns run once for all rows (0: none)
+    index: torch.Tensor | None  # each row's distinct prompt (None: every row is distinct)
+    distinct: int  # the rows the prompts' own columns ran for
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Shared | None:
+    """Every row's prompt but its last token in one cache, the common prefix run once and
+    each distinct prompt's own columns once; None when nothing is shared (then generation
+    prefills as usual). `generate` then feeds only the last prompt token, whose logits it
+    samples from."""
+    if ids.shape[1] < 2:
+        return None
+    distinct = distinct_rows(ids, mask)
+    unique, unique_mask, index = distinct if distinct is not None else (ids, mask, None)
+    common = common_length(unique, unique_mask)
+    if common == 0 and index is None:
+        return None
+    cache = new_cache(model)
+    if common:
+        extend(model, model, unique[:1, :common], unique_mask[:1, :common], cache)
+        cache.batch_repeat_interleave(unique.shape[0])
+    if ids.shape[1] - 1 > common:
+        extend(model, model, unique[:, common:-1], unique_mask[:, :-1], cache)
+    if index is not None:
+        cache.batch_select_indices(index)
+    return Shared(cache, common, index, unique.shape[0])
 
 
 def mark_length(cache: Any, layer: int, hidden: torch.Tensor) -> None:

@@ -132,6 +132,7 @@ class Rollout:
     mask: torch.Tensor  # (N, T) float: the tokens each completion really produced
     rewards: torch.Tensor  # (N,) a trajectory's return for agent turns
     group: int  # completions per prompt: G, or 1 for agent turns (each has its own history)
+    common: int = 0  # leading prompt columns the same in every row: run once in the passes
     advantages: torch.Tensor | None = None  # given by the environment path (GiGPO)
     # the lowest trained layer's input as generation computed it: prompt states (N, P, H) and
     # completion states (N, T, H); None when generation could not keep it
@@ -169,25 +170,32 @@ def _generated_states(
     parts: list[torch.Tensor], done: Completions
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """What generation handed the lowest trained layer, as (prompt states (N, P, H), completion
-    states (N, T, H)): the prefill's prompt positions (of each distinct prompt, then of its
-    last token per row when prompts were shared), then one position per decoding step. The last
-    sampled token never went through the model; its slot is zeros, which changes nothing scored
-    (its logits predict past the completion, and causal attention hides it from every earlier
-    position). None when generation ran in another layout."""
+    states (N, T, H)): the prefill's prompt positions (when prompts were shared: the common
+    prefix once, each distinct prompt's own columns once, then its last token per row), then
+    one position per decoding step. The last sampled token never went through the model; its
+    slot is zeros, which changes nothing scored (its logits predict past the completion, and
+    causal attention hides it from every earlier position). None when generation ran in
+    another layout."""
     rows, width = done.prompt_ids.shape
-    length = done.completion_ids.shape[1]
-    if done.prompt_index is not None and len(parts) >= 2:
-        prompt = torch.cat([parts[0][done.prompt_index], parts[1]], dim=1)
-        steps = parts[2:]
-    elif done.prompt_index is None and parts:
-        prompt, steps = parts[0], parts[1:]
-    else:
+    shared, parts = done.shared, list(parts)
+    try:
+        if shared is None:
+            prompt = parts.pop(0)
+        else:
+            pieces = [parts.pop(0).expand(shared.distinct, -1, -1)] if shared.common else []
+            if width - 1 > shared.common:
+                pieces.append(parts.pop(0))
+            own = torch.cat(pieces, dim=1) if pieces else None
+            if own is not None and shared.index is not None:
+                own = own[shared.index]
+            prompt = torch.cat([*([own] if own is not None else []), parts.pop(0)], dim=1)
+    except (IndexError, RuntimeError):
         return None
-    if prompt.shape[:2] != (rows, width) or any(p.shape[:2] != (rows, 1) for p in steps):
+    if prompt.shape[:2] != (rows, width) or any(p.shape[:2] != (rows, 1) for p in parts):
         return None
-    if len(steps) != length - 1:
+    if len(parts) != done.completion_ids.shape[1] - 1:
         return None
-    completion = torch.cat([*steps, prompt.new_zeros(rows, 1, prompt.shape[2])], dim=1)
+    completion = torch.cat([*parts, prompt.new_zeros(rows, 1, prompt.shape[2])], dim=1)
     return prompt, completion
 
 
@@ -294,13 +302,15 @@ class GRPOModule(L.LightningModule):
             device=self.device,
         )
         group = cfg.num_generations
+        prompt_ids, prompt_mask = done.prompt_ids[::group], done.prompt_mask[::group]
         return Rollout(
-            prompt_ids=done.prompt_ids[::group],
-            prompt_mask=done.prompt_mask[::group],
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
             completion_ids=done.completion_ids,
             mask=done.mask,
             rewards=rewards,
             group=group,
+            common=prefix.common_length(prompt_ids, prompt_mask) if self.share_prompts else 0,
             generated=_generated_states(parts, done),
         )
 
@@ -374,7 +384,7 @@ class GRPOModule(L.LightningModule):
         forward = self._reference_forward if reference else self.model
         return prefix.grouped_logprobs(
             self.model, forward, roll.prompt_ids[groups], roll.prompt_mask[groups],
-            roll.completion_ids[rows], roll.mask[rows], self.config.temperature,
+            roll.completion_ids[rows], roll.mask[rows], self.config.temperature, roll.common,
         )  # fmt: skip
 
     def _replayed(self, roll: Rollout) -> dict[int, list[torch.Tensor]]:
@@ -383,7 +393,10 @@ class GRPOModule(L.LightningModule):
             return {}
         prompt, completion = roll.generated
         if self._groups_prompts(roll):
-            return {0: [prompt[:: roll.group], completion]}
+            own = prompt[:: roll.group]
+            if roll.common:
+                return {0: [own[:1, : roll.common], own[:, roll.common :], completion]}
+            return {0: [own, completion]}
         return {0: [torch.cat([prompt, completion], dim=1)]}
 
     def _play(self, seeds: list[int]) -> Rollout:
@@ -566,7 +579,9 @@ class GRPOModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        evaluation = evaluate(self.model, self.tokenizer, self.task)
+        evaluation = evaluate(
+            self.model, self.tokenizer, self.task, share_prompts=self.share_prompts
+        )
         self.evals.append((self.rollouts, evaluation))
         self._log({"proxy/eval_score": evaluation.score})
         if self.eval_hook is not None and self.eval_hook(self.rollouts, evaluation):
@@ -676,7 +691,7 @@ def _fit(
     done = module.rollouts
     final = next((e for step, e in module.evals if step == done), None)
     if final is None:
-        final = evaluate(model, tokenizer, task)
+        final = evaluate(model, tokenizer, task, share_prompts=module.share_prompts)
         module.evals.append((done, final))
     model.eval()
     return ProxyResult(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -33,6 +33,13 @@ def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     return ids
 
 
+class Generated(NamedTuple):
+    prompt_ids: torch.Tensor  # (N, P) the prompts as the model saw them
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor  # (N, T) padding included
+    shared: prefix.Shared | None  # how the prompts were prefilled, when they were shared
+
+
 @torch.no_grad()
 def generate_completions(
     model: nn.Module,
@@ -44,23 +51,27 @@ def generate_completions(
     temperature: float = 1.0,
     stop_strings: Sequence[str] = (),
     share_prompts: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Generate from left-padded prompts; returns (prompt_ids, prompt_mask, completion_ids,
-    prompt_index).
+) -> Generated:
+    """Generate from the prompts; stops at any EOS id and after any stop string, as TRL's
+    generation does, and pads rows that stopped early with the pad id.
 
-    Stops at any EOS id and after any stop string, as TRL's generation does; rows that stopped
-    early are padded with the pad id. Where prompts repeat (G samples of one prompt, agent turns
-    with one history) and `share_prompts` is on, each distinct prompt is prefilled once, all but
-    its last token, and its cache is copied to every row that asks for it: `prompt_index` is
-    then each row's index among the distinct prompts, in the order that prefill saw them (None
-    when every row was prefilled itself).
+    With `share_prompts`, the prompts are laid out with their common prefix first
+    (`prefix.align`) and every distinct token position is prefilled once: the common prefix,
+    then each distinct prompt (G samples of one prompt, agent turns with one history), all but
+    its last token, whose cache is copied to every row that asks for it. Without it, every row
+    is left-padded and prefilled on its own.
     """
     device = next(model.parameters()).device
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if share_prompts:
+        rows = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        ids, mask = (t.to(device) for t in prefix.align(rows, tokenizer.pad_token_id))
+    else:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-    shared = _prefilled(model, ids, mask) if share_prompts else None
-    cache, index = shared if shared is not None else ({}, None)
+    keyword = prefix.cache_keyword(model)
+    shared = prefix.prefill(model, ids, mask) if share_prompts and keyword else None
+    cache = {keyword: shared.cache} if shared is not None and keyword else {}
     out = model.generate(  # type: ignore[operator]
         input_ids=ids,
         attention_mask=mask,
@@ -71,24 +82,7 @@ def generate_completions(
         **cache,
         **(sampling if do_sample else {"do_sample": False}),
     )
-    return ids, mask, out[:, ids.shape[1] :], index
-
-
-def _prefilled(
-    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
-) -> tuple[dict[str, Any], torch.Tensor] | None:
-    """The KV cache of every row's prompt but its last token, each distinct prompt computed
-    once, as `generate`'s keyword argument; None where no prompt repeats or the model takes no
-    cache. `generate` then feeds only the last prompt token, whose logits it samples from."""
-    keyword = prefix.cache_keyword(model)
-    distinct = prefix.distinct_rows(ids, mask) if ids.shape[1] > 1 else None
-    if keyword is None or distinct is None:
-        return None
-    unique, unique_mask, index = distinct
-    cache = prefix.new_cache(model)
-    prefix.prefill(model, model, unique[:, :-1], unique_mask[:, :-1], cache)
-    cache.batch_select_indices(index)
-    return {keyword: cache}, index
+    return Generated(ids, mask, out[:, ids.shape[1] :], shared)
 
 
 class TailStop(StoppingCriteria):
@@ -153,7 +147,7 @@ class Completions:
     mask: torch.Tensor  # (N, T) float: the tokens each completion really produced
     ids: list[list[int]]  # each completion's produced ids (TRL's completion_ids)
     texts: list[str]  # their decoded text
-    prompt_index: torch.Tensor | None = None  # (N,) row -> distinct prompt prefilled for it
+    shared: prefix.Shared | None = None  # how the prompts were prefilled, when shared
 
 
 def complete(
@@ -169,7 +163,7 @@ def complete(
     """Render `prompts` (text or chat messages), generate with the task's length and stop
     strings, and mask, cut and decode what each completion produced: the one generation path
     of scoring, proxy rollouts and agent turns."""
-    prompt_ids, prompt_mask, completion_ids, index = generate_completions(
+    prompt_ids, prompt_mask, completion_ids, shared = generate_completions(
         model,
         tokenizer,
         [prompt_text(p, tokenizer) for p in prompts],
@@ -182,4 +176,4 @@ def complete(
     mask = completion_mask(model, tokenizer, completion_ids)
     ids = masked_ids(completion_ids, mask)
     texts = decode(tokenizer, ids)
-    return Completions(prompt_ids, prompt_mask, completion_ids, mask, ids, texts, index)
+    return Completions(prompt_ids, prompt_mask, completion_ids, mask, ids, texts, shared)

@@ -62,10 +62,18 @@ class Contribution:
         return format_contribution(self.value, self.low, self.high, self.gain)
 
 
-def evaluate(model: nn.Module, tokenizer: Any, task: Task, batch_size: int = 256) -> Evaluation:
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    batch_size: int = 256,
+    share_prompts: bool = True,
+) -> Evaluation:
     """Greedy-decode every held-out prompt and score it with the task's verifiable rewards.
 
-    An environment task plays one greedy episode per held-out seed; its outcome is the return.
+    The prompts' common prefix (a system message, worked examples) is prefilled once per batch
+    (`rollout.complete`; `share_prompts=False` prefills every prompt whole). An environment
+    task plays one greedy episode per held-out seed; its outcome is the return.
     """
     was_training = model.training
     model.eval()
@@ -81,7 +89,7 @@ def evaluate(model: nn.Module, tokenizer: Any, task: Task, batch_size: int = 256
     prompts: list[Any] = rows["prompt"]
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        done = complete(model, tokenizer, task, chunk)
+        done = complete(model, tokenizer, task, chunk, share_prompts=share_prompts)
         columns = {k: v[start : start + batch_size] for k, v in rows.items() if k != "prompt"}
         outcomes += score_completions(task, chunk, done.texts, columns, done.ids)
     model.train(was_training)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import Logger
 
+from autolayer import proxy
 from autolayer.config import ProxyConfig, TaskConfig
 from autolayer.loading import Workload
 from autolayer.models import layer_param_names, load_model
@@ -290,19 +292,32 @@ def test_replaying_the_frozen_prefix_changes_nothing(
     assert ran[False][0] - ran[True][0] == 3 * 2 * config.steps
 
 
-@pytest.mark.parametrize("lowest", [1, 4])
+def few_shot(organism: tuple[Any, Any, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The organism's task with two worked examples before every question: 15 common tokens,
+    shared once the threshold fits the organism's 32 positions."""
+    from autolayer import prefix
+
+    monkeypatch.setattr(prefix, "MIN_SAVED_POSITIONS", 16)
+    task = organism[2]
+    train = task.train.map(lambda row: {"prompt": "11+22=33\n4+2=6\n" + row["prompt"]})
+    return dataclasses.replace(task, train=train)
+
+
+@pytest.mark.parametrize(("lowest", "shots"), [(1, False), (4, False), (4, True)])
 def test_generation_hands_the_frozen_prefix_to_the_policy_pass(
-    organism: tuple[Any, Any, Any], lowest: int
+    organism: tuple[Any, Any, Any], lowest: int, shots: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The frozen layers' output kept while sampling (prefill plus one position per decoding
     step, through the KV cache) is what a full forward computes at every position that counts,
     to float rounding, and so are the log-probs taken from it."""
     _, tokenizer, task = organism
+    task = few_shot(organism, monkeypatch) if shots else task
     model = fresh(organism)
     module = GRPOModule(Workload(model, tokenizer, task), FAST, [lowest, 6], FAST.lr)
     torch.manual_seed(0)
     batch = {k: list(task.train[k][:4]) for k in task.train.column_names}
     roll = module._rollout(batch)
+    assert roll.common == (15 if shots else 0)
     ids, attn = roll.joined(slice(0, roll.completion_ids.shape[0]))
     plen = roll.prompt_ids.shape[1]
     mask = roll.mask.bool()
@@ -330,10 +345,10 @@ def test_generation_hands_the_frozen_prefix_to_the_policy_pass(
 
 
 def _first_step(
-    organism: tuple[Any, Any, Any], config: ProxyConfig, monkeypatch: pytest.MonkeyPatch
+    organism: tuple[Any, Any, Any], config: ProxyConfig, task: Any, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[float, list[torch.Tensor]]:
     """The loss and the trained layers' gradient of one proxy step."""
-    _, tokenizer, task = organism
+    tokenizer = organism[1]
     grads: list[torch.Tensor] = []
     clip = GRPOModule._clip_gradients
 
@@ -344,29 +359,42 @@ def _first_step(
         return clip(self)
 
     monkeypatch.setattr(GRPOModule, "_clip_gradients", keep)
+    # every group with a spread of rewards: a gradient that is not ~0, whatever was sampled
+    spread = lambda _task, prompts, *_: [float(i % 3 == 0) for i in range(len(prompts))]  # noqa: E731
+    monkeypatch.setattr(proxy, "score_completions", spread)
     result = run_proxy(Workload(fresh(organism), tokenizer, task), config, [3, 6])
     return result.history[0]["proxy/loss"], grads
 
 
 @pytest.mark.parametrize(
-    "changes",
-    [{}, {"beta": 0.1}, {"beta": 0.1, "num_iterations": 2}, {"micro_batch_size": 8, "beta": 0.1}],
+    ("changes", "shots"),
+    [
+        ({}, False),
+        ({"beta": 0.1}, False),
+        ({"beta": 0.1, "num_iterations": 2}, False),
+        ({"micro_batch_size": 8, "beta": 0.1}, False),
+        ({"beta": 0.1, "num_iterations": 2}, True),
+    ],
 )
 def test_prompts_once_per_group_give_the_repeated_loss_and_gradient(
-    organism: tuple[Any, Any, Any], changes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    organism: tuple[Any, Any, Any],
+    changes: dict[str, Any],
+    shots: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Sampling and every pass (policy, old policy, KL reference, micro-batches) with each
     prompt computed once per group: the step's loss and gradient are the repeated path's."""
     config = ProxyConfig(
         **{**FAST.__dict__, "steps": 1, "eval_every": 1, **changes}
     )
+    task = few_shot(organism, monkeypatch) if shots else organism[2]
     runs = {}
     for share in (True, False):
         monkeypatch.setattr(GRPOModule, "share_prompts", share)
-        runs[share] = _first_step(organism, config, monkeypatch)
+        runs[share] = _first_step(organism, config, task, monkeypatch)
     (loss, grads), (repeated_loss, repeated_grads) = runs[True], runs[False]
     # the logged loss is the last iteration's: after one AdamW step of lr 1e-2, to 1e-5
-    assert loss == pytest.approx(repeated_loss, abs=1e-5)
+    assert loss == pytest.approx(repeated_loss, rel=1e-5, abs=1e-5)
     assert (len(grads), len(repeated_grads)) == (22, 22)
     assert any(g.abs().max() > 0 for g in repeated_grads)
     for grad, expected in zip(grads, repeated_grads, strict=True):

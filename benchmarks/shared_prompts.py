@@ -1,0 +1,217 @@
+"""Each distinct prompt once (sampling and the grouped passes) against the repeated path, in one
+interleaved run, with the physical limit of a step beside them.
+
+    python benchmarks/shared_prompts.py                      # every workload below
+    python benchmarks/shared_prompts.py --only short-4x4 --rounds 2
+
+Workloads, one trained layer each (the middle of the stack):
+- `organism`: the bundled organism, examples/organism.yaml (16 x 8, 6-character prompts).
+- `short-4x4`, `short-16x8`: SmolLM2-135M-Instruct on a short-answer chat workload: a system
+  message and two worked examples before the question (the few-shot chat that fixes the answer
+  format), at most 8 completion tokens; 4 prompts x 4 samples and 16 x 8.
+- `long-64`: SmolLM2 on examples/smollm2.yaml's chat arithmetic, 64-token completions.
+
+Per workload and path (`shared`: this code, the prompts' common prefix once, each distinct
+prompt once, in sampling, the passes and the held-out scoring; `repeated`: every row's prompt
+left-padded, prefilled and passed on its own, what c21c7c9 did, `GRPOModule.share_prompts =
+False`): the median proxy step (first step left out) and the whole trial, `run_proxy` from start
+to result with its held-out evaluations. Rounds alternate which path goes first, so slow phases
+of a shared machine hit both.
+
+The physical limit of a step (at this layer, on this batch): decoding G x T tokens with every
+prompt already in the KV cache, plus one forward and backward of the trained part of the stack
+over each distinct prompt position once and every completion, the frozen layers' output given
+(their prompt positions computed once per study, their completion positions by the decoding).
+The proxy's excess over it is the prefill that sampling runs over each distinct prompt position
+through the whole stack before the loss runs the trained part again.
+
+SmolLM2 comes from `make smollm2` (models/smollm2-135m-instruct). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from typing import Any
+
+import datasets
+import torch
+
+from autolayer import prefix
+from autolayer.config import Config, load_config
+from autolayer.loading import Workload, load_for
+from autolayer.proxy import GRPOModule, run_proxy
+from autolayer.rollout import eos_token_ids
+from autolayer.tasks import prompt_text
+
+SMOLLM2 = "models/smollm2-135m-instruct"
+SYSTEM = "You are a calculator. Reply with the number only."
+SHOTS = [("What is 12 + 7?", "19"), ("What is 45 + 38?", "83")]
+
+
+def few_shot(question: str) -> list[dict[str, str]]:
+    """The short-answer chat: a system message and two worked examples, then the question."""
+    turns = [{"role": "system", "content": SYSTEM}]
+    for q, a in SHOTS:
+        turns += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return [*turns, {"role": "user", "content": question}]
+
+
+def _question(prompt: Any) -> str:
+    """The question of a text prompt, or of the last user turn of a chat prompt."""
+    return prompt if isinstance(prompt, str) else str(prompt[-1]["content"])
+
+
+def short_answer(work: Workload) -> Workload:
+    """The chat-arithmetic task asked as a few-shot chat, answers cut at 8 tokens."""
+    task = work.task
+
+    def chat(split: datasets.Dataset) -> datasets.Dataset:
+        rows = [{**r, "prompt": few_shot(_question(r["prompt"]))} for r in split]
+        return datasets.Dataset.from_list(rows)
+
+    short = dataclasses.replace(
+        task, train=chat(task.train), eval=chat(task.eval), max_completion_length=8
+    )
+    return Workload(work.model, work.tokenizer, short)
+
+
+def workload(name: str, eval_size: int) -> tuple[Workload, Config]:
+    path = "examples/organism.yaml" if name == "organism" else "examples/smollm2.yaml"
+    config = load_config(path)
+    config.model.dtype = "float32"
+    config.tracking.enabled = False
+    config.task.eval_size = eval_size
+    config.proxy.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("short"):
+        config.proxy.prompts_per_step, config.proxy.num_generations = (
+            (4, 4) if name == "short-4x4" else (16, 8)
+        )
+    work = load_for(config)
+    return (short_answer(work) if name.startswith("short") else work), config
+
+
+def trial(work: Workload, config: Config, layer: int, share: bool) -> tuple[list[float], float]:
+    """Step seconds (the first left out) and the whole run's seconds, on one path."""
+    GRPOModule.share_prompts = share
+    try:
+        result = run_proxy(work, config.proxy, [layer], keep=False)
+    finally:
+        GRPOModule.share_prompts = True
+    return [h["proxy/step_seconds"] for h in result.history][1:], result.seconds
+
+
+def physical_limit(work: Workload, config: Config, layer: int, repeats: int) -> dict[str, float]:
+    """Median seconds of decoding one step's batch from a full prompt cache, and of the trained
+    part's forward and backward over the distinct prompts and the completions."""
+    model, tokenizer, task = work
+    cfg = config.proxy
+    module = GRPOModule(work, cfg, [layer], cfg.lr)
+    batch = {k: list(task.train[k][: cfg.prompts_per_step]) for k in task.train.column_names}
+    decode, top = [], []
+    for _ in range(repeats + 1):  # the first round warms up
+        roll = module._rollout(batch)
+        decode.append(_decode_seconds(model, tokenizer, batch["prompt"], cfg, task))
+        frozen = module._replayed(roll)
+        rows = slice(0, roll.completion_ids.shape[0])
+        if not frozen:  # layer 0, or generation kept nothing: keep the prefix with a pass
+            frozen = {}
+            with torch.no_grad(), module._frozen_prefix(frozen, 0):
+                module._batch_logprobs(roll, rows)
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        with module._frozen_prefix(frozen, 0):
+            module._batch_logprobs(roll, rows).sum().backward()
+        top.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return {"decode_s": statistics.median(decode[1:]), "top_pass_s": statistics.median(top[1:])}
+
+
+@torch.no_grad()
+def _decode_seconds(model: Any, tokenizer: Any, prompts: list[Any], cfg: Any, task: Any) -> float:
+    """Sampling G completions per prompt with every prompt token but the last already cached:
+    the decoding alone (its first step feeds the last prompt token)."""
+    texts = [prompt_text(p, tokenizer) for p in prompts for _ in range(cfg.num_generations)]
+    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids, mask = prefix.align(rows, tokenizer.pad_token_id)
+    shared = prefix.prefill(model, ids, mask)
+    assert shared is not None and shared.index is not None
+    keyword = prefix.cache_keyword(model)
+    start = time.perf_counter()
+    model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=task.max_completion_length,
+        do_sample=True, top_k=0, top_p=1.0, temperature=cfg.temperature,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_token_ids(model, tokenizer),
+        **{keyword: shared.cache},
+    )  # fmt: skip
+    return time.perf_counter() - start
+
+
+def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    work, config = workload(name, args.eval_size)
+    stack = work.model.config.num_hidden_layers
+    layer = stack // 2
+    cfg = config.proxy
+    cfg.steps, cfg.eval_every = args.steps, max(1, args.steps // 2)  # two held-out evaluations
+    cfg.num_iterations, cfg.beta = 1, 0.0
+    steps: dict[bool, list[float]] = {True: [], False: []}
+    trials: dict[bool, list[float]] = {True: [], False: []}
+    for round_ in range(args.rounds):
+        for share in (True, False) if round_ % 2 == 0 else (False, True):
+            step_s, trial_s = trial(work, config, layer, share)
+            steps[share] += step_s
+            trials[share].append(trial_s)
+    limit = physical_limit(work, config, layer, repeats=2)
+    limit_s = limit["decode_s"] + limit["top_pass_s"]
+    prompt_tokens = len(work.tokenizer(prompt_text(work.task.train[0]["prompt"], work.tokenizer))[
+        "input_ids"
+    ])  # fmt: skip
+    row: dict[str, Any] = {
+        "layer": f"{layer} of {stack}",
+        "prompts_x_samples": f"{cfg.prompts_per_step}x{cfg.num_generations}",
+        "prompt_tokens": prompt_tokens,
+        "max_completion_tokens": work.task.max_completion_length,
+        "trial": f"{cfg.steps} steps, 2 evaluations of {len(work.task.eval)} prompts",
+    }
+    for share, label in ((False, "repeated"), (True, "shared")):
+        row[f"{label}_step_s"] = round(statistics.median(steps[share]), 3)
+        row[f"{label}_trial_s"] = round(statistics.median(trials[share]), 1)
+    row["step_speedup"] = round(row["repeated_step_s"] / row["shared_step_s"], 2)
+    row["trial_speedup"] = round(row["repeated_trial_s"] / row["shared_trial_s"], 2)
+    row["limit_s"] = round(limit_s, 3)
+    row["limit_parts_s"] = {k: round(v, 3) for k, v in limit.items()}
+    row["shared_step_over_limit"] = round(row["shared_step_s"] / limit_s, 2)
+    return row
+
+
+WORKLOADS = ("organism", "short-4x4", "short-16x8", "long-64")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", nargs="*", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--steps", type=int, default=6, help="Proxy steps per trial.")
+    parser.add_argument("--rounds", type=int, default=2, help="Trials per path, alternated.")
+    parser.add_argument("--eval-size", type=int, default=100, help="Held-out prompts.")
+    args = parser.parse_args()
+    report: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "machine": platform.processor() or platform.machine(),
+    }
+    for name in args.only:
+        report[name] = measure(name, args)
+        print(json.dumps({name: report[name]}), flush=True)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
