@@ -62,11 +62,16 @@ def generate_completions(
     is left-padded and prefilled on its own.
     """
     device = next(model.parameters()).device
+    rows = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    if window and max(len(r) for r in rows) + max_new_tokens > window:
+        # a sliding window counts cache slots, and the common-prefix layout's padding sits
+        # between the prefix and a prompt's own tokens: keep plain left padding
+        share_prompts = False
     if share_prompts:
-        rows = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         ids, mask = (t.to(device) for t in prefix.align(rows, tokenizer.pad_token_id))
     else:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     keyword = prefix.cache_keyword(model)

@@ -159,3 +159,15 @@ def test_grouped_pass_refuses_rows_that_are_not_whole_groups(organism: tuple[Any
     prompt_ids, prompt_mask, completions, mask = _grouped_batch(tokenizer, group=2)
     with pytest.raises(ValueError, match="5 completions for 3 prompts"):
         prefix.grouped_logprobs(model, model, prompt_ids, prompt_mask, completions[:5], mask[:5])
+
+
+def test_a_sliding_window_shorter_than_the_rows_keeps_plain_left_padding(
+    organism: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sliding window counts cache slots: the common-prefix layout would move tokens out of
+    it, so rows that could outgrow the window are prefilled whole and left-padded."""
+    model, tokenizer = organism
+    monkeypatch.setattr(model.config, "sliding_window", 8, raising=False)
+    ids, mask, _, shared = generate_completions(model, tokenizer, PROMPTS, 5)
+    assert shared is None
+    assert mask.tolist()[1] == [0, 0, 0, 1, 1, 1, 1]  # "5+6=" left-padded to 7 columns
