@@ -7,7 +7,6 @@ steps, so pruning callbacks and any Lightning logger see them by global step.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
@@ -237,7 +236,7 @@ class GRPOModule(L.LightningModule):
         self.stack = find_layer_stack(model)
         self.lowest = min(layers)
         self._as_tuple: bool | None = None  # what a decoder layer returns, seen on first capture
-        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.keeps_logits = prefix.keeps_logits(model)
         self._dropout_below = _has_dropout(model, list(self.stack.layers)[: self.lowest])
         upcast_trainable(model)
         self.rollouts = 0  # sampled batches done: the unit of `steps`, evals and pruning reports

@@ -2,7 +2,7 @@
 interleaved run, with the physical limit of a step beside them.
 
     python benchmarks/shared_prompts.py                      # every workload below
-    python benchmarks/shared_prompts.py --only short-4x4 --rounds 2
+    python benchmarks/shared_prompts.py --only short-4x4 --rounds 2 [--trl]
 
 Workloads, one trained layer each (the middle of the stack):
 - `organism`: the bundled organism, examples/organism.yaml (16 x 8, 6-character prompts).
@@ -25,6 +25,9 @@ over each distinct prompt position once and every completion, the frozen layers'
 The proxy's excess over it is the prefill that sampling runs over each distinct prompt position
 through the whole stack before the loss runs the trained part again.
 
+With `--trl`, TRL's `GRPOTrainer` (no vLLM) runs the same steps of the same workload as
+`autolayer train` builds it, timed per optimizer step (benchmarks/proxy_vs_trl.py's timer).
+
 SmolLM2 comes from `make smollm2` (models/smollm2-135m-instruct). Prints one JSON object.
 """
 
@@ -40,6 +43,7 @@ from typing import Any
 
 import datasets
 import torch
+from proxy_vs_trl import trl_steps  # benchmarks/ is on the path of `python benchmarks/...`
 
 from autolayer import prefix
 from autolayer.config import Config, load_config
@@ -187,6 +191,11 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     row["limit_s"] = round(limit_s, 3)
     row["limit_parts_s"] = {k: round(v, 3) for k, v in limit.items()}
     row["shared_step_over_limit"] = round(row["shared_step_s"] / limit_s, 2)
+    if args.trl:
+        config.train.steps, config.train.lr = args.steps, cfg.lr
+        seconds, _ = trl_steps(*work, config, layer, "/tmp/shared_prompts_trl")
+        row["trl_step_s"] = round(statistics.median(seconds), 3)
+        row["trl_over_shared"] = round(row["trl_step_s"] / row["shared_step_s"], 2)
     return row
 
 
@@ -201,6 +210,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="Proxy steps per trial.")
     parser.add_argument("--rounds", type=int, default=2, help="Trials per path, alternated.")
     parser.add_argument("--eval-size", type=int, default=100, help="Held-out prompts.")
+    parser.add_argument(
+        "--trl", action="store_true", help="Also time TRL's GRPOTrainer on the same steps."
+    )
     args = parser.parse_args()
     report: dict[str, Any] = {
         "threads": torch.get_num_threads(),
