@@ -60,8 +60,8 @@ def principal_angles(w0: Tensor, w1: Tensor, k: int, side: str = "left") -> Tens
     u0, _, v0h = torch.linalg.svd(w0.double(), full_matrices=False)
     u1, _, v1h = torch.linalg.svd(w1.double(), full_matrices=False)
     a, b = (u0[:, :k], u1[:, :k]) if side == "left" else (v0h[:k].T, v1h[:k].T)
-    cosines = torch.linalg.svdvals(a.T @ b).clamp(-1.0, 1.0)
-    return torch.arccos(cosines).flip(0)
+    cosines = torch.linalg.svdvals(a.T @ b).clamp(-1.0, 1.0)  # descending: angles ascend
+    return torch.arccos(cosines)
 
 
 def _top_share(scores: Tensor, alpha: float, largest: bool) -> Tensor:

@@ -56,6 +56,14 @@ def test_principal_angles_by_hand() -> None:
     assert principal_angles(w0, rotated, 1, side="right").tolist() == pytest.approx([0.0])
 
 
+def test_principal_angles_come_in_ascending_order() -> None:
+    w0 = t([3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0])  # top-2 left subspace: e1, e2
+    c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
+    tilted = t([1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]) @ w0  # e1 kept, e2 turned 30 degrees
+    angles = principal_angles(w0, tilted, 2).tolist()
+    assert angles == pytest.approx([0.0, math.pi / 6], abs=1e-6)
+
+
 def test_principal_and_low_magnitude_masks_by_hand() -> None:
     w0 = t([4.0, 0.0], [0.0, 1.0])  # rank-1 reconstruction: [[4, 0], [0, 0]]
     assert principal_mask(w0, 1, 0.25).tolist() == [[True, False], [False, False]]
