@@ -157,16 +157,31 @@ def model_skeleton(name: str, revision: str | None = None) -> nn.Module:
     """The model's module tree on the meta device, from its config alone: names, shapes and exact
     parameter counts without reading weights or a tokenizer (a 70B config builds in about a
     second, where loading it would read 140 GB)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    path = _existing_path(name)
+    hf_config = model_config(name, revision)
     try:
-        hf_config = AutoConfig.from_pretrained(path, revision=revision)
         with torch.device("meta"):
             model: nn.Module = AutoModelForCausalLM.from_config(hf_config)
     except (OSError, ValueError) as err:
-        raise AutolayerError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from err
+        raise AutolayerError(f"cannot load model {name!r}: {_first_line(err)}") from err
     return model
+
+
+def model_config(name: str, revision: str | None = None) -> Any:
+    """The model's transformers config; a missing or corrupt config.json is one sentence that
+    names it (read before the tokenizer, whose loading reads it too and would take the blame)."""
+    from transformers import AutoConfig
+
+    path = _existing_path(name)
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as err:
+        raise AutolayerError(f"cannot load model {name!r}: {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _existing_path(name: str) -> str:
@@ -192,10 +207,12 @@ def load_model(
     Returns `(model, tokenizer)` with the model in eval mode on `device`. Hub ids download through
     the usual HF cache unless `HF_HUB_OFFLINE=1`; a missing local path is a one-sentence error.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _existing_path(name)
     target = resolve_device(device)
+    hf_config = model_config(name, revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
         usable = len(tokenizer) > 1 and bool(tokenizer("0 a")["input_ids"])
@@ -208,10 +225,15 @@ def load_model(
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, revision=revision, dtype=resolve_dtype(dtype, target)
+            path, config=hf_config, revision=revision, dtype=resolve_dtype(dtype, target)
         )
+    except SafetensorError as err:  # a truncated download, or a file that is not safetensors
+        raise AutolayerError(
+            f"cannot load model {name!r}: its weights file is corrupt or truncated "
+            f"({_first_line(err)}); download or save it again"
+        ) from err
     except (OSError, ValueError) as err:
-        raise AutolayerError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from err
+        raise AutolayerError(f"cannot load model {name!r}: {_first_line(err)}") from err
     if getattr(tokenizer, "pad_token", None) is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # batched generation continues from the right edge

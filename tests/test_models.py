@@ -140,6 +140,40 @@ def test_a_model_directory_without_a_tokenizer_is_one_sentence(tmp_path: Path) -
         load_model(str(path), device="cpu")
 
 
+def _truncate(path: Path) -> None:
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # a download cut short
+
+
+def _garble_header(path: Path) -> None:
+    weights = path / "model.safetensors"
+    weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])  # the header length: garbage
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_truncate, "its weights file is corrupt or truncated .*incomplete metadata"),
+        (_garble_header, "its weights file is corrupt or truncated .*header too large"),
+        (
+            lambda path: (path / "config.json").write_text('{"model_type": "qwen3",'),
+            "config.json' is not a valid JSON file",
+        ),
+    ],
+)
+def test_a_corrupt_model_file_is_one_sentence_that_names_it(
+    tmp_path: Path, damage: Any, message: str
+) -> None:
+    from autolayer.models import load_model
+    from tests.conftest import save_organism_shaped
+
+    path = save_organism_shaped(tmp_path / "m")
+    damage(path)
+    with pytest.raises(AutolayerError, match=f"cannot load model '{path}': .*{message}") as err:
+        load_model(str(path), device="cpu")
+    assert "tokenizer" not in str(err.value)
+
+
 # ---------------------------------------------------------------- the meta skeleton
 
 SKELETONS = [
