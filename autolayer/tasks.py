@@ -362,7 +362,26 @@ def _read(cfg: TaskConfig) -> datasets.DatasetDict:
         ) from err
     if isinstance(data, datasets.Dataset):
         data = datasets.DatasetDict({"train": data})
+    _require_utf8(data, _source(cfg))
     return data
+
+
+def _require_utf8(data: datasets.DatasetDict, source: str) -> None:
+    """Refuse text that is not UTF-8 now, before the model loads: the loaders keep its bytes
+    as they are, and the first read of the row raises UnicodeDecodeError, hours in."""
+    import pyarrow as pa
+
+    for split_name, split in data.items():
+        table = split.data.table
+        for column in table.column_names:
+            try:
+                table.column(column).validate(full=True)  # full: every string's bytes
+            except pa.ArrowInvalid as err:
+                raise AutolayerError(
+                    f"cannot read the task data {source}: the '{column}' column of its "
+                    f"{split_name} split is not valid UTF-8 text ({str(err).splitlines()[0]}); "
+                    "save the file as UTF-8"
+                ) from None
 
 
 def _read_source(source: str, config_name: str | None) -> Any:
@@ -450,6 +469,24 @@ def _with_prompts(split: datasets.Dataset, cfg: TaskConfig, name: str) -> datase
         raise AutolayerError(
             f"the {name} data's prompts must be text or lists of chat messages "
             f"({{'role': ..., 'content': ...}}), got {type(first).__name__}"
+        )
+    return _without_empty_prompts(split, name)
+
+
+def _is_empty(prompt: Any) -> bool:
+    if isinstance(prompt, str):
+        return not prompt.strip()
+    return not is_messages(prompt) or not any(str(m["content"] or "").strip() for m in prompt)
+
+
+def _without_empty_prompts(split: datasets.Dataset, name: str) -> datasets.Dataset:
+    """`split`, refused if a prompt is empty: the model would be scored on continuing nothing,
+    and the prompt-paired evidence would count a row that asks nothing."""
+    empty = sum(map(_is_empty, split["prompt"]))
+    if empty:
+        raise AutolayerError(
+            f"{empty} of the {len(split)} prompts of the {name} data are empty; remove those rows "
+            "or point task.prompt_column or task.prompt_template at the text"
         )
     return split
 

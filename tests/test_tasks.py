@@ -348,6 +348,39 @@ def test_an_empty_split_is_refused(tmp_path: Path) -> None:
         load_task(TaskConfig(name="t", data_files=files, reward_funcs=["os.path.join"]))
 
 
+def test_text_that_is_not_utf8_is_refused_when_read(tmp_path: Path) -> None:
+    rows = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}).encode() for i in range(6)]
+    rows[4] = b'{"prompt": "caf\xe9 4+1=", "answer": "5"}'  # Latin-1, as a spreadsheet saves it
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    config = TaskConfig(
+        name="mine", data_files=str(tmp_path / "d.jsonl"), reward_funcs=["os.path.join"]
+    )
+    with pytest.raises(
+        AutolayerError, match="'prompt' column of its train split is not valid UTF-8"
+    ):
+        load_task(config)
+
+
+@pytest.mark.parametrize(
+    "empty",
+    ["", "  \n", [{"role": "user", "content": ""}], []],
+    ids=["text", "blank", "chat", "none"],
+)
+def test_an_empty_prompt_is_refused(tmp_path: Path, empty: Any) -> None:
+    chat = not isinstance(empty, str)
+    rows = [
+        {"prompt": [{"role": "user", "content": f"{i}+1="}] if chat else f"{i}+1=", "answer": "1"}
+        for i in range(8)
+    ]
+    rows[5]["prompt"] = empty
+    train = write_jsonl(tmp_path / "train.jsonl", rows)  # type: ignore[arg-type]
+    test = write_jsonl(tmp_path / "test.jsonl", rows[:4])  # type: ignore[arg-type]
+    files = {"train": str(train), "test": str(test)}
+    config = TaskConfig(name="mine", data_files=files, reward_funcs=["os.path.join"])
+    with pytest.raises(AutolayerError, match="1 of the 8 prompts of the train data are empty"):
+        load_task(config)
+
+
 @pytest.mark.parametrize(
     ("func", "message"),
     [
