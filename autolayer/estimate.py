@@ -16,7 +16,8 @@ outcomes. One resample of the study:
 Intervals are percentiles of 2,000 such resamples. Pooling assumes seeds scatter scores about
 equally for every candidate; it is what makes a seed term available at all for candidates run once,
 and it is far steadier than a per-candidate variance from 2 or 3 seeds. With no repeated candidate
-the seed term is zero and the intervals cover prompt noise only, which the method line says.
+the seed term is zero and the intervals cover prompt noise only, too narrow: the method line, the
+table's marked columns and a verdict note (PROMPT_NOISE_ONLY) say so.
 
 Written here rather than with scipy.stats.bootstrap: scipy resamples each sample independently or
 pairs them all, and this needs prompts paired across runs, seeds averaged per candidate and one
@@ -74,6 +75,13 @@ def pooled_seed_variance(runs: Mapping[K, np.ndarray]) -> tuple[float, int]:
             squares += float(((scores - scores.mean()) ** 2).sum())
             df += len(scores) - 1
     return (squares / df if df else 0.0), df
+
+
+PROMPT_NOISE_ONLY = (
+    "intervals cover prompt noise only: no candidate was run on a second training seed, so they "
+    "are too narrow and the set tied with the best may be too small; racing's repeats "
+    "(search.seeds 2 or more, with trials and budget left for them) add the seed term"
+)
 
 
 def method_line(seed_df: int, resamples: int = RESAMPLES) -> str:

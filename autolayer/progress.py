@@ -86,6 +86,7 @@ class SearchDisplay:
                 "C undefined"
                 if r.contribution is None
                 else f"C {r.contribution:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]"
+                + ("" if r.ci_seed_df else " (prompt noise only)")
             )
             text = (
                 f"trial {trial.number} layers {layers}: score {r.score:.3f}, {c_text} "

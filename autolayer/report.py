@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
+from autolayer.estimate import PROMPT_NOISE_ONLY
 from autolayer.study import (
     StudyRecord,
     TrialRecord,
@@ -38,6 +39,7 @@ class Row:
     ci_high: float | None
     note: str
     seed: int | None = None
+    ci_seed_df: int = 0  # the seed term's df in the C interval (0: prompt noise only)
 
     @property
     def label(self) -> str:
@@ -63,6 +65,7 @@ def trial_rows(study: optuna.Study) -> list[Row]:
             ci_high=r.ci_high,
             note=r.note,
             seed=r.seed,
+            ci_seed_df=r.ci_seed_df,
         )
         for r in records(study)
     ]
@@ -133,8 +136,13 @@ def candidates_table(study: optuna.Study) -> Table:
         f"all-layers score {_fmt(refs['full'])}"
     )
     caption = analysis.method if analysis is not None else None
+    mark = ""  # on the intervals' headers when they lack the seed term
+    if analysis is not None and analysis.seed_df == 0:
+        mark = "*"
+        caption = f"{caption}\n* {PROMPT_NOISE_ONLY}"
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
-    for column in ("layers", "lr", "seeds", "score [95% CI]", "C [95% CI]", "verdict", "heuristic"):
+    columns = ("layers", "lr", "seeds", f"score [95% CI{mark}]", f"C [95% CI{mark}]", "verdict")
+    for column in (*columns, "heuristic"):
         table.add_column(column, justify="right" if column in ("seeds",) else "left")
     for row in rows:
         c = "-"
@@ -168,6 +176,8 @@ def verdict_lines(study: optuna.Study) -> list[str]:
         f"pick: layers {best.label} (seeds {best.seeds}); statistically tied with it: "
         + (", ".join(t for t in tied if t != best.label) or "none")
     ]
+    if analysis.seed_df == 0:
+        lines.append(f"  note: {PROMPT_NOISE_ONLY}")
     for row in rows:
         for name in row.baselines:
             outcome = (
@@ -199,7 +209,8 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def results_table(study: optuna.Study) -> Table:
-    """Every trial: layers, seed, score, C with its prompt-only CI, state and why; the first
+    """Every trial: layers, seed, score, C with the interval the candidates table gave it when
+    the trial finished (marked where that was prompt noise only), state and why; the first
     trial of the best candidate is marked."""
     from rich.table import Table
 
@@ -209,16 +220,25 @@ def results_table(study: optuna.Study) -> Table:
         f"study {study.study_name}: base score {_fmt(refs['base'])}, "
         f"all-layers score {_fmt(refs['full'])}"
     )
-    table = Table(title=title, title_justify="left")
+    rows = trial_rows(study)
+    caption = None
+    if any(row.ci_low is not None and not row.ci_seed_df for row in rows):
+        caption = (
+            "C's interval is the one the candidates table gave the trial when it finished; * "
+            "marks those from before any repeat on a second training seed: prompt noise only, "
+            "too narrow"
+        )
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for column in ("trial", "layers", "lr", "seed", "score", "C [95% CI]", "state", "note"):
         table.add_column(
             column, justify="right" if column in ("trial", "score", "seed") else "left"
         )
-    for row in trial_rows(study):
+    for row in rows:
         c = "-"
         if row.contribution is not None and row.ci_low is not None and row.ci_high is not None:
             gain = (row.score or 0.0) - (refs["base"] or 0.0)
             c = format_contribution(row.contribution, row.ci_low, row.ci_high, gain)
+            c += "" if row.ci_seed_df else " *"
         if row.score is not None and row.contribution is None and refs["full"] is not None:
             c = "undefined"
         mark = " ★ best" if best is not None and row.number == best.number else ""
@@ -254,7 +274,8 @@ def _sort_key(label: str) -> list[int]:
 
 
 def plot_contributions(study: optuna.Study, path: Path) -> Path | None:
-    """Bars of C per candidate over its seeds, with 95% intervals (seed and prompt noise).
+    """Bars of C per candidate over its seeds, with 95% intervals (seed and prompt noise; the
+    title says when no repeat gave a seed term).
 
     The best is dark green and the candidates tied with it light green; pruned candidates are
     grey, at the value they had when stopped; letters above the bars mark the free heuristics'
@@ -265,8 +286,8 @@ def plot_contributions(study: optuna.Study, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, _ = candidate_rows(study)
-    if not rows:
+    rows, analysis = candidate_rows(study)
+    if not rows or analysis is None:
         return None
     use_c = all(r.contribution is not None for r in rows)
     bars = []  # label, value, err low, err high, color, marks
@@ -309,7 +330,12 @@ def plot_contributions(study: optuna.Study, path: Path) -> Path | None:
     ax.margins(y=0.15)  # room for the heuristics' letters above the tallest bar
     ax.set_xlabel("trained layer(s); M middle, L last, S Spectrum, R random")
     ax.set_ylabel("contribution C (95% CI)" if use_c else "held-out score (95% CI)")
-    ax.set_title(f"{study.study_name}\n{horizon(study)}; seed and prompt noise", fontsize=9)
+    noise = (
+        "seed and prompt noise"
+        if analysis.seed_df
+        else "prompt noise only (no repeat on a second seed): too narrow"
+    )
+    ax.set_title(f"{study.study_name}\n{horizon(study)}; {noise}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, path)
@@ -402,6 +428,7 @@ def results_json(study: optuna.Study) -> dict[str, Any]:
         "references": references(study),
         "method": analysis.method if analysis is not None else None,
         "seed_sd": analysis.seed_sd if analysis is not None else None,
+        "seed_noise_included": analysis.seed_df > 0 if analysis is not None else None,
         "candidates": [{**vars(r), "layers": list(r.layers)} for r in rows],
         "baselines": {name: list(layers) for name, layers in record.baselines.items()},
         "trials": [{**vars(r), "layers": list(r.layers)} for r in trial_rows(study)],

@@ -63,6 +63,7 @@ from autolayer.study import (
     StudyRecord,
     TrialRecord,
     records,
+    run_estimate,
     trial_seed,
     write_study,
     write_trial,
@@ -240,6 +241,12 @@ def _record(
     ctx: SearchContext, trial: optuna.Trial, run_id: str, result: ProxyResult
 ) -> Contribution:
     c = contribution(result.final, ctx.refs.base, ctx.refs.full, seed=ctx.config.proxy.seed)
+    low, high, seed_df = c.low, c.high, 0
+    # The interval the candidates table computes, seed term included once a candidate has a
+    # repeat, so the trial, its MLflow run and the table agree.
+    estimate = run_estimate(ctx.study, trial, result.final.outcomes, c.value is not None)
+    if estimate is not None and c.value is not None:
+        low, high, seed_df = estimate[0].low, estimate[0].high, estimate[1]
     write_trial(
         trial,
         score=result.score,
@@ -247,8 +254,9 @@ def _record(
         steps=result.steps,
         seconds=round(result.seconds, 2),
         contribution=c.value,
-        ci_low=c.low,
-        ci_high=c.high,
+        ci_low=low,
+        ci_high=high,
+        ci_seed_df=seed_df,
         gain=c.gain,
         outcomes=list(result.final.outcomes),
         objective_se=abs(
@@ -262,8 +270,9 @@ def _record(
         "gain": c.gain,
         "seconds": result.seconds,
     }
-    if c.value is not None:
-        metrics.update(contribution=c.value, contribution_ci_low=c.low, contribution_ci_high=c.high)  # type: ignore[arg-type]
+    if c.value is not None and low is not None and high is not None:
+        metrics.update(contribution=c.value, contribution_ci_low=low, contribution_ci_high=high)
+        metrics["contribution_ci_seed_df"] = seed_df
     ctx.tracker.log_metrics(run_id, metrics, step=result.steps)
     return c
 

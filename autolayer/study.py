@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict, cast
 
@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autolayer.errors import AutolayerError
-from autolayer.estimate import Analysis, analyse
+from autolayer.estimate import Analysis, Estimate, analyse
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack is Python 3.11+
@@ -42,8 +42,9 @@ class TrialFields(TypedDict, total=False):
     steps: int  # proxy steps it ran (pruned: where it stopped)
     seconds: float
     contribution: float | None  # C (None: undefined, the all-layers gain is within noise)
-    ci_low: float | None
-    ci_high: float | None
+    ci_low: float | None  # C's 95% interval as the candidates table computed it when the trial
+    ci_high: float | None  # finished, for a candidate run once (`run_estimate`)
+    ci_seed_df: int  # that interval's seed-term df: 0 (or absent) is prompt noise only
     gain: float
     outcomes: list[float]  # per held-out prompt, paired across every run of the study
     objective_se: float  # standard error of the last reported objective (the interval pruner)
@@ -169,6 +170,7 @@ class TrialRecord:
     contribution: float | None
     ci_low: float | None
     ci_high: float | None
+    ci_seed_df: int  # 0: the interval covers prompt noise only
     packed_outcomes: Any  # as stored; `outcomes` unpacks them on first use
     objective_se: float
     prune_reason: str | None
@@ -204,6 +206,7 @@ class TrialRecord:
             contribution=_float(a.get("contribution")),
             ci_low=_float(a.get("ci_low")),
             ci_high=_float(a.get("ci_high")),
+            ci_seed_df=int(a.get("ci_seed_df", 0)),
             packed_outcomes=a.get("outcomes"),
             objective_se=float(a.get("objective_se", 0.0)),
             prune_reason=a.get("prune_reason"),
@@ -335,33 +338,72 @@ def measured(study: optuna.Study) -> dict[Key, dict[int, FrozenTrial]]:
     return runs
 
 
+def _measured_outcomes(study: optuna.Study) -> dict[Key, np.ndarray]:
+    """Each completed candidate's (seeds, prompts) outcomes; refused if held-out sets differ."""
+    base = StudyRecord.of(study).base_outcomes or ()
+    outcomes_of = {
+        key: [TrialRecord.of(by_seed[s]).outcomes or () for s in sorted(by_seed)]
+        for key, by_seed in measured(study).items()
+    }
+    lengths = {len(o) for rows in outcomes_of.values() for o in rows}
+    if lengths - {len(base)}:
+        raise AutolayerError(
+            f"study '{study.study_name}' holds trials scored on different held-out sets "
+            f"({', '.join(map(str, sorted(lengths | {len(base)})))} prompts); use a new study name"
+        )
+    return {key: np.array(rows, dtype=float) for key, rows in outcomes_of.items()}
+
+
+def _analyse(
+    study: optuna.Study, runs: Mapping[Any, np.ndarray], contribution_defined: bool
+) -> Analysis[Any]:
+    record = StudyRecord.of(study)
+    full = record.full_outcomes
+    return analyse(
+        runs,
+        np.asarray(record.base_outcomes, dtype=float),
+        None if full is None else np.asarray([full], dtype=float),
+        contribution_defined=contribution_defined,
+    )
+
+
 def study_analysis(study: optuna.Study) -> Analysis[Key] | None:
     """Estimates, best and tied set of a study's completed candidates, from storage alone.
 
     The resampling seed is fixed, so racing, the table and `autolayer results` agree on the tied
     set."""
-    runs = measured(study)
-    record = StudyRecord.of(study)
-    base = record.base_outcomes
-    if not runs or base is None:
+    if StudyRecord.of(study).base_outcomes is None:
         return None
-    outcomes_of = {
-        key: [TrialRecord.of(by_seed[s]).outcomes or () for s in sorted(by_seed)]
-        for key, by_seed in runs.items()
-    }
-    lengths = {len(o) for rows in outcomes_of.values() for o in rows}
-    if lengths != {len(base)}:
-        raise AutolayerError(
-            f"study '{study.study_name}' holds trials scored on different held-out sets "
-            f"({', '.join(map(str, sorted(lengths | {len(base)})))} prompts); use a new study name"
-        )
-    full = record.full_outcomes
-    return analyse(
-        {key: np.array(rows, dtype=float) for key, rows in outcomes_of.items()},
-        np.asarray(base, dtype=float),
-        None if full is None else np.asarray([full], dtype=float),
-        contribution_defined=record.uses_contribution,
-    )
+    runs = _measured_outcomes(study)
+    if not runs:
+        return None
+    return _analyse(study, runs, StudyRecord.of(study).uses_contribution)
+
+
+_THIS_RUN = "this run"  # the key of the run `run_estimate` adds to the study's candidates
+
+
+def run_estimate(
+    study: optuna.Study,
+    trial: FrozenTrial | optuna.Trial,
+    outcomes: Sequence[float],
+    contribution_defined: bool,
+) -> tuple[Estimate, int] | None:
+    """The interval the candidates table gives a candidate run once with these outcomes (the
+    trial's, before it completes) beside the study's completed runs, and the seed term's degrees
+    of freedom (0: no candidate has a repeat yet, so it covers prompt noise only). A repeat adds
+    its own seed to the pooled variance, as the table will. None without the base reference."""
+    if StudyRecord.of(study).base_outcomes is None:
+        return None
+    runs: dict[Any, np.ndarray] = dict(_measured_outcomes(study))
+    record = TrialRecord.of(trial)
+    key, this = (record.layers, float(record.lr or 0.0)), np.asarray([outcomes], dtype=float)
+    by_seed = measured(study).get(key, {})
+    if by_seed and trial_seed(study, trial) not in by_seed:
+        runs[key] = np.concatenate([runs[key], this])
+    runs[_THIS_RUN] = this
+    analysis = _analyse(study, runs, contribution_defined)
+    return analysis.estimates[_THIS_RUN], analysis.seed_df
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -397,7 +439,9 @@ def study_evidence(
     study: optuna.Study, layers: tuple[int, ...], storage: str
 ) -> tuple[dict[str, Any], float | None]:
     """The study's results behind a choice of `layers` (for an export's provenance), and the lr
-    of the best trial of exactly these layers."""
+    of the best trial of exactly these layers. Each candidate carries the candidates table's
+    numbers: its mean over seeds and intervals with the seed term when the study has one."""
+    analysis = study_analysis(study)
     chosen, seen, trials = set(layers), set(), []
     lr = None
     for trial in ranked_trials(study):
@@ -408,18 +452,28 @@ def study_evidence(
         seen.add(trained)
         if trained == layers and lr is None:
             lr = r.lr
-        trials.append(
-            {
-                "trial": trial.number,
-                "layers": list(trained),
-                "objective": trial.value,
-                "lr": r.lr,
-                "score": r.score,
-                "contribution": r.contribution,
-                "ci_low": r.ci_low,
-                "ci_high": r.ci_high,
-            }
-        )
+        entry = {
+            "trial": trial.number,
+            "layers": list(trained),
+            "objective": trial.value,
+            "lr": r.lr,
+            "score": r.score,
+            "contribution": r.contribution,
+            "ci_low": r.ci_low,
+            "ci_high": r.ci_high,
+        }
+        estimate = None if analysis is None else analysis.estimates.get((r.layers, r.lr or 0.0))
+        if estimate is not None:
+            entry.update(
+                seeds=estimate.seeds,
+                score=estimate.score,
+                score_low=estimate.score_low,
+                score_high=estimate.score_high,
+                contribution=estimate.contribution,
+                ci_low=estimate.low,
+                ci_high=estimate.high,
+            )
+        trials.append(entry)
     record = StudyRecord.of(study)
     evidence = {
         "source": "autolayer search",
@@ -429,4 +483,7 @@ def study_evidence(
         "reference_full_score": record.full_score,
         "trials": trials,
     }
+    if analysis is not None:
+        evidence["intervals"] = analysis.method
+        evidence["seed_noise_included"] = analysis.seed_df > 0
     return evidence, lr

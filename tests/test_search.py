@@ -512,3 +512,64 @@ def test_the_search_freezes_the_loaded_heap_and_lets_it_go() -> None:
         assert gc.get_freeze_count() == 0
     finally:
         gc.freeze()
+
+
+class SeedShiftProxy(FakeProxy):
+    """Layer l scores `curves[l]` on even training seeds and 0.2 less on odd ones: seed noise
+    four times the prompt noise of 100 prompts."""
+
+    def __call__(self, work: Any, config: ProxyConfig, *args: Any, **kwargs: Any) -> ProxyResult:
+        shift = -0.2 if config.seed % 2 else 0.0
+        curves = self.curves
+        self.curves = {layer: flat(curve(0) + shift) for layer, curve in curves.items()}
+        try:
+            return super().__call__(work, config, *args, **kwargs)
+        finally:
+            self.curves = curves
+
+
+def test_trials_and_the_export_carry_the_tables_interval(tmp_path: Path) -> None:
+    from autolayer.racing import race
+    from autolayer.report import candidate_rows, verdict_lines
+    from autolayer.study import study_evidence
+
+    proxy = SeedShiftProxy({2: flat(0.6), 3: flat(0.62), 4: flat(0.3)})
+    ctx = fake_search(tmp_path, proxy, (2, 4), first=[2, 3, 4], seeds=2)
+    optimize(ctx)
+    race(ctx)
+    trials = [TrialRecord.of(t) for t in ctx.study.trials]
+    searched, repeats = trials[:3], trials[3:]
+    assert [(r.layers, r.seed) for r in repeats] == [((3,), 1), ((2,), 1), ((4,), 1)]
+    assert all(r.ci_seed_df == 0 for r in searched)  # finished before any repeat
+    assert [r.ci_seed_df for r in repeats] == [1, 2, 3]  # each repeat adds its own seed pair
+    second = repeats[1]  # layer 2, seed 1: 0.4, C 1/3; the seed term widens it past prompt noise
+    assert second.contribution == pytest.approx(1 / 3)
+    assert second.ci_low is not None and second.ci_high is not None
+    assert second.ci_high - second.ci_low > 1.0  # prompt noise alone gives it about 0.3
+    rows, analysis = candidate_rows(ctx.study)
+    assert analysis is not None and analysis.seed_df == 3
+    evidence, _ = study_evidence(ctx.study, (3,), "journal:x")
+    (entry,) = evidence["trials"]
+    (row,) = [r for r in rows if r.layers == (3,)]
+    assert (entry["seeds"], entry["ci_low"], entry["ci_high"]) == (2, row.ci_low, row.ci_high)
+    assert evidence["seed_noise_included"] is True
+    assert not any("prompt noise only" in line for line in verdict_lines(ctx.study))
+
+
+def test_intervals_without_a_seed_term_say_so_where_they_are_shown(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from autolayer.report import candidates_table, results_json, results_table, verdict_lines
+    from autolayer.study import study_evidence
+
+    ctx = fake_search(tmp_path, FakeProxy({2: flat(0.6), 3: flat(0.5)}), (2, 3), seeds=1)
+    optimize(ctx)
+    console = Console(width=200, record=True)
+    console.print(candidates_table(ctx.study))
+    console.print(results_table(ctx.study))
+    text = " ".join(console.export_text().split())
+    assert "C [95% CI*]" in text and "* intervals cover prompt noise only" in text
+    assert "0.67 [" in text and "] *" in text  # each trial's interval is marked too
+    assert any("note: intervals cover prompt noise only" in x for x in verdict_lines(ctx.study))
+    assert results_json(ctx.study)["seed_noise_included"] is False
+    assert study_evidence(ctx.study, (2,), "journal:x")[0]["seed_noise_included"] is False
