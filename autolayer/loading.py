@@ -14,7 +14,7 @@ from torch import nn
 from autolayer.config import Config
 from autolayer.errors import AutolayerError
 from autolayer.models import load_model, set_threads
-from autolayer.rewards import check_rewards
+from autolayer.rewards import RewardError, check_rewards
 from autolayer.scoring import Evaluation, ScoreCache, eval_fingerprint, evaluate
 from autolayer.tasks import Task, for_tokenizer, load_task
 
@@ -72,6 +72,9 @@ def base_reference(config: Config, work: Workload, root: Path) -> Evaluation:
     cached = cache.get(key)
     if cached is not None and len(cached.outcomes) == len(task.eval):
         return cached
-    evaluation = evaluate(model, tokenizer, task)
+    try:
+        evaluation = evaluate(model, tokenizer, task)
+    except RewardError as err:  # one the check on a few rows did not meet (an inf, a raise)
+        raise AutolayerError(f"scoring the base model failed: {err}") from err
     cache.put(key, evaluation)
     return evaluation

@@ -17,7 +17,6 @@ import math
 import numbers
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,6 +108,23 @@ def score_completions(
     the completions reach the functions as `[{"role": "assistant", "content": text}]`, as TRL
     passes them.
     """
+    weights = task.reward_weights or (1.0,) * len(task.reward_funcs)
+    totals = [0.0] * len(completions)
+    for weight, values in zip(
+        weights, reward_values(task, prompts, completions, rows, completion_ids), strict=True
+    ):
+        totals = [t + weight * (v or 0.0) for t, v in zip(totals, values, strict=True)]
+    return totals
+
+
+def reward_values(
+    task: Task,
+    prompts: list[Any],
+    completions: list[str],
+    rows: dict[str, list[Any]],
+    completion_ids: list[list[int]] | None = None,
+) -> list[list[float | None]]:
+    """Each reward function's checked rewards, in order; None where it does not apply."""
     for column, values in rows.items():
         if len(values) != len(completions):
             raise ValueError(
@@ -119,9 +135,8 @@ def score_completions(
         [[{"role": "assistant", "content": c}] for c in completions] if chat else completions
     )
     ids = completion_ids if completion_ids is not None else [[] for _ in completions]
-    weights = task.reward_weights or (1.0,) * len(task.reward_funcs)
-    totals = [0.0] * len(completions)
-    for func, weight in zip(task.reward_funcs, weights, strict=True):
+    out = []
+    for func in task.reward_funcs:
         try:
             rewards = func(
                 prompts=prompts, completions=given, completion_ids=ids, **TRL_EXTRAS, **rows
@@ -130,13 +145,13 @@ def score_completions(
             raise RewardError(
                 f"reward function '{func_name(func)}' raised {type(err).__name__}: {err}"
             ) from err
-        values = _checked(func, rewards, len(completions))
-        totals = [t + weight * v for t, v in zip(totals, values, strict=True)]
-    return totals
+        out.append(_checked(func, rewards, len(completions)))
+    return out
 
 
-def _checked(func: RewardFunc, rewards: Any, n: int) -> list[float]:
-    """Rewards as floats (None and NaN as 0); a wrong length or type names the function."""
+def _checked(func: RewardFunc, rewards: Any, n: int) -> list[float | None]:
+    """Rewards as floats (None and NaN as None: not applicable); a wrong length or type, or an
+    infinite reward (no advantage or mean survives one), names the function."""
     name = func_name(func)
     listlike = hasattr(rewards, "__len__") and hasattr(rewards, "__iter__")
     if isinstance(rewards, (str, bytes)) or not listlike:
@@ -147,12 +162,17 @@ def _checked(func: RewardFunc, rewards: Any, n: int) -> list[float]:
         raise RewardError(
             f"reward function '{name}' returned {len(rewards)} rewards for {n} completions"
         )
-    out = []
+    out: list[float | None] = []
     for value in rewards:
         if value is None:
-            out.append(0.0)
+            out.append(None)
         elif isinstance(value, numbers.Real):
-            out.append(0.0 if math.isnan(float(value)) else float(value))
+            if math.isinf(float(value)):
+                raise RewardError(
+                    f"reward function '{name}' returned {float(value)}; rewards must be finite "
+                    "numbers, or None (or NaN) for not applicable"
+                )
+            out.append(None if math.isnan(float(value)) else float(value))
         else:
             raise RewardError(
                 f"reward function '{name}' returned {value!r} ({type(value).__name__}); rewards "
@@ -165,8 +185,10 @@ def check_rewards(task: Task) -> None:
     """Try every reward function on a few held-out rows before any training.
 
     A function that does not take TRL's signature, raises, or returns the wrong length or type
-    stops here with one sentence that names it, instead of failing every trial later. An
-    environment task's environment is made, reset and stepped instead.
+    or an infinite reward stops here with one sentence that names it, instead of failing every
+    trial later; so do functions that give no number (only None or NaN) on any row tried, which
+    would score every run 0 and name a best among equals. An environment task's environment is
+    made, reset and stepped instead.
     """
     if task.env is not None:
         check_env(task.env)
@@ -187,12 +209,17 @@ def check_rewards(task: Task) -> None:
             ) from None
         except ValueError:
             pass  # a builtin without an inspectable signature: the call below checks it
-    for func in task.reward_funcs:
-        alone = replace(task, reward_funcs=(func,), reward_weights=None)
-        try:
-            score_completions(alone, prompts, completions, columns)
-        except RewardError as err:
-            raise AutolayerError(f"{err} (checked on {len(prompts)} held-out rows)") from None
+    try:
+        values = reward_values(task, prompts, completions, columns)
+    except RewardError as err:
+        raise AutolayerError(f"{err} (checked on {len(prompts)} held-out rows)") from None
+    if all(v is None for per_func in values for v in per_func):
+        names = ", ".join(f"'{func_name(f)}'" for f in task.reward_funcs)
+        raise AutolayerError(
+            f"the reward functions ({names}) returned None or NaN for all {len(completions)} "
+            f"completions tried on {len(rows['prompt'])} held-out rows, so no score can be "
+            "measured; return a number wherever a reward applies"
+        )
 
 
 def repeat_rows(batch: dict[str, list[Any]], times: int) -> dict[str, list[Any]]:
