@@ -470,12 +470,21 @@ def _tracks_to(tracker: Tracker, study: optuna.Study) -> bool:
     return uri is not None and uri == StudyRecord.of(study).tracking_uri
 
 
+STUDY_TAG = "optuna.study"  # on the parent run: the study it belongs to
+
+
 def _parent_run(config: Config, study: optuna.Study, tracker: Tracker, task_name: str) -> str:
-    """One parent MLflow run per study, found again when the study resumes."""
+    """One parent MLflow run per study, found again when the study resumes.
+
+    MLflow names a run only once it exists, so a worker killed between making the run and
+    recording it in the study leaves a RUNNING parent the study does not know: the next worker
+    adopts it (by its study tag) instead of making a second one."""
     run_id = StudyRecord.of(study).parent_run_id
     if run_id and _tracks_to(tracker, study):
         return run_id
-    run_id = tracker.start_run(f"study-{study.study_name}", tags={"optuna.study": study.study_name})
+    run_id = tracker.find_run(STUDY_TAG, study.study_name) or tracker.start_run(
+        f"study-{study.study_name}", tags={STUDY_TAG: study.study_name}
+    )
     tracker.log_dict(run_id, config.to_dict(), "config.yaml")
     tracker.log_params(
         run_id,

@@ -94,6 +94,7 @@ class Tracker(Protocol):
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None: ...
     def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
     def end_dead_runs(self, role: str) -> list[str]: ...
+    def find_run(self, tag: str, value: str) -> str | None: ...
     def lightning_logger(self, run_id: str) -> Any: ...
 
 
@@ -116,6 +117,9 @@ class NullTracker:
 
     def end_dead_runs(self, role: str) -> list[str]:
         return []
+
+    def find_run(self, tag: str, value: str) -> str | None:
+        return None
 
     def lightning_logger(self, run_id: str) -> Any:
         return None
@@ -224,6 +228,19 @@ class MlflowTracker:
                 self.client.set_terminated(run.info.run_id, "KILLED")
                 ended.append(run.info.run_id)
         return ended
+
+    def find_run(self, tag: str, value: str) -> str | None:
+        """The oldest top-level RUNNING run of this experiment whose `tag` is `value`: one a
+        killed process made but could not record anywhere."""
+        if "'" in value:
+            return None  # not expressible in a filter string; a new run is made instead
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{tag}` = '{value}' and attributes.status = 'RUNNING'",
+            order_by=["attributes.start_time ASC"],
+        )
+        top = [run for run in runs if PARENT_TAG not in run.data.tags]
+        return str(top[0].info.run_id) if top else None
 
     def lightning_logger(self, run_id: str) -> Any:
         """Lightning's MLFlowLogger bound to an existing run: it must be given the URI explicitly,
