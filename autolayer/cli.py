@@ -263,15 +263,18 @@ def _demo_parser(sub: Any) -> None:
 def _run_search(config: Config, root: Path) -> int:
     from autolayer.layers import layer_count_from_config
     from autolayer.spaces import bind, load_space
-    from autolayer.storage import make_storage
+    from autolayer.storage import check_storage
+    from autolayer.tracking import check_tracking
 
-    # Fail on a bad space, layer range or storage URL in seconds, before the model loads.
+    # Fail on a bad space, layer range, storage or tracking URI in seconds, before the model
+    # loads; nothing is written until the search has checked its data and model too.
     require_one_device(config.proxy)
     space = load_space(config.search.space)
     num_layers = layer_count_from_config(config.model.name)
     if num_layers is not None:
         bind(space, num_layers)
-    make_storage(config.search.storage, root)
+    check_storage(config.search.storage, root)
+    check_tracking(config.tracking.enabled, config.tracking.tracking_uri)
     quiet_libraries()  # the model libraries load from here on
 
     from autolayer.progress import SearchDisplay

@@ -16,6 +16,7 @@ import re
 import signal
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -27,7 +28,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from autolayer.config import Config, require_one_device
-from autolayer.errors import Interrupted, TrialInterrupted
+from autolayer.errors import AutolayerError, Interrupted, TrialInterrupted
 from autolayer.loading import Workload, base_reference, load_for, prepare_task
 from autolayer.models import find_layer_stack
 from autolayer.proxy import ProxyResult, ProxyRun, run_proxy
@@ -48,12 +49,14 @@ from autolayer.storage import (
     MAX_ATTEMPTS,
     WORKER_DIED,
     candidate_key,
+    check_storage,
     claim,
     counts,
     earlier_twin,
     exhausted_candidates,
     make_storage,
     mark_worker,
+    quiet_optuna,
     recover_stale_trials,
     retry_failed,
     study_proxy_seed,
@@ -62,6 +65,7 @@ from autolayer.study import (
     CONTRIBUTION_OBJECTIVE,
     StudyRecord,
     TrialRecord,
+    measured,
     records,
     run_estimate,
     trial_seed,
@@ -69,7 +73,7 @@ from autolayer.study import (
     write_trial,
 )
 from autolayer.tasks import Task
-from autolayer.tracking import DEFAULT_ROOT, Tracker, make_tracker
+from autolayer.tracking import DEFAULT_ROOT, Tracker, check_tracking, make_tracker
 
 WILCOXON_BLOCK = 50  # eval prompts per Wilcoxon report: a report is a storage write (~3.5 ms on
 # the journal file), so per-prompt reports would add ~3.5 s to a 1,000-prompt evaluation
@@ -161,6 +165,14 @@ def full_reference(ctx: SearchContext) -> Evaluation:
             write_study(ctx.study, mlflow_reference_run_id=run_id)
     try:
         result = train_and_restore(ctx, all_layers, lr, logger=ctx.tracker.lightning_logger(run_id))
+    except Exception as err:  # diverged (NaN loss), out of memory, a reward that raised
+        reason = _failure_reason(err)
+        ctx.tracker.set_tags(run_id, {"fail_reason": reason})
+        ctx.tracker.end_run(run_id, "FAILED")
+        raise AutolayerError(
+            f"the all-layers reference run failed ({reason}); C needs it to finish: lower "
+            f"proxy.full_lr (now {lr:g}) or check the task's rewards"
+        ) from err
     except BaseException:
         ctx.tracker.end_run(run_id, "KILLED")
         raise
@@ -395,19 +407,19 @@ def open_study(
     """Create the study or resume it by name; never repeats a finished trial."""
     name = config.search.study_name or default_study_name(config, task_name)
     storage = storage if storage is not None else make_storage(config.search.storage, root)
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage,
-        direction="maximize",
-        load_if_exists=True,
-        sampler=make_sampler(config.search.sampler, space, config.search.seed),
-        pruner=make_pruner(
-            config.search.pruner,
-            n_warmup_steps=config.proxy.eval_every,
-            final_step=config.proxy.steps,
-        ),
-    )
-    return study
+    with quiet_optuna():  # "A new study created ...": the display says which study runs
+        return optuna.create_study(
+            study_name=name,
+            storage=storage,
+            direction="maximize",
+            load_if_exists=True,
+            sampler=make_sampler(config.search.sampler, space, config.search.seed),
+            pruner=make_pruner(
+                config.search.pruner,
+                n_warmup_steps=config.proxy.eval_every,
+                final_step=config.proxy.steps,
+            ),
+        )
 
 
 def _end_dead_runs(study: optuna.Study, tracker: Tracker) -> None:
@@ -514,26 +526,59 @@ def prepare(
     """
     hooks = hooks or SearchHooks()
     require_one_device(config.proxy)
-    # Everything a user can get wrong cheaply (space file, storage URL, tracking URI) is checked
-    # before the model loads, so a typo fails in a second and leaves no study behind.
+    # Everything a user can get wrong is checked before anything is written: the space file, the
+    # storage and tracking URIs (a typo fails in a second), the task's data and rewards, then the
+    # model. The stores open only after that, so a refusal leaves no empty study behind.
     unbound = load_space(config.search.space)
-    storage = make_storage(config.search.storage, root)
-    task = prepare_task(config, task)  # bad data or a broken reward fails before anything is made
-    name = config.search.study_name or default_study_name(config, task.name)
-    tracker = make_tracker(
-        config.tracking.enabled,
-        config.tracking.tracking_uri,
-        config.tracking.experiment or name,
-        root,
-    )
+    check_storage(config.search.storage, root)
+    task = prepare_task(config, task)
+    check_tracking(config.tracking.enabled, config.tracking.tracking_uri)
     work = load_for(config, task)
     num_layers = len(find_layer_stack(work.model))
     space = bind(unbound, num_layers)
-    study = open_study(config, space, root, storage, work.task.name)
+    storage = make_storage(config.search.storage, root)
+    study, config = _open_for(config, space, storage, work.task.name, hooks)
+    tracker = make_tracker(
+        config.tracking.enabled,
+        config.tracking.tracking_uri,
+        config.tracking.experiment or study.study_name,
+        root,
+    )
+    _end_dead_runs(study, tracker)
+    retried = retry_failed(study)
+    if retried:
+        hooks.on_message(_retry_message(retried))
+    parent = _parent_run(config, study, tracker, work.task.name)
+    hooks.on_message(
+        f"study '{study.study_name}': {len(study.trials)} earlier trials, space "
+        f"{config.search.space} ({space_size(space) or 'continuous'} candidates)"
+    )
+    with _ending_parent(tracker, parent):
+        hooks.on_message(
+            f"reference: scoring the base model on {len(work.task.eval)} held-out prompts"
+        )
+        base = base_reference(config, work, root)
+        write_study(
+            study, reference_base_outcomes=list(base.outcomes), reference_base_score=base.score
+        )
+        placeholder = References(base, base)
+        ctx = SearchContext(config, work, space, study, tracker, parent, placeholder, hooks)
+        ctx.refs = References(base, full_reference(ctx))
+        _record_objective(ctx)
+        _enqueue_warm_start(ctx, num_layers, storage)
+    return ctx
+
+
+def _open_for(
+    config: Config, space: Space, storage: Any, task_name: str, hooks: SearchHooks
+) -> tuple[optuna.Study, Config]:
+    """The study, labelled for `autolayer export/train --study-name`, and the config with the
+    study's proxy seed (set by its first worker)."""
+    study = open_study(config, space, storage=storage, task_name=task_name)
     write_study(  # lets `autolayer export/train --study-name` stand alone
         study,
         model=config.model.name,
-        task=work.task.name,
+        task=task_name,
         model_revision=config.model.revision,
         algorithm=config.proxy.algorithm,
         space=config.search.space,
@@ -546,23 +591,15 @@ def prepare(
             f"worker's proxy.seed {config.proxy.seed} (its sampler keeps search.seed)"
         )
         config = dataclasses.replace(config, proxy=dataclasses.replace(config.proxy, seed=seed))
-    _end_dead_runs(study, tracker)
-    retried = retry_failed(study)
-    if retried:
-        hooks.on_message(_retry_message(retried))
-    parent = _parent_run(config, study, tracker, work.task.name)
-    hooks.on_message(
-        f"study '{study.study_name}': {len(study.trials)} earlier trials, space "
-        f"{config.search.space} ({space_size(space) or 'continuous'} candidates)"
-    )
-    hooks.on_message(f"reference: scoring the base model on {len(work.task.eval)} held-out prompts")
-    base = base_reference(config, work, root)
-    write_study(study, reference_base_outcomes=list(base.outcomes), reference_base_score=base.score)
-    placeholder = References(base, base)
-    ctx = SearchContext(config, work, space, study, tracker, parent, placeholder, hooks)
-    ctx.refs = References(base, full_reference(ctx))
-    tracker.log_metrics(
-        parent, {"reference/base_score": base.score, "reference/full_score": ctx.refs.full.score}
+    return study, config
+
+
+def _record_objective(ctx: SearchContext) -> None:
+    """Log the references and name the objective: C when the all-layers run gained, else S."""
+    config, study, base = ctx.config, ctx.study, ctx.refs.base
+    ctx.tracker.log_metrics(
+        ctx.parent_run,
+        {"reference/base_score": base.score, "reference/full_score": ctx.refs.full.score},
     )
     uses_c = config.search.objective == "contribution" and ctx.refs.full_gain_defined
     objective = CONTRIBUTION_OBJECTIVE if uses_c else "held-out score"
@@ -571,11 +608,40 @@ def prepare(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([objective])
     if config.search.objective == "contribution" and not uses_c:
-        hooks.on_message(
+        ctx.hooks.on_message(
             "the full run's gain is within noise, so C is undefined: optimising the score"
         )
-    _enqueue_warm_start(ctx, num_layers, storage)
-    return ctx
+
+
+@contextlib.contextmanager
+def _ending_parent(tracker: Tracker, parent: str) -> Iterator[None]:
+    """End the study's parent run if the block fails, and let the failure go on: KILLED on an
+    interrupt (a rerun reuses the run), FAILED otherwise. Never left RUNNING."""
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt):
+        tracker.end_run(parent, "KILLED")
+        raise
+    except Exception:
+        tracker.end_run(parent, "FAILED")
+        raise
+
+
+def require_a_score(study: optuna.Study) -> None:
+    """Refuse a study in which no trial measured a candidate: there is no table and no best to
+    name, whatever the trials' states say."""
+    if measured(study):
+        return
+    ended = Counter(
+        (t.state.name.lower(), (TrialRecord.of(t).note or "no reason recorded")[:160])
+        for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL))
+    )
+    summary = "; ".join(f"{n} {state}: {note}" for (state, note), n in ended.most_common(3))
+    raise AutolayerError(
+        f"no trial of study '{study.study_name}' produced a usable score "
+        f"({summary or 'no trial ran'}); nothing is ranked: `autolayer results --study-name "
+        f"{study.study_name} --trials` lists them"
+    )
 
 
 DEFAULT_TRIALS = 20  # for samplers that never exhaust their space, when --n-trials is not given
@@ -664,18 +730,15 @@ def run_search(
     ctx = prepare(config, root, hooks, task)
     if config.search.timeout is not None:
         ctx.deadline = time.monotonic() + config.search.timeout
-    try:
-        with frozen_heap():
-            optimize(ctx)
-            from autolayer.racing import measure_baselines, race
+    with _ending_parent(ctx.tracker, ctx.parent_run), frozen_heap():
+        optimize(ctx)
+        from autolayer.racing import measure_baselines, race
 
-            if can_start_trial(ctx):
-                measure_baselines(ctx)
-            if can_start_trial(ctx):
-                race(ctx)
-    except (Interrupted, KeyboardInterrupt):
-        ctx.tracker.end_run(ctx.parent_run, "KILLED")  # a rerun reuses it and ends it again
-        raise
+        if can_start_trial(ctx):
+            measure_baselines(ctx)
+        if can_start_trial(ctx):
+            race(ctx)
+        require_a_score(ctx.study)
     from autolayer.report import finish_study
 
     finish_study(ctx, root, seconds=time.perf_counter() - start)

@@ -11,10 +11,12 @@ URLs (`search.storage`):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,51 @@ def make_storage(url: str | None, root: Path = DEFAULT_ROOT) -> BaseStorage:
             "postgresql://USER@HOST/DB or mysql://USER@HOST/DB"
         )
     return _rdb_storage(url, dialect)
+
+
+def check_storage(url: str | None, root: Path = DEFAULT_ROOT) -> None:
+    """Refuse what `make_storage` would refuse, creating nothing here: a journal or SQLite file
+    must be writable where it is or could be made; a database server is connected to (which
+    makes its tables there). So a search checks its storage first and opens it last, after the
+    model loads, and a refusal in between leaves no empty study file behind."""
+    url = url or default_storage_url(root)
+    if url.startswith(JOURNAL_SCHEME):
+        path = Path(url[len(JOURNAL_SCHEME) :]).expanduser()
+        if not path.name:
+            raise AutolayerError("a journal storage URL needs a file path: journal:PATH")
+        _check_writable(path, "the journal storage")
+        return
+    database = _sqlite_file(url)
+    if database is not None:
+        _check_writable(database, "the storage")
+        return
+    make_storage(url, root)  # a URL error, or a server to reach
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a well-formed sqlite:/// URL (None for anything else, or in memory)."""
+    if not url.split(":", 1)[0].lower().startswith("sqlite"):
+        return None
+    try:
+        database = make_url(url).database
+    except sqlalchemy.exc.ArgumentError:
+        return None  # make_storage says what is wrong with it
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser()
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """`path` is a file that exists and is writable, or its nearest existing folder is one."""
+    if path.exists():
+        if path.is_dir() or not os.access(path, os.W_OK):
+            raise AutolayerError(f"cannot open {what} {path}: it is a folder or not writable")
+        return
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise AutolayerError(f"cannot open {what} {path}: {folder} is not a writable folder")
 
 
 def load_study(study_name: str, url: str | None, root: Path = DEFAULT_ROOT) -> optuna.Study:
@@ -151,10 +198,10 @@ def _heartbeat_kwargs() -> dict[str, Any]:
 
 
 def _make_sqlite_parent(url: str) -> None:
-    database = make_url(url).database
-    if database and database != ":memory:" and not database.startswith("file:"):
+    database = _sqlite_file(url)
+    if database is not None:
         try:
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            database.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise AutolayerError(
                 f"cannot create the folder of {database}: {err.strerror}"
@@ -285,15 +332,24 @@ def claim(storage: Any, name: str) -> bool:
     Creating a study is atomic in every Optuna storage (a unique name in the journal and in the
     database), so the first worker to create this marker study wins and every other is told so.
     """
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a marker, not a study to announce
     try:
-        optuna.create_study(study_name=name, storage=storage)
+        with quiet_optuna():  # a marker, not a study to announce
+            optuna.create_study(study_name=name, storage=storage)
     except optuna.exceptions.DuplicatedStudyError:
         return False
+    return True
+
+
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna's INFO lines ("A new study created in Journal with name: ...") off for the block:
+    the search's display says what a person needs, on stdout."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
     finally:
         optuna.logging.set_verbosity(verbosity)
-    return True
 
 
 Candidate = tuple[tuple[str, Any], ...]

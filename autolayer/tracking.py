@@ -65,18 +65,34 @@ def default_tracking_uri(root: Path = DEFAULT_ROOT) -> str:
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
+def _given_uri(uri: str | None) -> str | None:
+    """The explicit URI, else $MLFLOW_TRACKING_URI, checked; None: the default store."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and (uri.startswith("file:") or "://" not in uri and not uri.startswith("databricks")):
+        raise AutolayerError(
+            f"tracking URI {uri!r} is a file store, which MLflow >= 3.13 refuses; "
+            "use sqlite:///path/mlflow.db or an http(s):// server"
+        )
+    return uri
+
+
 def resolve_tracking_uri(uri: str | None, root: Path = DEFAULT_ROOT) -> str:
     """Explicit URI, else $MLFLOW_TRACKING_URI, else SQLite under `root` (created if missing)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        if uri.startswith("file:") or "://" not in uri and not uri.startswith("databricks"):
-            raise AutolayerError(
-                f"tracking URI {uri!r} is a file store, which MLflow >= 3.13 refuses; "
-                "use sqlite:///path/mlflow.db or an http(s):// server"
-            )
-        return uri
+    given = _given_uri(uri)
+    if given:
+        return given
     root.mkdir(parents=True, exist_ok=True)
     return default_tracking_uri(root)
+
+
+def check_tracking(enabled: bool, tracking_uri: str | None) -> None:
+    """Refuse what `make_tracker` would refuse for its URI, creating nothing: a file store, or
+    a server that does not answer. A search checks first and opens the store last."""
+    if not enabled:
+        return
+    given = _given_uri(tracking_uri)
+    if given and given.startswith(("http://", "https://")):
+        probe_server(given)
 
 
 class Tracker(Protocol):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -150,3 +152,65 @@ def test_a_signal_mid_command_is_one_sentence_and_128_plus_its_number(
     err = capsys.readouterr().err
     name = signal.Signals(signum).name
     assert err == f"autolayer: interrupted by {name}; nothing was left half-written\n"
+
+
+def _empty_prompt(tmp_path: Path) -> dict:
+    rows = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(8)]
+    rows[3]["prompt"] = ""
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"task": {"name": "mine", "data_files": str(tmp_path / "d.jsonl"),
+                     "reward_funcs": ["autolayer.organism.reward_correct"]}}  # fmt: skip
+
+
+def _latin1(tmp_path: Path) -> dict:
+    rows = [json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}).encode() for i in range(8)]
+    rows[5] = b'{"prompt": "caf\xe9 5+5=", "answer": "10"}'
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    return {"task": {"name": "mine", "data_files": str(tmp_path / "d.jsonl"),
+                     "reward_funcs": ["autolayer.organism.reward_correct"]}}  # fmt: skip
+
+
+def _no_reward(tmp_path: Path) -> dict:
+    (tmp_path / "r.py").write_text(
+        "def never(completions, **kw):\n    return [None] * len(completions)\n"
+    )
+    return {"task": {"reward_funcs": [f"{tmp_path / 'r.py'}:never"]}}
+
+
+def _truncated_weights(tmp_path: Path) -> dict:
+    from tests.conftest import save_organism_shaped
+
+    path = save_organism_shaped(tmp_path / "model")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    return {"model": {"name": str(path)}}
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_empty_prompt, "data are empty; remove those rows"),
+        (_latin1, "is not valid UTF-8 text"),
+        (_no_reward, "returned None or NaN for all 4 completions"),
+        (_truncated_weights, "its weights file is corrupt or truncated"),
+    ],
+    ids=["empty prompt", "not UTF-8", "reward never a number", "truncated weights"],
+)
+def test_bad_data_rewards_or_weights_are_one_sentence_and_write_nothing(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    main_in_process: None,
+    make: Any,
+    message: str,
+) -> None:
+    """Checked before the storage or the tracking store opens: no empty journal.log, no
+    mlflow.db, no study to resume by mistake."""
+    from autolayer.cli import main
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"proxy": {"device": "cpu"}, **make(tmp_path)}))
+    root = tmp_path / "mlruns"
+    assert main(["search", "--config", str(tmp_path / "c.yaml"), "--root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autolayer: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not root.exists()

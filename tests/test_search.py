@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autolayer.cli import main
 from autolayer.config import ProxyConfig, config_from_dict
-from autolayer.errors import Interrupted, TrialInterrupted
+from autolayer.errors import AutolayerError, Interrupted, TrialInterrupted
 from autolayer.loading import Workload
 from autolayer.proxy import ProxyResult
 from autolayer.scoring import Evaluation
@@ -573,3 +573,90 @@ def test_intervals_without_a_seed_term_say_so_where_they_are_shown(tmp_path: Pat
     assert any("note: intervals cover prompt noise only" in x for x in verdict_lines(ctx.study))
     assert results_json(ctx.study)["seed_noise_included"] is False
     assert study_evidence(ctx.study, (2,), "journal:x")[0]["seed_noise_included"] is False
+
+
+def test_a_study_with_no_usable_score_is_refused(tmp_path: Path) -> None:
+    from autolayer.search import require_a_score
+
+    ctx = fake_search(tmp_path, FakeProxy({}, fail=(2, 3)), (2, 3))
+    optimize(ctx)
+    with pytest.raises(AutolayerError) as err:
+        require_a_score(ctx.study)
+    assert str(err.value).startswith(
+        "no trial of study 'spec' produced a usable score (2 fail: FloatingPointError: the loss "
+        "became nan); nothing is ranked"
+    )
+
+
+@pytest.mark.parametrize(
+    ("full_lr", "space_lr", "message"),
+    [
+        (1.0e30, None, "the all-layers reference run failed ("),
+        (1.0e-3, [1.0e30, 2.0e30], "no trial of study 'tiny' produced a usable score (1 fail: "),
+    ],
+    ids=["diverging reference", "every trial diverges"],
+)
+def test_a_search_that_cannot_score_is_one_sentence_and_closes_its_parent_run(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    main_in_process: None,
+    full_lr: float,
+    space_lr: list[float] | None,
+    message: str,
+) -> None:
+    """lr 1e30 blows the weights up: the reference run, or every trial, ends in NaN."""
+    space = write_space(tmp_path, layers=[3, 3], **({"lr": space_lr} if space_lr else {}))
+    data = tiny_config(tmp_path, space, n_trials=1)
+    data["proxy"]["full_lr"] = full_lr
+    config = _write_config(tmp_path, data)
+    code = main(["search", "--config", str(config), "--root", str(tmp_path / "mlruns")])
+    out, err = capsys.readouterr()
+    assert code == 2, out + err
+    assert err.startswith(f"autolayer: error: {message}") and len(err.splitlines()) == 1
+    client = mlflow.MlflowClient(data["tracking"]["tracking_uri"])
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    [parent] = client.search_runs([experiment], "tags.`optuna.study` = 'tiny'")
+    assert parent.info.status == "FAILED"
+
+
+def test_a_parent_run_made_by_a_killed_worker_is_adopted_not_doubled(tmp_path: Path) -> None:
+    """MLflow names a run only once it exists: a worker killed between making the study's parent
+    run and recording it left a RUNNING orphan, and the rerun made a second parent."""
+    from autolayer.search import _parent_run
+    from autolayer.tracking import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "exp", tmp_path)
+    orphan = tracker.start_run("study-spec", tags={"optuna.study": "spec"})  # then the kill
+    tracker.start_run("study-other", tags={"optuna.study": "other"})
+    tracker.start_run("trial-0", orphan, {"optuna.study": "spec"})  # a child is never adopted
+    config = config_from_dict({"tracking": {"tracking_uri": uri}})
+    study = optuna.create_study(study_name="spec")
+    assert _parent_run(config, study, tracker, "t") == orphan
+    assert StudyRecord.of(study).parent_run_id == orphan
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([tracker.experiment_id], "tags.`optuna.study` = 'spec'")
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
+    assert "config.yaml" in {a.path for a in client.list_artifacts(orphan)}
+    assert _parent_run(config, study, tracker, "t") == orphan  # and found again by its record
+
+
+def test_opening_a_study_prints_no_optuna_banner(tmp_path: Path) -> None:
+    import logging
+
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler, verbosity = Collect(), optuna.logging.get_verbosity()
+    logging.getLogger("optuna").addHandler(handler)
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # Optuna's default
+    try:
+        fake_search(tmp_path, FakeProxy({}), (2, 3))
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO  # put back after
+    finally:
+        logging.getLogger("optuna").removeHandler(handler)
+        optuna.logging.set_verbosity(verbosity)
+    assert not [m for m in seen if "A new study created" in m]
