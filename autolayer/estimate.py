@@ -96,6 +96,14 @@ def method_line(seed_df: int, resamples: int = RESAMPLES) -> str:
     )
 
 
+def format_contribution(value: float, low: float, high: float, gain: float) -> str:
+    """`C [low, high]`, except that a zero-width interval is no certainty to print: every
+    resample agreed because no held-out outcome changed (no change) or all moved alike."""
+    if low == high:
+        return "no change" if gain == 0 else f"{value:.2f} [no spread]"
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
 def analyse(
     runs: Mapping[K, np.ndarray],
     base: np.ndarray,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
-from autolayer.estimate import PROMPT_NOISE_ONLY
+from autolayer.estimate import PROMPT_NOISE_ONLY, format_contribution
 from autolayer.study import (
     StudyRecord,
     TrialRecord,
@@ -194,14 +194,6 @@ def verdict_lines(study: optuna.Study) -> list[str]:
 def references(study: optuna.Study) -> dict[str, float | None]:
     record = StudyRecord.of(study)
     return {"base": record.base_score, "full": record.full_score}
-
-
-def format_contribution(value: float, low: float, high: float, gain: float) -> str:
-    """`C [low, high]`, except that a zero-width interval is no certainty to print: every
-    resample agreed because no held-out outcome changed (no change) or all moved alike."""
-    if low == high:
-        return "no change" if gain == 0 else f"{value:.2f} [no spread]"
-    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:

@@ -19,8 +19,7 @@ import numpy as np
 from scipy import stats
 from torch import nn
 
-from autolayer.estimate import Z95
-from autolayer.report import format_contribution
+from autolayer.estimate import Z95, format_contribution
 from autolayer.rewards import score_completions
 from autolayer.rollout import complete, eos_token_ids
 from autolayer.tasks import Task, task_fingerprint

@@ -93,7 +93,7 @@ def test_greedy_evaluation_is_repeatable_and_fingerprinted() -> None:
 
 def test_a_zero_width_interval_says_what_happened() -> None:
     """0.000 -> 0.000 once printed as 'C 0.00 [0.00, 0.00]', an interval that looks certain."""
-    from autolayer.report import format_contribution
+    from autolayer.estimate import format_contribution
 
     assert format_contribution(0.0, 0.0, 0.0, 0.0) == "no change"
     assert format_contribution(1.0, 1.0, 1.0, 0.3) == "1.00 [no spread]"
