@@ -65,6 +65,12 @@ class Analysis(Generic[K]):
     method: str
 
 
+def contribution_ratio(score: float, base_score: float, full_score: float) -> float:
+    """C = (S_subset - S_base) / (S_full - S_base) (arXiv 2607.01232): the share of the
+    all-layers run's gain that a subset's run reaches."""
+    return (score - base_score) / (full_score - base_score)
+
+
 def pooled_seed_variance(runs: Mapping[K, np.ndarray]) -> tuple[float, int]:
     """Between-seed variance of held-out scores pooled over candidates with >= 2 seeds, and its
     degrees of freedom, sum(k - 1). `runs` maps each candidate to a (seeds, prompts) array."""
@@ -157,8 +163,7 @@ def analyse(
         s_low, s_high = np.quantile(star, [alpha, 1 - alpha])
         c = low = high = None
         if full_star is not None and full is not None:
-            denominator = float(full.mean()) - float(base.mean())
-            c = (score - float(base.mean())) / denominator
+            c = contribution_ratio(score, float(base.mean()), float(full.mean()))
             denominators = np.where(
                 full_star == base_star, np.finfo(float).tiny, full_star - base_star
             )

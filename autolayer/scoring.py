@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 from scipy import stats
 from torch import nn
 
-from autolayer.estimate import Z95, format_contribution
+from autolayer.estimate import Z95, contribution_ratio, format_contribution
 from autolayer.rewards import score_completions
 from autolayer.rollout import complete, eos_token_ids
 from autolayer.tasks import Task, task_fingerprint
@@ -151,7 +152,33 @@ def contribution(
         rng=np.random.default_rng(seed),
     )
     low, high = result.confidence_interval
-    return Contribution(gain / full_gain, float(low), float(high), gain, full_gain)
+    value = contribution_ratio(subset.score, base.score, full.score)
+    return Contribution(value, float(low), float(high), gain, full_gain)
+
+
+@dataclass
+class References:
+    """The two evaluations C is measured against: the base model and the all-layers run."""
+
+    base: Evaluation
+    full: Evaluation
+
+    @cached_property
+    def full_gain_defined(self) -> bool:
+        """Whether C is defined; asked on every pruning report, so computed once."""
+        return not full_gain_noise(self.base, self.full)
+
+    def uses_contribution(self, objective: str) -> bool:
+        """Whether a search asked for `objective` (search.objective) maximises C: only where
+        C is defined, else it falls back to the held-out score."""
+        return objective == "contribution" and self.full_gain_defined
+
+    def objective_value(self, score: float, objective: str) -> float:
+        """What the search maximises for a held-out score: C when it uses C (an increasing map
+        of the score), else the score itself."""
+        if self.uses_contribution(objective):
+            return contribution_ratio(score, self.base.score, self.full.score)
+        return score
 
 
 def eval_fingerprint(

@@ -19,7 +19,6 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from autolayer.loading import Workload, base_reference, load_for, prepare_task
 from autolayer.models import find_layer_stack
 from autolayer.proxy import ProxyResult, ProxyRun, run_proxy
 from autolayer.samplers import make_pruner, make_sampler
-from autolayer.scoring import Contribution, Evaluation, contribution, full_gain_noise
+from autolayer.scoring import Contribution, Evaluation, References, contribution
 from autolayer.spaces import (
     Candidate,
     Space,
@@ -80,17 +79,6 @@ WILCOXON_BLOCK = 50  # eval prompts per Wilcoxon report: a report is a storage w
 
 
 @dataclass
-class References:
-    base: Evaluation
-    full: Evaluation
-
-    @cached_property
-    def full_gain_defined(self) -> bool:
-        """Whether C is defined; asked on every pruning report, so computed once."""
-        return not full_gain_noise(self.base, self.full)
-
-
-@dataclass
 class SearchHooks:
     """Progress callbacks for a display; all optional."""
 
@@ -125,9 +113,7 @@ class SearchContext:
 
     def objective_value(self, score: float) -> float:
         """The study maximises C when it is defined (an increasing map of the score), else S."""
-        if self.config.search.objective == "contribution" and self.refs.full_gain_defined:
-            return (score - self.refs.base.score) / (self.refs.full.score - self.refs.base.score)
-        return score
+        return self.refs.objective_value(score, self.config.search.objective)
 
 
 def default_study_name(config: Config, task_name: str | None = None) -> str:
@@ -601,7 +587,7 @@ def _record_objective(ctx: SearchContext) -> None:
         ctx.parent_run,
         {"reference/base_score": base.score, "reference/full_score": ctx.refs.full.score},
     )
-    uses_c = config.search.objective == "contribution" and ctx.refs.full_gain_defined
+    uses_c = ctx.refs.uses_contribution(config.search.objective)
     objective = CONTRIBUTION_OBJECTIVE if uses_c else "held-out score"
     write_study(study, objective=objective, objective_origin=ctx.objective_value(base.score))
     with warnings.catch_warnings():  # experimental in Optuna, and only a label for dashboards

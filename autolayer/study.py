@@ -308,6 +308,8 @@ class StudyRecord:
 
     @property
     def uses_contribution(self) -> bool:
+        """Whether the study maximises C, as `scoring.References.uses_contribution` decided when
+        the search recorded its objective: read back, never decided again from storage."""
         return self.objective == CONTRIBUTION_OBJECTIVE
 
 
