@@ -71,7 +71,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from autolayer.export import write_text_atomic
+    from autolayer.files import write_text_atomic
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

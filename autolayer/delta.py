@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -26,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from autolayer.errors import AutolayerError
+from autolayer.files import atomic_dir
 from autolayer.layers import validate_layers
 from autolayer.models import find_layer_stack, layer_param_names, load_model
-from autolayer.processes import pid_alive
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -55,52 +51,6 @@ def hash_parameters(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def remove_stale(out: Path) -> list[Path]:
-    """Remove the temporary and replaced copies of `out` left by processes that were killed
-    (their pid, in the name, no longer runs here); returns what was removed."""
-    removed = []
-    for path in out.parent.glob(f".{out.name}.*-*-*"):
-        kind, _, rest = path.name.removeprefix(f".{out.name}.").partition("-")
-        pid = rest.split("-")[0]
-        if kind in ("tmp", "old") and pid.isdigit() and not pid_alive(int(pid)):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
-@contextmanager
-def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `out_dir` and rename it into place when the block ends.
-
-    On error the temporary directory is removed and `out_dir` is untouched. An existing non-empty
-    `out_dir` is refused unless `overwrite`; then it is replaced only after the new one is whole.
-    """
-    out = Path(out_dir)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise AutolayerError(f"{out} already exists; choose a new directory or allow overwriting")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _manifest(

@@ -11,10 +11,8 @@ the tests can prove the emitted text selects exactly the chosen parameters and n
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ import yaml
 from torch import nn
 
 from autolayer.errors import AutolayerError
+from autolayer.files import write_text_atomic
 from autolayer.layers import validate_layers
 from autolayer.models import find_layer_stack, layer_param_names
 
@@ -481,21 +480,6 @@ def render(choice: LayerChoice, fmt: str) -> str:
     if fmt not in RENDERERS:
         raise AutolayerError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     return RENDERERS[fmt](choice)
-
-
-def write_text_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write to a temporary file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_export(choice: LayerChoice, fmt: str, out_dir: str | Path) -> list[Path]:

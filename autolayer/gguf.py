@@ -42,7 +42,7 @@ def convert(gguf_file: Path, out: Path, overwrite: bool = False) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from autolayer.delta import atomic_dir
+    from autolayer.files import atomic_dir
 
     if not gguf_file.is_file():
         raise AutolayerError(f"no GGUF file at {gguf_file}")

@@ -28,8 +28,6 @@ import argparse
 import math
 import random
 import re
-import shutil
-import tempfile
 import time
 import zlib
 from collections.abc import Callable
@@ -45,6 +43,8 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+from autolayer.files import atomic_dir
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 CHARS = "0123456789+-=* \n"  # `*`, space and newline are unused by the task but keep text decodable
@@ -312,25 +312,14 @@ def report_by_op(
 def save_atomic(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, readme: str
 ) -> None:
-    """Write model, tokenizer and README to a temp dir beside `out`, then swap it into place.
-
-    A directory cannot be `os.replace`d over a non-empty one, so the old copy is renamed aside
-    first; a crash mid-build leaves the previous organism untouched.
-    """
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-new-", dir=out.parent))
-    model.save_pretrained(tmp)  # safetensors, float32
-    tokenizer.save_pretrained(tmp)
-    (tmp / "README.md").write_text(readme)
-    for path in [tmp, *tmp.iterdir()]:  # mkdtemp makes 0700; package data must be world-readable
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    old = out.parent / f".{out.name}-old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write model, tokenizer and README to a temp dir beside `out`, then swap it into place:
+    a crash mid-build leaves the previous organism untouched."""
+    with atomic_dir(out.resolve(), overwrite=True) as tmp:
+        model.save_pretrained(tmp)  # safetensors, float32
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(readme)
+        for path in [tmp, *tmp.iterdir()]:  # package data must be world-readable, whatever umask
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def readme_text(seed: int, report: str, n_params: int, seconds: float) -> str:

@@ -362,14 +362,10 @@ def plot_history(study: optuna.Study, path: Path) -> Path | None:
 
 def save_figure(fig: Any, path: Path) -> None:
     """Write a PNG beside `path` and rename it into place: a reader never sees half a plot."""
-    import os
+    from autolayer.files import atomic_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def study_dir(root: Path, study_name: str) -> Path:

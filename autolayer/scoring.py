@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +19,7 @@ from scipy import stats
 from torch import nn
 
 from autolayer.estimate import Z95, contribution_ratio, format_contribution
+from autolayer.files import write_text_atomic
 from autolayer.rewards import score_completions
 from autolayer.rollout import complete, eos_token_ids
 from autolayer.tasks import Task, task_fingerprint
@@ -223,7 +222,4 @@ class ScoreCache:
     def put(self, key: str, evaluation: Evaluation) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"score": evaluation.score, "outcomes": evaluation.outcomes})
-        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(payload)
-        os.replace(tmp, self._path(key))  # atomic: readers never see half a file
+        write_text_atomic(self._path(key), payload)  # readers never see half a file

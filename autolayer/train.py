@@ -33,8 +33,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 from autolayer.config import STRATEGIES, Config
-from autolayer.delta import MANIFEST_FILE, atomic_dir, hash_parameters, save_delta
+from autolayer.delta import MANIFEST_FILE, hash_parameters, save_delta
 from autolayer.errors import AutolayerError, Interrupted
+from autolayer.files import atomic_dir
 from autolayer.layers import middle_layers, validate_layers
 from autolayer.loading import Workload, base_reference, load_for, prepare_task
 from autolayer.models import (

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from scipy import stats
 from autolayer.baselines import layer_snr, picks
 from autolayer.config import Config, load_config
 from autolayer.estimate import analyse
+from autolayer.files import write_text_atomic
 from autolayer.layers import middle_layers
 from autolayer.loading import Workload, base_reference, load_for, prepare_task
 from autolayer.models import find_layer_stack
@@ -95,9 +95,7 @@ def ground_truth(config: Config, factor: int, seeds: int, cache: Path) -> dict[s
             runs[key] = long_run(work, config, layers, lr, seed, steps)
             final = np.mean(runs[key]["outcomes"])
             print(f"  truth {key}: {final:.3f} ({runs[key]['seconds']:.0f} s)", flush=True)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(truth))
-            os.replace(tmp, cache)
+            write_text_atomic(cache, json.dumps(truth))
     return truth
 
 

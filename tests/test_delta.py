@@ -154,23 +154,3 @@ def test_save_is_atomic_and_refuses_to_clobber(trained, tmp_path, monkeypatch) -
         save_delta(model, LAYERS, tmp_path / "new", "tiny/qwen3", None, base_hashes=hashes)
     assert not (tmp_path / "new").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-
-
-def test_stale_copies_of_killed_writers_are_removed_at_the_next_write(tmp_path: Path) -> None:
-    import os
-    import subprocess
-
-    from autolayer.delta import atomic_dir, remove_stale
-
-    proc = subprocess.Popen(["true"])  # its pid is free once it exits
-    proc.wait()
-    dead = proc.pid
-    out = tmp_path / "out"
-    stale = [tmp_path / f".out.tmp-{dead}-abcd1234", tmp_path / f".out.old-{dead}-abcd1234"]
-    live = tmp_path / f".out.tmp-{os.getpid()}-abcd1234"
-    for path in [*stale, live]:
-        path.mkdir()
-    with atomic_dir(out) as tmp:
-        (tmp / "f").write_text("x")
-    assert not any(p.exists() for p in stale) and live.exists()  # a live writer's stays
-    assert (out / "f").read_text() == "x" and remove_stale(out) == []
