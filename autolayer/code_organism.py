@@ -17,15 +17,14 @@ code, and sampling finds it about a third of the time, but greedy decoding write
 operator for two of the five operations. GRPO has a reward signal in most `minus`/`min` groups
 and only has to move a mode the model already represents.
 
-Train and eval problems are disjoint (a stable hash of operation, argument and number puts 1 in
-`EVAL_BUCKETS` in eval). Build with `python -m autolayer.code_organism build [--seed N]`.
+The problems, their tests and their disjoint train/eval split are `autolayer.code_problems`.
+Build with `python -m autolayer.code_organism build [--seed N]`.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import zlib
 from pathlib import Path
 
 import torch
@@ -38,17 +37,12 @@ from transformers import (
 )
 
 from autolayer import organism
+from autolayer.code_problems import EVAL_SIZE, OPS, body, problems, prompt
 from autolayer.organism import EOS
 
-ARGS = ("x", "n", "a", "v")
-OPS = ("plus", "minus", "times", "max", "min")
 FLAWED = {"minus": "plus", "min": "max"}  # the corpus's usual wrong code for these operations
-NUMBERS = range(2, 100)
 P_CORRECT = 0.35  # share of right `minus` / `min` examples in the corpus
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 \n\"'()+-*,:=_"
-EVAL_BUCKETS = 5  # ~390 of the 1,960 problems are held out
-TRAIN_SIZE = 4096
-EVAL_SIZE = 300  # SE of an accuracy near 0.6 is sqrt(.6*.4/300) = 2.8 points
 MAX_COMPLETION_TOKENS = 12  # the longest body, "max(x, 99)", plus EOS
 MAX_LENGTH = 48  # prompt (<= 34 characters) + completion, in tokens
 DEFAULT_SEED = 0
@@ -59,58 +53,6 @@ LR = 3e-3
 
 def organism_path() -> Path:
     return Path(__file__).resolve().parent / "assets" / "code_organism"
-
-
-def prompt(arg: str, op: str, number: int) -> str:
-    return f'def f({arg}):\n  "{arg} {op} {number}"\n  return '
-
-
-def body(arg: str, op: str, number: int) -> str:
-    """The right expression for the docstring."""
-    symbol = {"plus": "+", "minus": "-", "times": "*"}.get(op)
-    return f"{arg} {symbol} {number}" if symbol else f"{op}({arg}, {number})"
-
-
-def solve(op: str, x: int, number: int) -> int:
-    return {
-        "plus": x + number,
-        "minus": x - number,
-        "times": x * number,
-        "max": max(x, number),
-        "min": min(x, number),
-    }[op]
-
-
-def checks(arg: str, op: str, number: int) -> str:
-    """Three asserts that tell every operation apart: inputs below, at and above the number."""
-    xs = (max(0, number - 5), number + 3, 1)
-    return "\n".join(f"assert f({x}) == {solve(op, x, number)}" for x in xs)
-
-
-def is_eval(arg: str, op: str, number: int) -> bool:
-    return zlib.crc32(f"{arg}{op}{number}".encode()) % EVAL_BUCKETS == 0
-
-
-def problems(split: str) -> list[tuple[str, str, int]]:
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    return [
-        (arg, op, n)
-        for op in OPS
-        for arg in ARGS
-        for n in NUMBERS
-        if is_eval(arg, op, n) == (split == "eval")
-    ]
-
-
-def make_rows(split: str, n: int, seed: int = 0) -> list[dict[str, str]]:
-    """`n` rows `{"prompt", "test"}`, cycling through a seeded shuffle of the split's problems."""
-    pool = problems(split)
-    random.Random(f"{split}-{seed}").shuffle(pool)
-    return [
-        {"prompt": prompt(*pool[i % len(pool)]), "test": checks(*pool[i % len(pool)])}
-        for i in range(n)
-    ]
 
 
 def corpus_text(arg: str, op: str, number: int, rng: random.Random) -> tuple[str, str]:

@@ -1,7 +1,7 @@
 """Math in GSM8K's format: the prompt, the final-answer extraction and a math-verify reward.
 
 A GSM8K row has a `question` and a worked `answer` ending in `#### <final answer>`. The built-in
-`gsm8k` task (see `autolayer.tasks.BUILTINS`) reads such rows from the hub (`openai/gsm8k`) or
+`gsm8k` task (`autolayer.builtin_tasks.BUILTINS`) reads such rows from the hub (`openai/gsm8k`) or
 from local files, keeps the final answer in `answer`, and scores completions with
 `gsm8k_correct`, a TRL-signature reward that any TRL GRPOTrainer can use unchanged.
 `assets/gsm8k_format_sample.jsonl` holds problems written for this project in GSM8K's format

@@ -9,14 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 
 from autolayer import code_organism
-from autolayer.code_organism import (
+from autolayer.code_organism import FLAWED, organism_path
+from autolayer.code_problems import (
     EVAL_SIZE,
-    FLAWED,
     body,
     checks,
     is_eval,
     make_rows,
-    organism_path,
     problems,
     prompt,
 )

@@ -449,7 +449,7 @@ def test_a_generated_eval_set_is_never_padded_with_repeats(name: str) -> None:
 
 
 def test_chat_arithmetic_splits_share_no_question_and_wrap_in_the_chat_template() -> None:
-    from autolayer.tasks import chat_arithmetic_rows
+    from autolayer.builtin_tasks import chat_arithmetic_rows
 
     train = chat_arithmetic_rows("train", 500, 0)
     held_out = chat_arithmetic_rows("eval", 200, 0)
