@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
+from autolayer.cli_flags import add_config_flags, add_tracking_aliases, alias, config_overrides
 from autolayer.config import (
-    SECTIONS,
     Config,
     PrunerName,
     SearchConfig,
@@ -39,56 +39,6 @@ def _help(cls: type, name: str) -> str:
     return field_help(cls)[name]
 
 
-OVERRIDE = "override:"  # dest prefix of the generated `--section.key` options
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """`--section.key VALUE` for every key of the config schema, with the schema's help text:
-    applied after the YAML file and before the command's own options, read as YAML reads a
-    value and validated as a file is."""
-    parser.usage = "%(prog)s [options] [--section.key VALUE ...]"  # not 80 generated options
-    group = parser.add_argument_group(
-        "config overrides",
-        "Any key of the YAML file, e.g. --proxy.lr 3e-4 or --search.seeds 1.",
-    )
-    for section, cls in SECTIONS.items():
-        for name, text in field_help(cls).items():
-            group.add_argument(
-                f"--{section}.{name}",
-                dest=f"{OVERRIDE}{section}.{name}",
-                metavar="VALUE",
-                default=argparse.SUPPRESS,
-                help=text.replace("%", "%%"),
-            )
-
-
-def config_overrides(config: Config, args: argparse.Namespace) -> Config:
-    """`config` with the `--section.key` options given on the command line."""
-    given = {k.removeprefix(OVERRIDE): v for k, v in vars(args).items() if k.startswith(OVERRIDE)}
-    return override(config, given) if given else config
-
-
-def alias(
-    parser: argparse.ArgumentParser,
-    flag: str,
-    key: str,
-    metavar: str = "VALUE",
-    const: str | None = None,
-    help: str | None = None,
-) -> None:
-    """A short name for `--section.key` (the same destination, the schema's help text); with
-    `const`, a switch that sets the key to it."""
-    section, _, name = key.partition(".")
-    text = (help or field_help(SECTIONS[section])[name]).replace("%", "%%") + f" (--{key})"
-    dest = f"{OVERRIDE}{key}"
-    if const is None:
-        parser.add_argument(flag, dest=dest, metavar=metavar, default=argparse.SUPPRESS, help=text)
-    else:
-        parser.add_argument(
-            flag, dest=dest, action="store_const", const=const, default=argparse.SUPPRESS, help=text
-        )
-
-
 def _add_store_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", metavar="URL", help=_help(SearchConfig, "storage"))
     add_root_option(parser)
@@ -102,11 +52,6 @@ def add_root_option(parser: argparse.ArgumentParser) -> None:
         help="Directory of the embedded stores (Optuna journal, MLflow SQLite, "
         "artifacts, caches). Default: mlruns",
     )
-
-
-def add_tracking_aliases(parser: argparse.ArgumentParser) -> None:
-    alias(parser, "--tracking-uri", "tracking.tracking_uri", "URI")
-    alias(parser, "--no-tracking", "tracking.enabled", const="false", help="Do not log to MLflow.")
 
 
 def _add_search_options(parser: argparse.ArgumentParser) -> None:

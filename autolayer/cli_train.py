@@ -108,7 +108,7 @@ def _train_parser(sub: Any) -> None:
         "How many of the study's best layers to train (overrides train.top_k; "
         "with --strategy mid: how many middle layers).",
     )
-    from autolayer.cli import add_config_flags, add_tracking_aliases, alias
+    from autolayer.cli_flags import add_config_flags, add_tracking_aliases, alias
 
     for flag, key, metavar in (
         ("--strategy", "train.strategy", "{only,mid,boost}"),
@@ -137,7 +137,7 @@ def _train_parser(sub: Any) -> None:
 
 def apply_train_overrides(config: Config, args: argparse.Namespace) -> Config:
     """Command-line options win over the YAML file; returns the validated config."""
-    from autolayer.cli import config_overrides
+    from autolayer.cli_flags import config_overrides
     from autolayer.config import override
 
     config = config_overrides(config, args)
