@@ -2,11 +2,15 @@
 writes it.
 
 Optuna holds a trial's params, value, state and intermediate values; everything else a search
-learns is a user attr of the trial (its layers, seed, score, C and why it stopped) or of the
-study (the references, the model, the heuristics' picks). Writers name fields as keyword
+learns is an attr of the trial (its layers, seed, score, C and why it stopped) or of the study
+(the references, the model, the heuristics' picks, the answer). Writers name fields as keyword
 arguments of `write_trial` / `write_study`, which mypy checks against `TrialFields` /
 `StudyFields`; readers get the typed `TrialRecord` / `StudyRecord`. A field's name is its key in
 storage, so studies written before this module read the same.
+
+What a person reads is a user attr, which optuna-dashboard tables; what only the code reads
+(per-prompt outcomes, the pruner's bookkeeping, MLflow run ids) is a system attr of the same
+storage under `SYSTEM_PREFIX`, which the dashboard does not show and every worker still reads.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class TrialFields(TypedDict, total=False):
     retry_of: int  # a failed trial this one retries
     budget_spent: bool  # not run: the step budget is spent
     mlflow_run_id: str
+    mlflow_run: str  # the run's page in the MLflow UI (its id where no UI address is known)
     worker_host: str
     worker_pid: int
 
@@ -82,6 +87,9 @@ class StudyFields(TypedDict, total=False):
     baselines: dict[str, list[int]]  # heuristic name -> the layers it picks
     baselines_lr: float  # the lr the heuristics' picks were measured at
     spectrum_snr: list[float]  # Spectrum's score per layer
+    mlflow_runs: str  # the study's runs table in the MLflow UI
+    warm_start_enqueued: bool  # one worker enqueued the first trials (storage.claimed)
+    pick: dict[str, Any]  # the answer: the best candidate over its seeds (`report.pick`)
 
 
 CONTRIBUTION_OBJECTIVE = "contribution C"
@@ -119,19 +127,52 @@ def unpack_outcomes(stored: Any) -> tuple[float, ...] | None:
     raise AutolayerError(f"the study holds outcomes in an unknown format ({kind!r})")
 
 
+SYSTEM_PREFIX = "autolayer:"  # beside Optuna's own system attrs (`fixed_params`, ...)
+# Fields no person reads, kept out of optuna-dashboard's attribute tables (a trial's 1,000
+# outcomes, even packed, are 178 characters in every row).
+_TRIAL_SYSTEM = frozenset({"outcomes", "objective_se", "mlflow_run_id"})
+_STUDY_SYSTEM = frozenset(
+    {
+        "reference_base_outcomes",
+        "reference_full_outcomes",
+        "objective_origin",
+        "presearch_signal",
+        "spectrum_snr",
+        "baselines_lr",
+        "mlflow_parent_run_id",
+        "mlflow_reference_run_id",
+        "warm_start_enqueued",
+    }
+)
+
+
 def _stored(key: str, value: Any) -> Any:
     return pack_outcomes(value) if key in _OUTCOME_FIELDS else value
 
 
+def _ours(system_attrs: dict[str, Any]) -> dict[str, Any]:
+    """Our fields among a trial's or study's system attrs, by field name."""
+    n = len(SYSTEM_PREFIX)
+    return {k[n:]: v for k, v in system_attrs.items() if k.startswith(SYSTEM_PREFIX)}
+
+
 def write_trial(trial: optuna.Trial, **fields: Unpack[TrialFields]) -> None:
     for key, value in fields.items():
-        trial.set_user_attr(key, _stored(key, value))
+        if key in _TRIAL_SYSTEM:  # Trial has no public system-attr API since Optuna 3.1
+            trial.storage.set_trial_system_attr(
+                trial._trial_id, SYSTEM_PREFIX + key, _stored(key, value)
+            )
+        else:
+            trial.set_user_attr(key, _stored(key, value))
 
 
 def write_stored_trial(storage: Any, trial_id: int, **fields: Unpack[TrialFields]) -> None:
-    """Write another process's trial, by its storage id (recovering a dead worker's trial)."""
+    """Write a trial by its storage id (also another process's: recovering a dead worker's)."""
     for key, value in fields.items():
-        storage.set_trial_user_attr(trial_id, key, _stored(key, value))
+        if key in _TRIAL_SYSTEM:
+            storage.set_trial_system_attr(trial_id, SYSTEM_PREFIX + key, _stored(key, value))
+        else:
+            storage.set_trial_user_attr(trial_id, key, _stored(key, value))
 
 
 def trial_fields(**fields: Unpack[TrialFields]) -> dict[str, Any]:
@@ -140,8 +181,29 @@ def trial_fields(**fields: Unpack[TrialFields]) -> dict[str, Any]:
 
 
 def write_study(study: optuna.Study, **fields: Unpack[StudyFields]) -> None:
+    # Study has no public system-attr API since Optuna 3.1; its storage has, by the study's id.
     for key, value in fields.items():
-        study.set_user_attr(key, _stored(key, value))
+        if key in _STUDY_SYSTEM:
+            study._storage.set_study_system_attr(
+                study._study_id, SYSTEM_PREFIX + key, _stored(key, value)
+            )
+        else:
+            study.set_user_attr(key, _stored(key, value))
+
+
+def _trial_attrs(trial: FrozenTrial | optuna.Trial) -> dict[str, Any]:
+    """User attrs and our system attrs (studies written before the split hold all as user attrs).
+    A live trial's cached system attrs miss what its objective wrote: read them from storage."""
+    if isinstance(trial, FrozenTrial):
+        system = trial.system_attrs
+    else:
+        system = trial.storage.get_trial_system_attrs(trial._trial_id)
+    return {**trial.user_attrs, **_ours(system)}
+
+
+def _study_attrs(study: optuna.Study) -> dict[str, Any]:
+    system = study._storage.get_study_system_attrs(study._study_id)
+    return {**study.user_attrs, **_ours(system)}
 
 
 def _float(value: Any) -> float | None:
@@ -180,12 +242,13 @@ class TrialRecord:
     retry_of: int | None
     budget_spent: bool
     mlflow_run_id: str | None
+    mlflow_run: str | None
     worker_host: str | None
     worker_pid: int | None
 
     @classmethod
     def of(cls, trial: FrozenTrial | optuna.Trial) -> TrialRecord:
-        a = cast("TrialFields", trial.user_attrs)
+        a = cast("TrialFields", _trial_attrs(trial))
         state, value = (
             (trial.state, trial.value)
             if isinstance(trial, FrozenTrial)
@@ -216,6 +279,7 @@ class TrialRecord:
             retry_of=_int(a.get("retry_of")),
             budget_spent=bool(a.get("budget_spent", False)),
             mlflow_run_id=a.get("mlflow_run_id"),
+            mlflow_run=a.get("mlflow_run"),
             worker_host=a.get("worker_host"),
             worker_pid=_int(a.get("worker_pid")),
         )
@@ -271,10 +335,13 @@ class StudyRecord:
     baselines_lr: float | None
     spectrum_snr: tuple[float, ...] | None
     presearch_signal: list[dict[str, Any]] | None
+    warm_start_enqueued: bool
+    pick: dict[str, Any] | None
+    runs_url: str | None
 
     @classmethod
     def of(cls, study: optuna.Study) -> StudyRecord:
-        a = cast("StudyFields", study.user_attrs)
+        a = cast("StudyFields", _study_attrs(study))
         snr = a.get("spectrum_snr")
         return cls(
             model=a.get("model"),
@@ -296,6 +363,9 @@ class StudyRecord:
             baselines_lr=_float(a.get("baselines_lr")),
             spectrum_snr=None if snr is None else tuple(float(v) for v in snr),
             presearch_signal=a.get("presearch_signal"),
+            warm_start_enqueued=bool(a.get("warm_start_enqueued", False)),
+            pick=a.get("pick"),
+            runs_url=a.get("mlflow_runs"),
         )
 
     @functools.cached_property

@@ -66,3 +66,33 @@ def test_queued_roles_and_the_study_record() -> None:
     assert record.proxy_steps == 30 and record.base_outcomes == (0.0, 1.0)
     assert record.baselines == {"last": (7,)} and record.full_outcomes is None
     assert not record.uses_contribution
+
+
+def test_what_no_person_reads_stays_out_of_the_dashboards_attribute_tables() -> None:
+    """optuna-dashboard tables user attrs: per-prompt outcomes, the pruner's bookkeeping and run
+    ids are system attrs of the same storage instead, and read back the same."""
+    study = optuna.create_study()
+    trial = study.ask()
+    write_trial(trial, layers=[3], outcomes=[1.0, 0.0], objective_se=0.1, mlflow_run_id="r1")
+    assert TrialRecord.of(trial).outcomes == (1.0, 0.0)  # a live trial reads its own writes
+    study.tell(trial, 0.5)
+    write_study(study, model="m", reference_base_outcomes=[0.0, 1.0], objective_origin=0.0,
+                mlflow_parent_run_id="p1", spectrum_snr=[0.1, 0.2])  # fmt: skip
+    frozen = study.trials[0]
+    assert set(frozen.user_attrs) == {"layers"} and set(study.user_attrs) == {"model"}
+    record = TrialRecord.of(frozen)
+    assert (record.outcomes, record.objective_se, record.mlflow_run_id) == ((1.0, 0.0), 0.1, "r1")
+    srecord = StudyRecord.of(study)
+    assert srecord.base_outcomes == (0.0, 1.0) and srecord.parent_run_id == "p1"
+    assert srecord.objective_origin == 0.0 and srecord.spectrum_snr == (0.1, 0.2)
+
+
+def test_studies_that_kept_everything_in_user_attrs_still_read() -> None:
+    study = optuna.create_study()
+    study.set_user_attr("reference_base_outcomes", "bits:2:QA==")  # 0b01000000: [0.0, 1.0]
+    trial = study.ask()
+    trial.set_user_attr("outcomes", [1.0, 1.0])
+    trial.set_user_attr("mlflow_run_id", "old")
+    assert StudyRecord.of(study).base_outcomes == (0.0, 1.0)
+    record = TrialRecord.of(trial)
+    assert record.outcomes == (1.0, 1.0) and record.mlflow_run_id == "old"
