@@ -49,7 +49,7 @@ from autolayer.storage import (
     WORKER_DIED,
     candidate_key,
     check_storage,
-    claim,
+    claimed,
     counts,
     earlier_twin,
     exhausted_candidates,
@@ -429,15 +429,20 @@ def _retry_message(retried: list[FrozenTrial]) -> str:
     )
 
 
-WARM_START_CLAIM = "{study}.warm-start-claimed"  # a marker study; see storage.claim
+WARM_START_CLAIM = "{study}.warm-start-claimed"  # a marker study while held; storage.claimed
 
 
 def _enqueue_warm_start(ctx: SearchContext, num_layers: int, storage: Any) -> None:
     """The first trials, enqueued by exactly one worker however many start at once."""
     if ctx.study.get_trials(deepcopy=False):
         return  # a resumed study already had its warm start
-    if not claim(storage, WARM_START_CLAIM.format(study=ctx.study.study_name)):
-        return  # another worker enqueued it
+    with claimed(storage, WARM_START_CLAIM.format(study=ctx.study.study_name)) as mine:
+        if mine and not StudyRecord.of(ctx.study).warm_start_enqueued:  # else another worker's
+            _warm_start(ctx, num_layers)
+            write_study(ctx.study, warm_start_enqueued=True)
+
+
+def _warm_start(ctx: SearchContext, num_layers: int) -> None:
     lr = ctx.config.proxy.lr if ctx.space.lr is not None else None
     first = ctx.config.search.warm_start
     if first is None and ctx.config.search.signal_steps and ctx.space.kind == "single_layer":

@@ -264,7 +264,7 @@ def candidate_key(trial: FrozenTrial) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(params.items()))
 
 
-SEED_CLAIM = "{study}.proxy-seed-claimed"  # a marker study; see `claim`
+SEED_CLAIM = "{study}.proxy-seed-claimed"  # a marker study while held; see `claimed`
 SEED_WAIT = 30.0  # seconds a joining worker waits for the claiming one to record its seed
 
 
@@ -272,22 +272,24 @@ def study_proxy_seed(study: optuna.Study, storage: Any, seed: int) -> int:
     """The training seed every worker of `study` runs search trials on: the first worker's.
 
     Workers started with different `--seed`s would otherwise train the same candidate on
-    different seeds, and an exhaustive search would run it once per worker. Exactly one worker
-    claims the study's seed (an atomic marker, as for the warm start); the others wait the few
-    milliseconds until it is recorded.
+    different seeds, and an exhaustive search would run it once per worker. One worker at a time
+    holds the claim (as for the warm start) and records its seed unless one is recorded; the
+    others wait the few milliseconds until it is.
     """
     recorded = StudyRecord.of(study).proxy_seed
     if recorded is not None:
         return recorded
-    if claim(storage, SEED_CLAIM.format(study=study.study_name)):
-        write_study(study, proxy_seed=seed)
-        return seed
+    with claimed(storage, SEED_CLAIM.format(study=study.study_name)) as mine:
+        recorded = StudyRecord.of(study).proxy_seed  # a claimer that came and went meanwhile
+        if mine and recorded is None:
+            write_study(study, proxy_seed=seed)
+            return seed
     deadline = time.monotonic() + SEED_WAIT
     while (recorded := StudyRecord.of(study).proxy_seed) is None:
         if time.monotonic() > deadline:
-            # The claimer died before recording it (or the study was deleted and made again
-            # under the same name, leaving the marker): record this worker's own seed. Two
-            # workers doing so at once is the only way they can disagree, and only then.
+            # The claimer died before recording it, leaving its marker: record this worker's
+            # own seed. Two workers doing so at once is the only way they can disagree, and
+            # only then.
             write_study(study, proxy_seed=seed)
         time.sleep(0.05)
     return recorded
@@ -327,10 +329,10 @@ def earlier_twin(study: optuna.Study, trial: optuna.Trial) -> int | None:
 
 
 def claim(storage: Any, name: str) -> bool:
-    """Atomically claim `name` in the storage, once across all workers and hosts.
+    """Atomically create the marker study `name`: True for the one worker that created it.
 
     Creating a study is atomic in every Optuna storage (a unique name in the journal and in the
-    database), so the first worker to create this marker study wins and every other is told so.
+    database), so the first worker to create it wins and every other is told so.
     """
     try:
         with quiet_optuna():  # a marker, not a study to announce
@@ -350,6 +352,24 @@ def quiet_optuna() -> Iterator[None]:
         yield
     finally:
         optuna.logging.set_verbosity(verbosity)
+
+
+@contextlib.contextmanager
+def claimed(storage: Any, name: str) -> Iterator[bool]:
+    """Hold `name` across all workers and hosts while the block runs: yields True to the one
+    worker holding it, False to any other trying meanwhile.
+
+    The hold is the marker study of `claim`, deleted when the block ends, so optuna-dashboard
+    lists it only for those milliseconds (or after a worker died holding it). Since a later
+    worker may hold it again, the block checks that its work is not done yet (a study attr the
+    holder writes before it lets go: a later holder reads it, as storage writes are ordered).
+    """
+    mine = claim(storage, name)
+    try:
+        yield mine
+    finally:
+        if mine:
+            storage.delete_study(storage.get_study_id_from_name(name))
 
 
 Candidate = tuple[tuple[str, Any], ...]

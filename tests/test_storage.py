@@ -7,6 +7,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -171,11 +172,68 @@ def test_two_worker_processes_share_one_study(
     assert {TrialRecord.of(t).worker_pid for t in trials} == {w.pid for w in workers}
 
 
-def test_claim_is_won_once(tmp_path: Path) -> None:
-    from autolayer.storage import claim
+def test_a_claim_is_held_by_one_worker_and_leaves_no_study_behind(tmp_path: Path) -> None:
+    from autolayer.storage import claimed
 
     storage = make_storage(f"journal:{tmp_path / 'j.log'}")
-    assert [claim(storage, "s.warm-start"), claim(storage, "s.warm-start")] == [True, False]
+    optuna.create_study(study_name="s", storage=storage)
+    # the second: another worker trying meanwhile
+    with claimed(storage, "s.warm-start") as first, claimed(storage, "s.warm-start") as second:
+        assert (first, second) == (True, False)
+        assert "s.warm-start" in optuna.get_all_study_names(storage)
+    assert optuna.get_all_study_names(storage) == ["s"]  # optuna-dashboard lists the study only
+    with claimed(storage, "s.warm-start") as later:
+        assert later  # held again: the block checks whether its work is done
+
+
+def _claimant(url: str, name: str, seed: int, barrier: Any, holding: str) -> None:
+    """A worker starting at the same instant as the others: it takes the study's seed, then
+    enqueues the warm start unless another worker did, as `search.prepare` does, ten times."""
+    from autolayer.storage import claimed, study_proxy_seed
+    from autolayer.study import StudyRecord, write_study
+
+    storage = make_storage(url)
+    study = optuna.load_study(study_name=name, storage=storage)
+    barrier.wait()
+    Path(holding + f".seed{seed}").write_text(str(study_proxy_seed(study, storage, seed)))
+    for _ in range(10):
+        with claimed(storage, f"{name}.warm-start-claimed") as mine:
+            if not mine:
+                continue
+            fd = os.open(holding, os.O_CREAT | os.O_EXCL)  # fails if another holds it too
+            if not StudyRecord.of(study).warm_start_enqueued:
+                study.enqueue_trial({"layer": seed})
+                write_study(study, warm_start_enqueued=True)
+            os.close(fd)
+            os.unlink(holding)
+
+
+@pytest.mark.parametrize("kind", ["journal", "postgres"])
+def test_claims_stay_atomic_across_worker_processes(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    from autolayer.study import StudyRecord
+
+    url = _storage_url(kind, tmp_path, request)
+    name = f"claims-{kind}"
+    study = optuna.create_study(study_name=name, storage=make_storage(url))
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(3)
+    holding = str(tmp_path / "holding")
+    workers = [
+        context.Process(target=_claimant, args=(url, name, seed, barrier, holding))
+        for seed in (1, 2, 3)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0, 0]  # no two ever held the claim at once
+    assert len(study.get_trials()) == 1  # the warm start, enqueued once
+    taken = {Path(f"{holding}.seed{seed}").read_text() for seed in (1, 2, 3)}
+    assert taken == {str(StudyRecord.of(study).proxy_seed)}  # every worker trains on one seed
+    names = optuna.get_all_study_names(make_storage(url))
+    assert not [n for n in names if n.startswith(name + ".")]  # no marker study left
 
 
 def test_every_worker_trains_on_the_first_workers_seed(tmp_path: Path) -> None:

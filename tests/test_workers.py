@@ -68,7 +68,9 @@ def _check_study(storage: str | None, root: Path, tracking: str, name: str) -> N
         assert TrialRecord.of(trial).duplicate_of is not None  # the only pruned: a worker's twin
     assert not study.get_trials(states=(TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING))
     names = optuna.get_all_study_names(make_storage(storage, root))
-    assert WARM_START_CLAIM.format(study=name) in names  # claimed once, atomically
+    assert WARM_START_CLAIM.format(study=name) not in names  # held while enqueuing, then gone
+    queued = [t.params["layer"] for t in study.trials if "fixed_params" in t.system_attrs]
+    assert sorted(queued) == [3, 4]  # the warm start (the middle layers), enqueued once
     client = mlflow.MlflowClient(tracking)
     experiment = client.get_experiment_by_name(name)
     assert experiment is not None  # the SQLite store was created once, without a crash
