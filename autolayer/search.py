@@ -65,6 +65,7 @@ from autolayer.study import (
     StudyRecord,
     TrialRecord,
     measured,
+    pooled_score,
     records,
     run_estimate,
     trial_seed,
@@ -341,6 +342,8 @@ def run_trial(ctx: SearchContext, trial: optuna.Trial) -> float:
         raise TrialFailed(reason) from err
     ctx.tracker.set_tags(run_id, {"trial_state": "COMPLETE"})
     ctx.tracker.end_run(run_id)
+    if TrialRecord.of(trial).role == "repeat":  # its candidate over every seed: `pooled_score`
+        return ctx.objective_value(pooled_score(ctx.study, trial, result.score))
     return ctx.objective_value(result.score)
 
 

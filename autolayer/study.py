@@ -438,6 +438,27 @@ def _analyse(
         contribution_defined=contribution_defined,
     )
 
+def pooled_score(study: optuna.Study, trial: optuna.Trial, score: float) -> float:
+    """The held-out score of `trial`'s candidate averaged over its training seeds, this run's
+    `score` included. A racing repeat reports it as its value, so the study's best trial in
+    Optuna (and optuna-dashboard) is a candidate over its seeds, as the results table ranks
+    candidates, not the luckier seed of the pick."""
+    record, seed = TrialRecord.of(trial), trial_seed(study, trial)
+    by_seed = {} if record.lr is None else measured(study).get((record.layers, record.lr), {})
+    others = [TrialRecord.of(t).score for s, t in by_seed.items() if s != seed]
+    scores = [s for s in others if s is not None] + [score]
+    return sum(scores) / len(scores)
+
+
+def run_objective(study: optuna.Study, trial: FrozenTrial) -> float | None:
+    """The objective of the trial's own run: its value, except for a racing repeat, whose value
+    is its candidate's over every seed (`pooled_score`)."""
+    record = TrialRecord.of(trial)
+    if record.role != "repeat":
+        return trial.value
+    own = record.contribution if StudyRecord.of(study).uses_contribution else record.score
+    return trial.value if own is None else own
+
 
 def study_analysis(study: optuna.Study) -> Analysis[Key] | None:
     """Estimates, best and tied set of a study's completed candidates, from storage alone.
@@ -498,7 +519,7 @@ def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
             groups.setdefault(key, {}).setdefault(trial_seed(study, t), t)
 
     def mean(trials: list[FrozenTrial]) -> float:
-        return sum(cast(float, t.value) for t in trials) / len(trials)
+        return sum(cast(float, run_objective(study, t)) for t in trials) / len(trials)
 
     ordered = sorted(
         (list(by_seed.values()) for by_seed in groups.values()),

@@ -6,6 +6,7 @@ import optuna
 import pytest
 
 from autolayer.study import (
+    CONTRIBUTION_OBJECTIVE,
     StudyRecord,
     TrialRecord,
     pack_outcomes,
@@ -96,3 +97,33 @@ def test_studies_that_kept_everything_in_user_attrs_still_read() -> None:
     assert StudyRecord.of(study).base_outcomes == (0.0, 1.0)
     record = TrialRecord.of(trial)
     assert record.outcomes == (1.0, 1.0) and record.mlflow_run_id == "old"
+
+
+def _scored(
+    study: optuna.Study, seed: int, score: float, role: str | None = None, layer: int = 7
+) -> optuna.Trial:
+    trial = study.ask()
+    trial.suggest_int("layer", 0, 7)
+    if role:
+        write_trial(trial, role=role)
+    write_trial(trial, layers=[layer], lr=1e-3, seed=seed, score=score, outcomes=[score],
+                contribution=score)  # fmt: skip
+    return trial
+
+
+def test_a_repeat_reports_its_candidate_over_every_seed() -> None:
+    """Seeds 0 and 1 of layer 7 scored 0.6 and 0.7: the repeat on seed 2 that scores 0.8 reports
+    (0.6 + 0.7 + 0.8) / 3 = 0.7, and its own run still reads 0.8."""
+    from autolayer.study import pooled_score, ranked_trials, run_objective
+
+    study = optuna.create_study(direction="maximize")
+    write_study(study, objective=CONTRIBUTION_OBJECTIVE)
+    study.tell(_scored(study, 0, 0.6), 0.6)
+    study.tell(_scored(study, 1, 0.7, "repeat"), 0.65)
+    repeat = _scored(study, 2, 0.8, "repeat")
+    assert pooled_score(study, repeat, 0.8) == pytest.approx(0.7)
+    study.tell(repeat, 0.7)
+    study.tell(_scored(study, 0, 0.68, layer=6), 0.68)
+    assert [run_objective(study, t) for t in study.trials] == [0.6, 0.7, 0.8, 0.68]
+    # ranked by the mean of each seed's own run: layer 7's 0.7 (its values' mean is 0.65)
+    assert [TrialRecord.of(t).layers for t in ranked_trials(study)] == [(7,), (6,)]
