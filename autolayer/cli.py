@@ -225,7 +225,6 @@ def _run_search(config: Config, root: Path) -> int:
     from autolayer.progress import SearchDisplay
     from autolayer.report import study_dir
     from autolayer.search import run_search
-    from autolayer.tracking import resolve_tracking_uri
 
     out = console()
     with SearchDisplay(out, config) as display:
@@ -235,12 +234,12 @@ def _run_search(config: Config, root: Path) -> int:
     out.print(f"plots: {plots / 'contribution.png'}, {plots / 'history.png'}")
     storage = config.search.storage or f"{root}/optuna/journal.log"
     out.print("\nbrowse the results:")
-    if config.tracking.enabled:
-        uri = resolve_tracking_uri(config.tracking.tracking_uri, root)
-        out.print(f"  mlflow ui --backend-store-uri {uri}", highlight=False, soft_wrap=True)
+    for line in _mlflow_lines(config, root, ctx.tracker.runs_url()):
+        out.print(line, highlight=False, soft_wrap=True)
     journal = storage.removeprefix("journal:")
     dashboard = storage if "://" in storage else journal  # a file path: read as a journal
     out.print(f"  optuna-dashboard {dashboard}", highlight=False, soft_wrap=True)
+    out.print("    (the answer: the study's Note page and its `pick` attribute)", highlight=False)
     out.print(
         f"  autolayer results --study-name {ctx.study.study_name}"
         + (f" --storage {config.search.storage}" if config.search.storage else ""),
@@ -248,6 +247,23 @@ def _run_search(config: Config, root: Path) -> int:
         soft_wrap=True,
     )
     return 0
+
+
+def _mlflow_lines(config: Config, root: Path, runs_url: str | None) -> list[str]:
+    """How to open the study's runs table: start `mlflow ui` on the port the URL names, for a
+    store read directly; just the URL for a tracking server."""
+    from autolayer.tracking import LOCAL_UI, resolve_tracking_uri
+
+    if not config.tracking.enabled:
+        return []
+    uri = resolve_tracking_uri(config.tracking.tracking_uri, root)
+    if uri.startswith(("http://", "https://")):
+        return [f"  MLflow: {runs_url or uri}"]
+    port = LOCAL_UI.rsplit(":", 1)[1]
+    lines = [f"  mlflow ui --backend-store-uri {uri} --port {port}"]
+    if runs_url:
+        lines.append(f"    then open {runs_url}")
+    return lines
 
 
 def cmd_search(args: argparse.Namespace) -> int:

@@ -270,7 +270,12 @@ def _record(
         "seconds": result.seconds,
     }
     if c.value is not None and low is not None and high is not None:
-        metrics.update(contribution=c.value, contribution_ci_low=low, contribution_ci_high=high)
+        # to 4 decimals, as a table column shows them (the study keeps all)
+        metrics.update(
+            contribution=round(c.value, 4),
+            contribution_ci_low=round(low, 4),
+            contribution_ci_high=round(high, 4),
+        )
         metrics["contribution_ci_seed_df"] = seed_df
     ctx.tracker.log_metrics(run_id, metrics, step=result.steps)
     return c
@@ -297,7 +302,8 @@ def run_trial(ctx: SearchContext, trial: optuna.Trial) -> float:
         "autolayer.role": TrialRecord.of(trial).role or "search",
     }
     run_id = ctx.tracker.start_run(name, ctx.parent_run, tags)
-    write_trial(trial, mlflow_run_id=run_id)
+    if run_id:
+        write_trial(trial, mlflow_run_id=run_id, mlflow_run=ctx.tracker.run_url(run_id) or run_id)
     ctx.tracker.log_params(
         run_id,
         {
@@ -505,6 +511,7 @@ def _parent_run(config: Config, study: optuna.Study, tracker: Tracker, task_name
     if run_id:
         uri = str(getattr(tracker, "tracking_uri", ""))
         write_study(study, mlflow_parent_run_id=run_id, mlflow_tracking_uri=uri)
+        write_study(study, mlflow_runs=tracker.runs_url() or uri)
     return run_id
 
 

@@ -9,10 +9,12 @@ and worker processes can log at once.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +27,15 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests runs that ca
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # the model-training view
 HOST_TAG, PID_TAG = "autolayer.host", "autolayer.pid"
 PROBE_TIMEOUT = 5.0  # seconds to wait for a tracking server before calling it unreachable
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
+VIEW_KEY = "autolayer-trials"  # the runs table the search prints a link to (`runs_view`)
+VIEW_TAG = "mlflow.sharedViewState." + VIEW_KEY  # MLflow's tag for a saved view of the table
+ML_PAGES = "workflowType=machine_learning"  # MLflow 3 opens its GenAI pages unless told
+# A GRPO loss is a mean of advantage-weighted ratios of order 1, zero while the policy is the
+# sampling one, and its KL zero while the policy is the reference: float32 resolves nothing below
+# its epsilon there, and MLflow's charts label every tick of such noise "0".
+FLOAT_NOISE = 1.2e-7  # float32 epsilon, 2**-23
+NOISY_METRICS = ("loss", "/kl")  # metric keys ending so are logged as 0 within FLOAT_NOISE
 
 
 def probe_server(uri: str) -> None:
@@ -59,6 +70,38 @@ def _store_lock(uri: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         yield
+
+
+def ui_address(tracking_uri: str) -> str | None:
+    """Where the MLflow UI of a store is: the server itself, or `mlflow ui` on its default port
+    for a store it reads directly (SQLite, a database); None for Databricks."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return None if tracking_uri.startswith("databricks") else LOCAL_UI
+
+
+def runs_view(created_ms: int) -> dict[str, Any]:
+    """A saved view of the experiment's runs table (MLflow >= 3.17's `Views` menu): every run
+    flat, best score first, with what tells trials apart as columns. MLflow nests trials under
+    the study's run, collapsed, unless the table is sorted by something else than start time."""
+
+    def key(kind: str, name: str) -> str:
+        return f"{kind}.`{name}`"  # MLflow's canonical column key
+
+    columns = [key("params", "layers"), key("params", "lr"), key("params", "seed"),
+               key("tags", "autolayer.role"), key("tags", "trial_state"),
+               key("metrics", "contribution"), key("metrics", "contribution_ci_low"),
+               key("metrics", "contribution_ci_high"), key("metrics", "score")]  # fmt: skip
+    state = {
+        "orderByKey": key("metrics", "score"),  # the order of C where C is defined
+        "orderByAsc": False,
+        "selectedColumns": columns,
+        "columnOrder": columns,  # after the run's name, in this order
+        "columnWidths": {c: 160 for c in columns if "contribution" in c},  # the whole name
+        "runsHiddenMode": "SHOW_ALL",
+    }
+    return {"name": "autolayer: trials, best first", "createdAt": created_ms,
+            "state": json.dumps(state)}  # fmt: skip
 
 
 def default_tracking_uri(root: Path = DEFAULT_ROOT) -> str:
@@ -112,6 +155,8 @@ class Tracker(Protocol):
     def end_dead_runs(self, role: str) -> list[str]: ...
     def find_run(self, tag: str, value: str) -> str | None: ...
     def lightning_logger(self, run_id: str) -> Any: ...
+    def run_url(self, run_id: str) -> str | None: ...
+    def runs_url(self) -> str | None: ...
 
 
 class NullTracker:
@@ -138,6 +183,12 @@ class NullTracker:
         return None
 
     def lightning_logger(self, run_id: str) -> Any:
+        return None
+
+    def run_url(self, run_id: str) -> str | None:
+        return None
+
+    def runs_url(self) -> str | None:
         return None
 
 
@@ -173,7 +224,26 @@ class MlflowTracker:
             experiment_id = str(self.client.create_experiment(name, artifact_location=location))
         if found is None or found.tags.get(KIND_TAG) != KIND:
             self.client.set_experiment_tag(experiment_id, KIND_TAG, KIND)
+        if found is None or VIEW_TAG not in found.tags:
+            view = json.dumps(runs_view(int(time.time() * 1000)))
+            self.client.set_experiment_tag(experiment_id, VIEW_TAG, view)
         return experiment_id
+
+    def run_url(self, run_id: str) -> str | None:
+        """The run's page in the MLflow UI."""
+        address = ui_address(self.tracking_uri)
+        if address is None:
+            return None
+        return f"{address}/#/experiments/{self.experiment_id}/runs/{run_id}?{ML_PAGES}"
+
+    def runs_url(self) -> str | None:
+        """The experiment's runs table in the saved view, in the model-training (not GenAI)
+        pages: where the printed `mlflow ui` command sends a user."""
+        address = ui_address(self.tracking_uri)
+        if address is None:
+            return None
+        runs = f"{address}/#/experiments/{self.experiment_id}/runs"
+        return f"{runs}?viewStateShareKey={VIEW_KEY}&{ML_PAGES}"
 
     def start_run(
         self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None
@@ -195,8 +265,6 @@ class MlflowTracker:
     def log_metrics(
         self, run_id: str, metrics: Mapping[str, float], step: int | None = None
     ) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -270,6 +338,9 @@ class MlflowTracker:
             def finalize(self, status: str = "success") -> None:
                 pass
 
+            def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+                super().log_metrics(denoised(metrics), step)
+
             @property
             def experiment(self) -> Any:
                 # MLFlowLogger calls mlflow.set_tracking_uri, which also exports
@@ -287,6 +358,14 @@ class MlflowTracker:
         return _OpenMLFlowLogger(
             experiment_name=self.experiment, tracking_uri=self.tracking_uri, run_id=run_id
         )
+
+
+def denoised(metrics: Mapping[str, float]) -> dict[str, float]:
+    """`metrics` with a loss or KL within float32 noise of 0 logged as 0 (`FLOAT_NOISE`)."""
+    return {
+        k: 0.0 if k.endswith(NOISY_METRICS) and abs(v) < FLOAT_NOISE else v
+        for k, v in metrics.items()
+    }
 
 
 def make_tracker(

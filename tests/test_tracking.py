@@ -10,7 +10,17 @@ import mlflow
 import pytest
 
 from autolayer.errors import AutolayerError
-from autolayer.tracking import KIND, KIND_TAG, PROBE_TIMEOUT, MlflowTracker, probe_server
+from autolayer.tracking import (
+    KIND,
+    KIND_TAG,
+    PROBE_TIMEOUT,
+    VIEW_TAG,
+    MlflowTracker,
+    NullTracker,
+    denoised,
+    probe_server,
+    ui_address,
+)
 
 
 def test_an_unreachable_server_is_one_sentence_after_one_bounded_probe(
@@ -104,3 +114,55 @@ def test_a_tag_another_worker_set_at_the_same_instant_is_written_again(
     monkeypatch.setattr(tracker.client, "set_tag", broken)
     with pytest.raises(MlflowException, match="not active"):  # anything else is not retried
         tracker.set_tags(run_id, {"best_layers": "4"})
+
+
+def test_the_printed_link_opens_the_runs_table_with_the_columns_that_matter(
+    tmp_path: Path,
+) -> None:
+    """MLflow opens an experiment on its GenAI overview and nests trials, collapsed, under the
+    study's run: the link names the model-training pages and a saved view of the table."""
+    import json
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "exp", tmp_path)
+    e = tracker.experiment_id
+    assert tracker.runs_url() == (
+        f"http://127.0.0.1:5000/#/experiments/{e}/runs"
+        "?viewStateShareKey=autolayer-trials&workflowType=machine_learning"
+    )
+    assert tracker.run_url("abc") == (
+        f"http://127.0.0.1:5000/#/experiments/{e}/runs/abc?workflowType=machine_learning"
+    )
+    view = json.loads(mlflow.MlflowClient(uri).get_experiment(e).tags[VIEW_TAG])
+    assert view["name"] == "autolayer: trials, best first"  # listed in the UI's Views menu
+    state = json.loads(view["state"])
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`score`", False)  # flat
+    assert state["selectedColumns"] == state["columnOrder"] == [
+        "params.`layers`", "params.`lr`", "params.`seed`", "tags.`autolayer.role`",
+        "tags.`trial_state`", "metrics.`contribution`", "metrics.`contribution_ci_low`",
+        "metrics.`contribution_ci_high`", "metrics.`score`",
+    ]  # fmt: skip
+    assert ui_address("https://mlflow.example.org/") == "https://mlflow.example.org"
+    assert ui_address("databricks") is None and NullTracker().runs_url() is None
+
+
+def test_a_loss_within_float32_noise_is_logged_as_zero(tmp_path: Path) -> None:
+    """A GRPO loss of 3.7e-9 is float32 rounding of 0: MLflow's chart labelled every tick of
+    such a curve "0". Anything else is logged as it is."""
+    assert denoised({"proxy/loss": -6.5e-9, "proxy/kl": 1e-9, "x/grad_norm": 1e-9}) == {
+        "proxy/loss": 0.0,
+        "proxy/kl": 0.0,
+        "x/grad_norm": 1e-9,
+    }
+    assert denoised({"proxy/loss": 2e-6, "proxy/kl": 0.003}) == {
+        "proxy/loss": 2e-6,
+        "proxy/kl": 0.003,
+    }
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "exp", tmp_path)
+    run_id = tracker.start_run("trial")
+    tracker.lightning_logger(run_id).log_metrics({"proxy/loss": 3.7e-9, "proxy/kl": 0.002}, 1)
+    assert mlflow.MlflowClient(uri).get_run(run_id).data.metrics == {
+        "proxy/loss": 0.0,
+        "proxy/kl": 0.002,
+    }
