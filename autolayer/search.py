@@ -197,7 +197,9 @@ def _failure_reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
 
 
-def _pruning_hook(ctx: SearchContext, trial: optuna.Trial) -> Callable[[int, Evaluation], bool]:
+def _pruning_hook(
+    ctx: SearchContext, trial: optuna.Trial, run_id: str
+) -> Callable[[int, Evaluation], bool]:
     """Report each held-out score by global step (not by epoch, as optuna-integration's Lightning
     callback would, collapsing every validation of our single epoch into one report)."""
 
@@ -216,10 +218,20 @@ def _pruning_hook(ctx: SearchContext, trial: optuna.Trial) -> Callable[[int, Eva
             pruner = ctx.config.search.pruner
             reason = f"step {step}: score {evaluation.score:.3f} under the {pruner} pruner's bar"
             write_trial(trial, steps=step, prune_reason=reason)
+            _log_stop(ctx, run_id, step, evaluation)
             return True
         return False
 
     return hook
+
+
+def _log_stop(ctx: SearchContext, run_id: str, step: int, evaluation: Evaluation) -> None:
+    """A pruned trial's MLflow run ends with where it stood: the value Optuna keeps for it."""
+    metrics = {"score": evaluation.score, "stderr": evaluation.stderr}
+    if ctx.refs.full_gain_defined:
+        base, full = ctx.refs.base.score, ctx.refs.full.score
+        metrics["contribution"] = round((evaluation.score - base) / (full - base), 4)
+    ctx.tracker.log_metrics(run_id, metrics, step=step)
 
 
 def _wilcoxon_check(ctx: SearchContext, trial: optuna.Trial, final: Evaluation) -> None:
@@ -319,7 +331,7 @@ def run_trial(ctx: SearchContext, trial: optuna.Trial) -> float:
             candidate.layers,
             lr,
             seed,
-            eval_hook=_pruning_hook(ctx, trial),
+            eval_hook=_pruning_hook(ctx, trial, run_id),
             logger=ctx.tracker.lightning_logger(run_id),
         )
         if result.stopped_early:
@@ -329,8 +341,10 @@ def run_trial(ctx: SearchContext, trial: optuna.Trial) -> float:
         if ctx.config.search.pruner == "wilcoxon":
             _wilcoxon_check(ctx, trial, result.final)
     except optuna.TrialPruned:
+        # FINISHED, not KILLED: stopping it was the search's decision, not a failure (the UI
+        # draws KILLED as a red cross, and keeps it for interrupted and dead workers' runs)
         ctx.tracker.set_tags(run_id, {"trial_state": "PRUNED"})
-        ctx.tracker.end_run(run_id, "KILLED")
+        ctx.tracker.end_run(run_id, "FINISHED")
         raise
     except Interrupted as err:
         reason = f"interrupted by {signal.Signals(err.signum).name}"

@@ -44,7 +44,7 @@ from autolayer.study import (
     trial_fields,
     write_study,
 )
-from autolayer.tracking import NullTracker
+from autolayer.tracking import MlflowTracker, NullTracker
 from tests.conftest import CAP, Spawn, wait_until
 
 TINY = {
@@ -419,6 +419,32 @@ def test_the_interval_pruner_keeps_a_slow_starter_and_stops_a_flat_laggard(
     optimize(median)
     pruned = {layer for layer, t in by_layer(median.study).items() if t.state == TrialState.PRUNED}
     assert pruned == {0, 3}
+
+
+def track(ctx: SearchContext, tmp_path: Path) -> mlflow.MlflowClient:
+    """Give a fake search a real MLflow store (SQLite) and its study run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ctx.tracker = MlflowTracker(uri, "spec", tmp_path)
+    ctx.parent_run = ctx.tracker.start_run("study-spec")
+    write_study(ctx.study, mlflow_runs=ctx.tracker.runs_url() or "", mlflow_tracking_uri=uri)
+    return mlflow.MlflowClient(uri)
+
+
+def test_a_pruned_trial_finishes_in_mlflow_with_where_it_stood(tmp_path: Path) -> None:
+    """Not KILLED with no metric (drawn as a failure, dropped from comparisons): FINISHED,
+    tagged PRUNED, with the score and C Optuna keeps for it."""
+    proxy = FakeProxy({1: flat(0.7), 2: flat(0.68), 0: flat(0.35)})
+    ctx = fake_search(tmp_path, proxy, (0, 2), first=[1, 2, 0], pruner="median")
+    client = track(ctx, tmp_path)
+    optimize(ctx)
+    pruned = by_layer(ctx.study)[0]
+    assert pruned.state == TrialState.PRUNED
+    run_id = TrialRecord.of(pruned).mlflow_run_id
+    assert run_id is not None and run_id in (TrialRecord.of(pruned).mlflow_run or "")  # a link
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["trial_state"] == "PRUNED"
+    assert run.data.metrics["score"] == 0.35  # stopped at step 10
+    assert run.data.metrics["contribution"] == pytest.approx(pruned.value) == 0.25  # by hand
 
 
 def test_a_queued_repeat_runs_to_the_end_whatever_the_pruner_says(tmp_path: Path) -> None:
