@@ -15,8 +15,10 @@ from autolayer.study import (
     StudyRecord,
     TrialRecord,
     best_trial,
+    measured,
     records,
     study_analysis,
+    write_study,
 )
 
 if TYPE_CHECKING:
@@ -249,6 +251,11 @@ def results_table(study: optuna.Study) -> Table:
 
 
 BASELINE_MARKS = {"middle": "M", "last": "L", "spectrum": "S", "random": "R"}
+LEGEND = (  # bar colour, what it marks (the other bars are blue): listed when some bar has it
+    ("tab:green", "best"),
+    ("yellowgreen", "tied with the best"),
+    ("lightgray", "pruned (value when stopped)"),
+)
 
 
 def _pruned_only(study: optuna.Study, measured: set[tuple[int, ...]]) -> dict[str, float]:
@@ -308,10 +315,10 @@ def plot_contributions(study: optuna.Study, path: Path) -> Path | None:
                         xytext=(0, 2), textcoords="offset points")  # fmt: skip
     from matplotlib.patches import Patch
 
-    handles: list[Any] = [Patch(color="tab:green", label="best")]
-    handles.append(Patch(color="yellowgreen", label="tied with the best"))
-    if pruned:
-        handles.append(Patch(color="lightgray", label="pruned (value when stopped)"))
+    kinds = {b[4] for b in bars}
+    handles: list[Any] = [
+        Patch(color=color, label=label) for color, label in LEGEND if color in kinds
+    ]
     if use_c:
         line = ax.axhline(
             1.0, color="gray", linestyle="--", linewidth=1, label="all layers (C = 1)"
@@ -395,15 +402,95 @@ def finish_study(ctx: SearchContext, root: Path, seconds: float) -> list[Path]:
     rows, analysis = candidate_rows(ctx.study)
     if analysis is not None:
         ctx.tracker.log_dict(ctx.parent_run, results_json(ctx.study), "candidates.json")
-    best = best_trial(ctx.study)
     summary: dict[str, Any] = {"search/seconds": seconds, "search/trials": len(ctx.study.trials)}
-    if best is not None:
-        summary["search/best"] = float(best.value or 0.0)
+    answer = pick(ctx.study)
+    if answer is not None:
+        write_study(ctx.study, pick=answer)
+        value, low, high = answer_value(answer)
+        summary.update({"search/best": value, "search/best_low": low, "search/best_high": high})
         ctx.tracker.set_tags(
-            ctx.parent_run, {"best_layers": ",".join(map(str, TrialRecord.of(best).layers))}
+            ctx.parent_run,
+            {
+                "best_layers": ",".join(map(str, answer["layers"])),
+                "mlflow.note.content": "The answer: " + answer_line(ctx.study, answer),
+            },  # the run's description in the MLflow UI
         )
+        save_dashboard_note(ctx.study, dashboard_note(ctx.study, answer))
     ctx.tracker.log_metrics(ctx.parent_run, summary)
     return paths
+
+
+def pick(study: optuna.Study) -> dict[str, Any] | None:
+    """The study's answer, the results table's best row: the best candidate over its seeds,
+    with its C and score intervals, its trials and the candidates tied with it."""
+    rows, analysis = candidate_rows(study)
+    best = next((r for r in rows if r.verdict == "best"), None)
+    if analysis is None or analysis.best is None or best is None:
+        return None
+    trials = sorted(t.number for t in measured(study)[analysis.best].values())
+    return {
+        "layers": list(best.layers),
+        "lr": best.lr,
+        "seeds": best.seeds,
+        "trials": trials,
+        "score": _round(best.score),
+        "score_ci": [_round(best.score_low), _round(best.score_high)],
+        "contribution": _round(best.contribution),
+        "contribution_ci": [_round(best.ci_low), _round(best.ci_high)],
+        "tied": [list(r.layers) for r in rows if r.verdict == "tied"],
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def answer_value(answer: dict[str, Any]) -> tuple[float, float, float]:
+    """The pick's objective and its interval: C where defined, else the held-out score."""
+    if answer["contribution"] is not None:
+        return answer["contribution"], *answer["contribution_ci"]
+    return answer["score"], *answer["score_ci"]
+
+
+NOTE_TITLE = "## The answer"  # a study note that opens otherwise is a person's: left alone
+
+
+def answer_line(study: optuna.Study, answer: dict[str, Any]) -> str:
+    """The answer in one Markdown sentence, as the results table's best row says it."""
+    value, low, high = answer_value(answer)
+    name = "C" if answer["contribution"] is not None else "held-out score"
+    tied = ", ".join(layers_label(tuple(t)) for t in answer["tied"]) or "none"
+    return (
+        f"**layers {layers_label(tuple(answer['layers']))}** (lr {answer['lr']:.2g}): {name} "
+        f"{value:.3g} [{low:.3g}, {high:.3g}] {horizon(study)}, over {answer['seeds']} training "
+        f"seed(s) (trials {', '.join(map(str, answer['trials']))}); tied with it: {tied}."
+    )
+
+
+def dashboard_note(study: optuna.Study, answer: dict[str, Any]) -> str:
+    """Markdown for optuna-dashboard's Note page of the study: the answer and where it is."""
+    record = StudyRecord.of(study)
+    lines = [
+        NOTE_TITLE,
+        answer_line(study, answer),
+        "",
+        "Optuna's best trial is the best single trial value. A racing repeat's value is its "
+        "candidate's over every seed, so it names the pick unless one lucky seed of a "
+        "candidate beat the pick's mean. The study attr `pick` holds this answer; "
+        f"`autolayer results --study-name {study.study_name}` prints the table behind it.",
+    ]
+    if record.runs_url:
+        lines += ["", f"MLflow: [the study's runs]({record.runs_url})"]
+    return "\n".join(lines)
+
+
+def save_dashboard_note(study: optuna.Study, body: str) -> None:
+    """Write the study's note in optuna-dashboard, unless a person wrote one."""
+    from optuna_dashboard import get_note, save_note
+
+    current = get_note(study)
+    if not current or current.startswith(NOTE_TITLE):
+        save_note(study, body)
 
 
 def results_json(study: optuna.Study) -> dict[str, Any]:
@@ -419,5 +506,6 @@ def results_json(study: optuna.Study) -> dict[str, Any]:
         "seed_noise_included": analysis.seed_df > 0 if analysis is not None else None,
         "candidates": [{**vars(r), "layers": list(r.layers)} for r in rows],
         "baselines": {name: list(layers) for name, layers in record.baselines.items()},
+        "pick": pick(study),
         "trials": [{**vars(r), "layers": list(r.layers)} for r in trial_rows(study)],
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -29,7 +30,7 @@ def test_a_figure_is_renamed_into_place_whole(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["p.png"]  # no temporary file left
 
 
-def _study_with_two_seeds() -> object:
+def _study_with_two_seeds(pruned: bool = True) -> object:
     """Layers 6 and 7 on two seeds each, 3 and 5 on one; layer 2 pruned; heuristics recorded."""
     import numpy as np
     import optuna
@@ -64,10 +65,11 @@ def _study_with_two_seeds() -> object:
             trial, layers=[layer], lr=1e-3, seed=seed, score=score, outcomes=outcomes(correct)
         )
         study.tell(trial, (score - 0.5) / 0.3)
-    pruned = study.ask()
-    write_trial(pruned, layers=[2])
-    pruned.report(0.2, 10)
-    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    if pruned:
+        stopped = study.ask()
+        write_trial(stopped, layers=[2])
+        stopped.report(0.2, 10)
+        study.tell(stopped, state=optuna.trial.TrialState.PRUNED)
     return study
 
 
@@ -101,3 +103,29 @@ def test_the_table_states_the_horizon_and_method_and_the_plot_draws(tmp_path: Pa
     data = results_json(study)  # type: ignore[arg-type]
     assert data["horizon_steps"] == 30 and data["candidates"][0]["layers"] == [7]
     assert len(data["trials"]) == 7
+
+
+def _legend(study: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from autolayer import report
+
+    shown: list[str] = []
+
+    def keep(fig: Any, path: Path) -> None:
+        shown.extend(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+
+    monkeypatch.setattr(report, "save_figure", keep)
+    report.plot_contributions(study, tmp_path / "c.png")  # type: ignore[arg-type]
+    return shown
+
+
+def test_the_plots_legend_lists_only_the_kinds_of_bar_it_has(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = _study_with_two_seeds()  # layer 7 best, nothing tied with it, layer 2 pruned
+    assert _legend(study, tmp_path, monkeypatch) == [
+        "best",
+        "pruned (value when stopped)",
+        "all layers (C = 1)",
+    ]
+    unpruned = _study_with_two_seeds(pruned=False)
+    assert _legend(unpruned, tmp_path, monkeypatch) == ["best", "all layers (C = 1)"]

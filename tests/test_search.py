@@ -296,8 +296,12 @@ class FakeProxy:
     """Stands in for `run_proxy`: layer l's held-out score at step s is `curves[l](s)`; it calls
     the eval hook at every `eval_every` step, as the real run does, and stops when told to."""
 
-    def __init__(self, curves: dict[int, Callable[[int], float]], fail: tuple[int, ...] = ()):
+    def __init__(
+        self, curves: dict[int, Callable[[int], float]], fail: tuple[int, ...] = (),
+        seeds: dict[tuple[int, int], float] | None = None,
+    ):  # fmt: skip
         self.curves, self.fail = curves, fail
+        self.seeds = seeds or {}  # (layer, training seed) -> its held-out score, flat
         self.runs: list[tuple[int, ...]] = []
 
     def __call__(
@@ -310,8 +314,10 @@ class FakeProxy:
         if chosen[0] in self.fail:
             raise FloatingPointError("the loss became nan")
         evals = []
+        seeded = self.seeds.get((chosen[0], config.seed))
+        curve = self.curves[chosen[0]] if seeded is None else flat(seeded)
         for step in range(config.eval_every, config.steps + 1, config.eval_every):
-            final = held_out(self.curves[chosen[0]](step))
+            final = held_out(curve(step))
             evals.append((step, final.score))
             if eval_hook is not None and eval_hook(step, final):
                 return ProxyResult(chosen, lr or config.lr, final, step, 0.0, evals, [], True)
@@ -445,6 +451,52 @@ def test_a_pruned_trial_finishes_in_mlflow_with_where_it_stood(tmp_path: Path) -
     assert run.info.status == "FINISHED" and run.data.tags["trial_state"] == "PRUNED"
     assert run.data.metrics["score"] == 0.35  # stopped at step 10
     assert run.data.metrics["contribution"] == pytest.approx(pruned.value) == 0.25  # by hand
+
+
+def _raced(tmp_path: Path) -> tuple[SearchContext, mlflow.MlflowClient]:
+    """Layers 6 and 7 searched, raced over two seeds and finished, tracked in MLflow."""
+    from autolayer import racing
+    from autolayer.report import finish_study
+    from autolayer.storage import study_proxy_seed
+
+    scores = {(7, 0): 0.74, (7, 1): 0.78, (6, 0): 0.75, (6, 1): 0.71}
+    ctx = fake_search(tmp_path, FakeProxy({}, seeds=scores), (6, 7), seeds=2)
+    client = track(ctx, tmp_path)
+    study_proxy_seed(ctx.study, ctx.study._storage, 0)  # claims it, as each worker does
+    optimize(ctx)
+    racing.race(ctx)
+    finish_study(ctx, tmp_path, seconds=1.0)
+    return ctx, client
+
+
+def test_the_answer_is_the_same_in_the_table_optuna_mlflow_and_the_dashboard(
+    tmp_path: Path,
+) -> None:
+    """Layer 7 scores 0.74 and 0.78 on seeds 0 and 1 (0.76 over both), layer 6 0.75 and 0.71
+    (0.73): the pick is 7 at C (0.76 - 0.2) / 0.6 = 0.933. Its repeat's own C, 0.967, used to be
+    Optuna's best value; the repeat now reports its layer's 0.933, as the table does."""
+    from optuna_dashboard import get_note
+
+    from autolayer.report import candidate_rows
+
+    ctx, client = _raced(tmp_path)
+    rows, _ = candidate_rows(ctx.study)
+    assert (rows[0].layers, rows[0].seeds, rows[0].verdict) == ((7,), 2, "best")  # the table
+    assert rows[0].contribution == pytest.approx(0.56 / 0.6)
+    best = ctx.study.best_trial  # optuna-dashboard's "Best Trial"
+    assert TrialRecord.of(best).layers == (7,) and TrialRecord.of(best).role == "repeat"
+    assert best.value == pytest.approx(0.56 / 0.6) and TrialRecord.of(best).contribution == (
+        pytest.approx(0.58 / 0.6)
+    )  # the repeat's own run keeps its own C
+    pick = StudyRecord.of(ctx.study).pick
+    sevens = [t.number for t in ctx.study.trials if TrialRecord.of(t).layers == (7,)]
+    assert pick is not None and (pick["layers"], pick["trials"]) == ([7], sevens)
+    assert pick["contribution"] == pytest.approx(0.56 / 0.6, abs=1e-4)
+    study_run = client.get_run(ctx.parent_run).data
+    assert study_run.metrics["search/best"] == pick["contribution"]
+    assert study_run.tags["best_layers"] == "7"
+    assert study_run.tags["mlflow.note.content"].startswith("The answer: **layers 7**")
+    assert get_note(ctx.study).startswith("## The answer\n**layers 7** (lr 0.001): C 0.933")
 
 
 def test_a_queued_repeat_runs_to_the_end_whatever_the_pruner_says(tmp_path: Path) -> None:
