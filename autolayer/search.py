@@ -525,7 +525,9 @@ def _parent_run(config: Config, study: optuna.Study, tracker: Tracker, task_name
     if run_id:
         uri = str(getattr(tracker, "tracking_uri", ""))
         write_study(study, mlflow_parent_run_id=run_id, mlflow_tracking_uri=uri)
-        write_study(study, mlflow_runs=tracker.runs_url() or uri)
+        runs_url = tracker.runs_url()
+        if runs_url is not None:  # no UI address for a Databricks store
+            write_study(study, mlflow_runs=runs_url)
     return run_id
 
 
