@@ -268,9 +268,14 @@ def test_demo_command_prints_the_table_and_how_to_browse(tmp_path: Path, spawn: 
         assert name in candidates[tuple(layers)]["baselines"]  # every heuristic measured
     seeds = [(tuple(t["layers"]), t["seed"]) for t in data["trials"] if t["state"] == "COMPLETE"]
     assert len(seeds) == len(set(seeds))  # no (layers, seed) run twice
-    assert "mlflow ui --backend-store-uri sqlite:///" in output
+    assert "mlflow ui --backend-store-uri sqlite:///" in output and "--port 5000" in output
+    link = "then open http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey="
+    assert link in " ".join(output.split())  # the runs table, not the GenAI overview
     assert "optuna-dashboard " in output and "optuna/journal.log" in output
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+    study = load_study("organism-organism-single_layer", None, tmp_path / "mlruns")
+    assert optuna.get_all_study_names(study._storage) == [study.study_name]  # no claim markers
+    assert data["pick"]["layers"] == best["layers"] == list(TrialRecord.of(study.best_trial).layers)
 
 
 def test_tracking_leaves_the_environment_alone(tmp_path: Path) -> None:
@@ -738,3 +743,25 @@ def test_opening_a_study_prints_no_optuna_banner(tmp_path: Path) -> None:
         logging.getLogger("optuna").removeHandler(handler)
         optuna.logging.set_verbosity(verbosity)
     assert not [m for m in seen if "A new study created" in m]
+
+
+@pytest.mark.slow
+def test_optuna_dashboard_shows_one_study_and_its_answer(tmp_path: Path) -> None:
+    """The served pages, in headless Chromium: no claim marker listed as a study, the best
+    trial a run of the pick, the answer on the Note page."""
+    from benchmarks.ui_screenshots import Browser, chromium, dashboard, free_port
+
+    if chromium() is None:
+        pytest.skip("no chromium on PATH")
+    ctx, _ = _raced(tmp_path)
+    pick = StudyRecord.of(ctx.study).pick
+    assert pick is not None
+    journal = str(tmp_path / "optuna" / "journal.log")
+    with Browser() as browser, dashboard(journal, free_port(), tmp_path / "d.log") as address:
+        studies = browser.open(f"{address}/dashboard", "spec")
+        study = browser.open(f"{address}/dashboard/studies/0", "Best Trial")
+        note = browser.open(f"{address}/dashboard/studies/0/note", "The answer")
+    assert "claimed" not in studies and studies.count("spec") == 1
+    assert f"Best Trial (number={ctx.study.best_trial.number})" in study
+    assert ctx.study.best_trial.number in pick["trials"]
+    assert "layers 7 (lr 0.001): C 0.933" in note and "the study's runs" in note

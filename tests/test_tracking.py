@@ -166,3 +166,31 @@ def test_a_loss_within_float32_noise_is_logged_as_zero(tmp_path: Path) -> None:
         "proxy/loss": 0.0,
         "proxy/kl": 0.002,
     }
+
+
+@pytest.mark.slow
+def test_the_printed_link_shows_the_trials_in_a_browser(tmp_path: Path) -> None:
+    """The served page, in headless Chromium: the runs table, best first, with the columns."""
+    from benchmarks.ui_screenshots import Browser, at, chromium, free_port, mlflow_ui
+
+    if chromium() is None:
+        pytest.skip("no chromium on PATH")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "exp", tmp_path)
+    parent = tracker.start_run("study-exp")
+    for number, layer, score, role in ((0, 3, 0.7, "search"), (1, 5, 0.9, "repeat")):
+        run = tracker.start_run(f"trial-{number} layers={layer}", parent, {"autolayer.role": role})
+        tracker.log_params(run, {"layers": [layer], "seed": number})
+        tracker.log_metrics(run, {"score": score, "contribution": 2 * score - 1}, step=30)
+        tracker.set_tags(run, {"trial_state": "COMPLETE"})
+        tracker.end_run(run)
+    runs_url = tracker.runs_url()
+    assert runs_url is not None
+    with Browser() as browser, mlflow_ui(uri, free_port(), tmp_path / "ui.log") as address:
+        text = browser.open(at(runs_url, address), "trial-0 layers=3", "trial-1 layers=5")
+    assert "Model training" in text and "Traces 0" not in text  # not the GenAI overview
+    assert "autolayer: trials, best first" in text and "Sort: score" in text
+    for column in ("layers", "seed", "autolayer.role", "trial_state", "contribution", "score"):
+        assert column in text
+    assert text.index("trial-1 layers=5") < text.index("trial-0 layers=3")  # best first
+    assert "repeat" in text and "0.8" in text  # the repeat's role and C, in its row
