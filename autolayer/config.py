@@ -55,14 +55,15 @@ class ModelConfig:
 class TaskConfig:
     """A single-turn task in TRL's conventions: a dataset, a prompt and reward functions.
 
-    Built-in tasks (`organism`, `gsm8k`, `humaneval`, `code_organism`) are presets of these same
-    fields; any field set here overrides the preset. Any other name is your own task: set
-    `dataset` or `data_files`, and `reward_funcs`.
+    Built-in tasks (`organism`, `gsm8k`, `humaneval`, `code_organism`, the short-answer tasks for
+    real models...) are presets of these same fields; any field set here overrides the preset.
+    Any other name is your own task: set `dataset` or `data_files`, and `reward_funcs`.
     """
 
     name: str = doc(
-        "A built-in task (organism, code_organism, gridworld, gsm8k, humaneval) or a name for "
-        "your own.",
+        "A built-in task (organism, code_organism, gridworld, gsm8k, humaneval, chat_arithmetic; "
+        "for real pretrained models the short-answer tasks larger_of_two, category_pick, "
+        "antonym) or a name for your own.",
         "organism",
     )
     dataset: str | None = doc(

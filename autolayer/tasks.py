@@ -349,13 +349,23 @@ def has_chat_template(tokenizer: Any) -> bool:
 def for_tokenizer(task: Task, tokenizer: Any) -> Task:
     """The task with text prompts wrapped as a user turn where its `chat_template` asks for it.
 
-    An environment task keeps its seeds; its mode resolves to always or never for `render`.
+    With `auto` and a tokenizer without a chat template (a base model), chat-message prompts
+    become `transcript`s instead. An environment task keeps its seeds; its mode resolves to
+    always or never for `render`.
     """
     mode = task.chat_template
     if mode == "always" and not has_chat_template(tokenizer):
         raise AutolayerError(
             f"task '{task.name}' sets chat_template: always but the tokenizer has no chat template"
         )
+    chat = task.env is None and len(task.eval) > 0 and is_messages(task.eval[0]["prompt"])
+    if mode == "auto" and chat and not has_chat_template(tokenizer):
+        bos = bos_prefix(tokenizer)
+
+        def plain(row: dict[str, Any]) -> dict[str, Any]:
+            return {"prompt": transcript(row["prompt"], bos)}
+
+        return replace(task, train=task.train.map(plain), eval=task.eval.map(plain))
     if mode == "never" or (mode == "auto" and not has_chat_template(tokenizer)):
         return replace(task, chat_template="never") if task.env is not None else task
     if task.env is not None:
@@ -368,6 +378,29 @@ def for_tokenizer(task: Task, tokenizer: Any) -> Task:
     return replace(
         task, train=task.train.map(wrap), eval=task.eval.map(wrap), chat_template="never"
     )
+
+
+def bos_prefix(tokenizer: Any) -> str:
+    """The BOS token where the tokenizer starts every text with it (Gemma's does), else "".
+
+    Prompts are tokenized without special tokens, as TRL does, since a chat template writes its
+    own; a plain-text prompt for such a model must then carry its BOS itself.
+    """
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None or not callable(tokenizer):
+        return ""
+    return str(tokenizer.bos_token) if tokenizer("a")["input_ids"][:1] == [bos_id] else ""
+
+
+def transcript(messages: list[dict[str, str]], bos: str = "") -> str:
+    """Chat messages as the plain few-shot text a base model continues: `bos`, a system
+    message, then "Q: <user>" and "A: <assistant>" lines, ending in "A:"."""
+    parts = [bos]
+    for message in messages:
+        content, role = message["content"], message["role"]
+        parts.append(f"{content}\n\n" if role == "system" else
+                     f"Q: {content}\n" if role == "user" else f"A: {content}\n\n")  # fmt: skip
+    return "".join(parts) + "A:"
 
 
 def prompt_text(prompt: Any, tokenizer: Any) -> str:

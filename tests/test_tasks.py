@@ -129,9 +129,9 @@ def test_gsm8k_parquet_and_test_split_directory(tmp_path: Path) -> None:
 def test_unknown_task_lists_the_valid_names() -> None:
     with pytest.raises(
         AutolayerError,
-        match="unknown task 'mmlu'; built-in tasks: chat_arithmetic, code_organism, "
-        "gridworld, gsm8k, humaneval, organism; for your own task set task.dataset or "
-        "task.data_files, and task.reward_funcs",
+        match="unknown task 'mmlu'; built-in tasks: antonym, category_pick, chat_arithmetic, "
+        "code_organism, gridworld, gsm8k, humaneval, larger_of_two, organism; for your own task "
+        "set task.dataset or task.data_files, and task.reward_funcs",
     ):
         load_task(TaskConfig(name="mmlu"))
 
