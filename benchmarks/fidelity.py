@@ -19,7 +19,8 @@ Mis-prunes: both pruners (median, interval) are replayed on the ground-truth cur
 proxy horizon, one replay per ground-truth seed, through Optuna's own pruners via ask/tell; a
 mis-prune is a pruned layer in the long-run top set.
 
-The ground truth is cached in `--cache` (JSON, one entry per run), so a killed run resumes.
+The ground truth is measured by `benchmarks/ground_truth.py` (its curves keep every eval's
+per-prompt outcomes) and cached in `--cache` (JSON, one entry per run), so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -33,70 +34,24 @@ from typing import Any
 
 import numpy as np
 import optuna
+from ground_truth import TRUTH_SEED, run_truth  # benchmarks/ground_truth.py
 from scipy import stats
 
-from autolayer.baselines import layer_snr, picks
+from autolayer.baselines import picks
 from autolayer.config import Config, load_config
 from autolayer.estimate import analyse
-from autolayer.files import write_text_atomic
 from autolayer.layers import middle_layers
-from autolayer.loading import Workload, base_reference, load_for, prepare_task
-from autolayer.models import find_layer_stack
-from autolayer.proxy import run_proxy
 from autolayer.samplers import make_pruner
-from autolayer.scoring import Evaluation
 from autolayer.search import run_search, steps_used
 from autolayer.study import measured, study_analysis, write_study, write_trial
 
-TRUTH_SEED = 100
-
-
-def long_run(
-    work: Workload, config: Config, layers: list[int], lr: float, seed: int, steps: int
-) -> dict[str, Any]:
-    """One long proxy run: its held-out curve and final outcomes."""
-    curve: dict[int, tuple[float, float]] = {}
-
-    def hook(step: int, evaluation: Evaluation) -> bool:
-        curve[step] = (evaluation.score, evaluation.stderr)
-        return False
-
-    proxy = dataclasses.replace(config.proxy, steps=steps, seed=seed)
-    start = time.perf_counter()
-    result = run_proxy(work, proxy, layers, lr, keep=False, eval_hook=hook)
-    return {
-        "curve": {str(k): v for k, v in curve.items()},
-        "outcomes": list(result.final.outcomes),
-        "seconds": time.perf_counter() - start,
-    }
-
 
 def ground_truth(config: Config, factor: int, seeds: int, cache: Path) -> dict[str, Any]:
-    truth: dict[str, Any] = json.loads(cache.read_text()) if cache.exists() else {}
-    task = prepare_task(config)
-    work = load_for(config, task)
-    model = work.model
-    num_layers = len(find_layer_stack(model))
-    steps = factor * config.proxy.steps
-    truth.setdefault(
-        "base",
-        list(base_reference(config, work, cache.parent).outcomes),
-    )
-    truth["snr"] = layer_snr(list(find_layer_stack(model).layers))
-    truth["num_layers"], truth["steps"] = num_layers, steps
-    runs = truth.setdefault("runs", {})
-    jobs = [(str(layer), [layer], config.proxy.lr) for layer in range(num_layers)]
-    jobs.append(("all", list(range(num_layers)), config.proxy.full_lr))
-    for seed in range(TRUTH_SEED, TRUTH_SEED + seeds):
-        for name, layers, lr in jobs:
-            key = f"{name}@{seed}"
-            if key in runs:
-                continue
-            runs[key] = long_run(work, config, layers, lr, seed, steps)
-            final = np.mean(runs[key]["outcomes"])
-            print(f"  truth {key}: {final:.3f} ({runs[key]['seconds']:.0f} s)", flush=True)
-            write_text_atomic(cache, json.dumps(truth))
-    return truth
+    """Every layer and all layers (at `proxy.full_lr`), long, on `seeds` truth seeds (resumable)."""
+    return run_truth(
+        config, cache, seeds=list(range(TRUTH_SEED, TRUTH_SEED + seeds)), factor=factor,
+        full_lrs=[config.proxy.full_lr], root=cache.parent,
+    )  # fmt: skip
 
 
 def truth_analysis(truth: dict[str, Any], seeds: int) -> Any:
