@@ -62,8 +62,8 @@ class TaskConfig:
 
     name: str = doc(
         "A built-in task (organism, code_organism, gridworld, gsm8k, humaneval, chat_arithmetic; "
-        "for real pretrained models the short-answer tasks larger_of_two, category_pick, "
-        "antonym) or a name for your own.",
+        "for real pretrained models the short-answer tasks antonym, next_number, category_pick, "
+        "larger_of_two) or a name for your own.",
         "organism",
     )
     dataset: str | None = doc(

@@ -73,6 +73,11 @@ def larger_of_two() -> list[Problem]:
     ]
 
 
+def next_number() -> list[Problem]:
+    """The number right after n, for n from 10 to 998 (a carry in one of every ten)."""
+    return [(f"What number comes right after {n}?", str(n + 1)) for n in range(10, 999)]
+
+
 # Five categories of ten everyday words, none in two categories.
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "an animal": (
@@ -174,6 +179,15 @@ TASKS: dict[str, ShortAnswer] = {
             "the first number": lambda q: _numbers(q)[0],
             "the second number": lambda q: _numbers(q)[-1],
         },
+    ),
+    "next_number": ShortAnswer(
+        "the number right after a two- or three-digit number, number only (counting)",
+        next_number,
+        shots=(
+            ("What number comes right after 38?", "39"),
+            ("What number comes right after 599?", "600"),
+        ),
+        shortcuts={"the number itself": lambda q: _numbers(q)[0]},
     ),
     "category_pick": ShortAnswer(
         "which of three words is an animal, a fruit, a color, a vehicle or a tool, one word "

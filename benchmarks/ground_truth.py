@@ -1,7 +1,7 @@
 """The ground truth of a (model, task): every single layer trained long, on seeds no search uses.
 
-    OMP_NUM_THREADS=1 python benchmarks/ground_truth.py --config examples/smollm2.yaml \\
-        [--task larger_of_two] [--layers even] [--factor 4] [--seeds 100,101] \\
+    OMP_NUM_THREADS=1 python benchmarks/ground_truth.py --config examples/smollm2_short.yaml \\
+        [--task antonym] [--layers every-other] [--factor 4] [--seeds 100,101] \\
         [--full-lrs 1e-5,3e-5,1e-4] [--out benchmarks/truth/MODEL-TASK.json]
 
 Each run trains one layer (at `proxy.lr`) for `--factor` x `proxy.steps` steps on one training
@@ -14,7 +14,8 @@ Runs go highest value first: layers in an order that interleaves depths (first, 
 then the quarter points...), each on every seed before the next layer, so a killed or partial
 sweep already shows a profile with seed noise; the all-layers lr sweep comes after the first
 three layers. Each finished run is written to `--out` at once (atomically); a rerun skips the
-runs it holds and goes on. `--layers even` (every other layer) halves a sweep that does not fit.
+runs it holds and goes on. `--layers every-other` (0, 2, 4... and the last) about halves a
+sweep that does not fit.
 """
 
 from __future__ import annotations
@@ -230,9 +231,10 @@ def report(
 
 
 def select_layers(spec: str, num_layers: int) -> list[int]:
-    """`even` or `odd` (every other layer), else autolayer's selections: `all`, `0,7,15`, `3-9`."""
-    if spec in ("even", "odd"):
-        return list(range(0 if spec == "even" else 1, num_layers, 2))
+    """`every-other` (0, 2, 4... and the last layer, which the free "last layer" pick needs),
+    else autolayer's selections: `all`, `0,7,15`, `3-9`."""
+    if spec == "every-other":
+        return sorted({*range(0, num_layers, 2), num_layers - 1})
     return list(parse_layers(spec, num_layers))
 
 
@@ -240,9 +242,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default="examples/smollm2.yaml")
+    parser.add_argument("--config", default="examples/smollm2_short.yaml")
     parser.add_argument("--task", default=None, help="a task name (default: the config's)")
-    parser.add_argument("--layers", default="all", help="all, even, odd, or a list 0,7,15")
+    parser.add_argument("--layers", default="all", help="all, every-other, or a list 0,7,15")
     parser.add_argument("--factor", type=int, default=4, help="long runs: factor x proxy.steps")
     parser.add_argument("--seeds", default="100,101", help="training seeds (searches use 0, 1..)")
     parser.add_argument("--full-lrs", default=None, help="all-layers lrs to sweep (default: "

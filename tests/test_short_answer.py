@@ -51,6 +51,12 @@ def test_larger_of_two_answers_the_larger_number_in_either_place() -> None:
     assert [q.index(a) < q.index(" or ") for q, a in shots] == [False, True]
 
 
+def test_next_number_adds_one_and_an_example_shows_the_carry() -> None:
+    for row in make_rows("next_number", "train", 500, 0):
+        assert int(row["answer"]) == int(re.findall(r"\d+", row["question"])[0]) + 1
+    assert TASKS["next_number"].shots[1] == ("What number comes right after 599?", "600")
+
+
 def test_category_pick_has_one_word_of_the_category_and_rotates_its_place() -> None:
     rows = make_rows("category_pick", "train", 2000, 0)
     places = []

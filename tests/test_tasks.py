@@ -130,8 +130,8 @@ def test_unknown_task_lists_the_valid_names() -> None:
     with pytest.raises(
         AutolayerError,
         match="unknown task 'mmlu'; built-in tasks: antonym, category_pick, chat_arithmetic, "
-        "code_organism, gridworld, gsm8k, humaneval, larger_of_two, organism; for your own task "
-        "set task.dataset or task.data_files, and task.reward_funcs",
+        "code_organism, gridworld, gsm8k, humaneval, larger_of_two, next_number, organism; for "
+        "your own task set task.dataset or task.data_files, and task.reward_funcs",
     ):
         load_task(TaskConfig(name="mmlu"))
 
