@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,6 +31,7 @@ import numpy as np
 
 from autolayer.baselines import layer_snr
 from autolayer.config import Config, load_config
+from autolayer.files import write_text_atomic
 from autolayer.layers import parse_layers
 from autolayer.loading import Workload, base_reference, load_for, prepare_task
 from autolayer.models import find_layer_stack
@@ -118,11 +117,7 @@ def best_full_lr(runs: dict[str, Any], full_lrs: list[float], seed: int) -> floa
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write `payload` to `path` atomically: a reader sees the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a committed file from other readers
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload))
 
 
 def settings(config: Config, layers: list[int], seeds: list[int], steps: int) -> dict[str, Any]:
