@@ -197,9 +197,16 @@ def test_single_middle_layer_grpo_beats_base_by_three_standard_errors(
 
 
 def test_micro_batches_give_the_full_batch_update(
-    organism: tuple[Any, Any, Any], monkeypatch: pytest.MonkeyPatch
+    organism: tuple[Any, Any, Any], monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
-    """Gradient accumulation over micro-batches of 4 completions equals one pass over all 16."""
+    """Gradient accumulation over micro-batches of 4 completions equals one pass over all 16.
+
+    On one thread: a group's prompt runs with 1 row in a micro-batch and 4 in the whole batch,
+    and several threads may sum those in another order; AdamW's first step (lr 1e-2) turns
+    that rounding into more than 1e-6."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     # micro-batches never take the frozen prefix from generation (float rounding apart, the same)
     monkeypatch.setattr(GRPOModule, "capture_prefix", False)
     _, tokenizer, task = organism
