@@ -175,6 +175,12 @@ class ProxyConfig:
         None,
     )
     eval_every: int = doc("Score on the held-out set every this many steps (for pruning).", 10)
+    frozen_cache_mb: float = doc(
+        "A search keeps each prompt batch's prefill of the layers below a trial's lowest trained "
+        "one (held-out and training prompts, the base weights' states) for the trials after it, "
+        "up to this many MB; batches past it prefill as usual (0: keep none).",
+        1024.0,
+    )
     master_weights: Literal["float32", "bfloat16"] = doc(
         "Precision the trained layers' weights are kept in between steps: float32, or bfloat16 "
         "to see which updates bf16 storage drops (Gate III, arXiv 2511.08567).",
@@ -213,6 +219,7 @@ class ProxyConfig:
         for key in ("lr", "full_lr", "temperature"):
             _require(getattr(self, key) > 0, f"proxy.{key} must be positive")
         _require(self.threads is None or self.threads >= 1, "proxy.threads must be at least 1")
+        _require(self.frozen_cache_mb >= 0, "proxy.frozen_cache_mb must be at least 0")
         _require(self.devices >= 1, "proxy.devices must be at least 1")
         _require(self.strategy in ("auto", "ddp"), "proxy.strategy must be auto or ddp")
         _require(

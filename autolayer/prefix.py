@@ -196,16 +196,3 @@ def prefill(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Shared |
     if index is not None:
         cache.batch_select_indices(index)
     return Shared(cache, common, index, unique.shape[0])
-
-
-def mark_length(cache: Any, layer: int, hidden: torch.Tensor) -> None:
-    """Record in `cache` that layer `layer` saw `hidden`'s positions, without its keys.
-
-    A layer skipped by replaying its output (`proxy`'s frozen prefix) writes no keys, but
-    transformers sizes the attention mask of the next forward from the cache length of the
-    first layer; a zero-stride placeholder of one head and width 1 keeps that length right.
-    Nothing reads these placeholders: the skipped layers are skipped in every later forward too.
-    """
-    rows, length = hidden.shape[:2]
-    marker = hidden.new_zeros(()).expand(rows, 1, length, 1)
-    cache.update(marker, marker, layer)

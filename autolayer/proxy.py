@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from autolayer import agent, prefix, rl
+from autolayer import agent, frozen, prefix, rl
 from autolayer.config import ProxyConfig
 from autolayer.loading import Workload
 from autolayer.models import (
@@ -147,24 +147,6 @@ class Rollout:
         )
 
 
-class _Passthrough(nn.Module):
-    """Stands in for a frozen layer below the trained ones while its output is replayed from
-    the cache: hands its input on, in the return form of the layer it replaces, and marks the
-    positions it skipped in a KV cache it is given (`prefix.mark_length`)."""
-
-    def __init__(self, as_tuple: bool, index: int) -> None:
-        super().__init__()
-        self.as_tuple = as_tuple
-        self.index = index
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None:
-            prefix.mark_length(cache, self.index, hidden)
-        return (hidden,) if self.as_tuple else hidden
-
-
 def _generated_states(
     parts: list[torch.Tensor], done: Completions
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -208,12 +190,6 @@ def _has_dropout(model: nn.Module, layers: list[nn.Module]) -> bool:
     return any(isinstance(m, nn.Dropout) and m.p > 0 for part in parts for m in part.modules())
 
 
-def _with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> Any:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
 class GRPOModule(L.LightningModule):
     """GRPO / Dr. GRPO with manual optimisation over the chosen layers only."""
 
@@ -222,7 +198,12 @@ class GRPOModule(L.LightningModule):
     share_prompts = True  # each distinct prompt once in sampling and the passes (tests: off)
 
     def __init__(
-        self, work: Workload, config: ProxyConfig, layers: Sequence[int], lr: float
+        self,
+        work: Workload,
+        config: ProxyConfig,
+        layers: Sequence[int],
+        lr: float,
+        states: frozen.FrozenStates | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -235,6 +216,10 @@ class GRPOModule(L.LightningModule):
         self.trainable_names = freeze_except(model, layers)
         self.stack = find_layer_stack(model)
         self.lowest = min(layers)
+        # the study's prefills of the layers below this run's lowest one (`frozen.prefill_below`)
+        self.frozen = (
+            None if states is None else frozen.Frozen(states, self.stack.layers, self.lowest)
+        )
         self._as_tuple: bool | None = None  # what a decoder layer returns, seen on first capture
         self.keeps_logits = prefix.keeps_logits(model)
         self._dropout_below = _has_dropout(model, list(self.stack.layers)[: self.lowest])
@@ -291,7 +276,7 @@ class GRPOModule(L.LightningModule):
         with self._capture_prefix(parts):
             done = complete(
                 self.model, self.tokenizer, self.task, rows["prompt"], do_sample=True,
-                temperature=cfg.temperature, share_prompts=self.share_prompts,
+                temperature=cfg.temperature, share_prompts=self.share_prompts, frozen=self.frozen,
             )  # fmt: skip
         self.model.train()
         columns = {k: v for k, v in rows.items() if k != "prompt"}
@@ -332,7 +317,7 @@ class GRPOModule(L.LightningModule):
     @contextmanager
     def _watch_lowest(self, keep: Callable[[torch.Tensor], None]) -> Iterator[None]:
         """While it lasts, `keep` gets the lowest trained layer's input (detached) on every
-        forward, and the frozen layer below it shows what it returns (for `_Passthrough`)."""
+        forward, and the frozen layer below it shows what it returns (for `frozen.Passthrough`)."""
         layers = self.stack.layers
 
         def take(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -443,20 +428,18 @@ class GRPOModule(L.LightningModule):
         rows_total = roll.completion_ids.shape[0]
         chunks = self._micro_batches(rows_total)
         # per micro-batch: the frozen layers' output, kept from generation when it could be
-        frozen = self._replayed(roll)
+        replay = self._replayed(roll)
         with torch.no_grad():
-            ref_logp = (
-                self._chunked_logprobs(roll, chunks, frozen, True) if cfg.beta > 0 else None
-            )
+            ref_logp = self._chunked_logprobs(roll, chunks, replay, True) if cfg.beta > 0 else None
             old_logp = (
-                self._chunked_logprobs(roll, chunks, frozen) if cfg.num_iterations > 1 else None
+                self._chunked_logprobs(roll, chunks, replay) if cfg.num_iterations > 1 else None
             )
         optimizer: Any = self.optimizers()  # one optimizer, configured below
         for _ in range(cfg.num_iterations):
             optimizer.zero_grad(set_to_none=True)
             parts = []
             for rows in chunks:
-                with self._frozen_prefix(frozen, rows.start):
+                with self._frozen_prefix(replay, rows.start):
                     logp = self._batch_logprobs(roll, rows)
                 out = rl.policy_loss(
                     logp,
@@ -501,26 +484,15 @@ class GRPOModule(L.LightningModule):
         if not self._shares_prefix():
             yield
             return
-        layers, first = self.stack.layers, self.stack.layers[self.lowest]
         if key not in cache:
             kept: list[torch.Tensor] = []
             with self._watch_lowest(kept.append):
                 yield
             cache[key] = kept
             return
-        below = [layers[i] for i in range(self.lowest)]
-        for i in range(self.lowest):
-            layers[i] = _Passthrough(bool(self._as_tuple), i)
-        replay = iter(cache[key])
-        handle = first.register_forward_pre_hook(
-            lambda _, args, kwargs: _with_hidden(args, kwargs, next(replay)), with_kwargs=True
-        )
-        try:
+        layers, inputs = self.stack.layers, iter(cache[key])
+        with frozen.replaying(layers, self.lowest, bool(self._as_tuple), inputs):
             yield
-        finally:
-            handle.remove()
-            for i, layer in enumerate(below):
-                layers[i] = layer
 
     def _micro_batches(self, n: int) -> list[slice]:
         """Row slices of at most `micro_batch_size` completions (all of them when unset)."""
@@ -531,12 +503,12 @@ class GRPOModule(L.LightningModule):
         self,
         roll: Rollout,
         chunks: list[slice],
-        frozen: dict[int, list[torch.Tensor]],
+        replay: dict[int, list[torch.Tensor]],
         reference: bool = False,
     ) -> torch.Tensor:
         parts = []
         for rows in chunks:
-            with self._frozen_prefix(frozen, rows.start):
+            with self._frozen_prefix(replay, rows.start):
                 parts.append(self._batch_logprobs(roll, rows, reference))
         return torch.cat(parts)
 
@@ -579,8 +551,9 @@ class GRPOModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         evaluation = evaluate(
-            self.model, self.tokenizer, self.task, share_prompts=self.share_prompts
-        )
+            self.model, self.tokenizer, self.task, share_prompts=self.share_prompts,
+            frozen=self.frozen,
+        )  # fmt: skip
         self.evals.append((self.rollouts, evaluation))
         self._log({"proxy/eval_score": evaluation.score})
         if self.eval_hook is not None and self.eval_hook(self.rollouts, evaluation):
@@ -635,6 +608,7 @@ class ProxyRun(Protocol):
         eval_hook: EvalHook | None = None,
         logger: Any = None,
         progress: bool = False,
+        states: frozen.FrozenStates | None = None,
     ) -> ProxyResult: ...
 
 
@@ -648,17 +622,21 @@ def run_proxy(
     eval_hook: EvalHook | None = None,
     logger: Any = None,
     progress: bool = False,
+    states: frozen.FrozenStates | None = None,
 ) -> ProxyResult:
     """Train `layers` of the model in place for `config.steps` steps and score the result.
 
     With `keep=False` the trained layers' values are put back afterwards, however the run ends
     (the search's trials share one model; only those layers are kept aside, not the model).
+    `states`, a study's store of prefills below the trained layers (`frozen.FrozenStates`), is
+    for runs that start from the base weights, as a search's trials do.
     """
     saved = None if keep else snapshot(work.model, layer_param_names(work.model, layers))
     try:
         return _fit(
-            work, config, layers, config.lr if lr is None else lr, eval_hook, logger, progress
-        )
+            work, config, layers, config.lr if lr is None else lr, eval_hook, logger, progress,
+            states,
+        )  # fmt: skip
     finally:
         if saved is not None:
             restore(work.model, saved)
@@ -672,11 +650,12 @@ def _fit(
     eval_hook: EvalHook | None,
     logger: Any,
     progress: bool,
+    states: frozen.FrozenStates | None,
 ) -> ProxyResult:
     quiet_lightning()
     L.seed_everything(config.seed, workers=True, verbose=False)
     model, tokenizer, task = work
-    module = GRPOModule(work, config, layers, lr)
+    module = GRPOModule(work, config, layers, lr, states)
     module.eval_hook = eval_hook
     rows = training_rows(task, config.steps, config.prompts_per_step, config.seed)
     # With N devices Lightning gives each process every N-th row (a DistributedSampler), so
@@ -690,7 +669,9 @@ def _fit(
     done = module.rollouts
     final = next((e for step, e in module.evals if step == done), None)
     if final is None:
-        final = evaluate(model, tokenizer, task, share_prompts=module.share_prompts)
+        final = evaluate(
+            model, tokenizer, task, share_prompts=module.share_prompts, frozen=module.frozen
+        )
         module.evals.append((done, final))
     model.eval()
     return ProxyResult(

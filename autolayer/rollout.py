@@ -17,6 +17,7 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from autolayer import prefix, rl
+from autolayer.frozen import Frozen, prefill_below
 from autolayer.tasks import Task, prompt_text
 
 
@@ -51,6 +52,7 @@ def generate_completions(
     temperature: float = 1.0,
     stop_strings: Sequence[str] = (),
     share_prompts: bool = True,
+    frozen: Frozen | None = None,
 ) -> Generated:
     """Generate from the prompts; stops at any EOS id and after any stop string, as TRL's
     generation does, and pads rows that stopped early with the pad id.
@@ -59,7 +61,8 @@ def generate_completions(
     (`prefix.align`) and every distinct token position is prefilled once: the common prefix,
     then each distinct prompt (G samples of one prompt, agent turns with one history), all but
     its last token, whose cache is copied to every row that asks for it. Without it, every row
-    is left-padded and prefilled on its own.
+    is left-padded and prefilled on its own. With `frozen`, a shared prefill takes the layers
+    below the run's lowest trained one from the study's store (`frozen.prefill_below`).
     """
     device = next(model.parameters()).device
     rows = tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -75,7 +78,7 @@ def generate_completions(
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     keyword = prefix.cache_keyword(model)
-    shared = prefix.prefill(model, ids, mask) if share_prompts and keyword else None
+    shared = prefill_below(model, ids, mask, frozen) if share_prompts and keyword else None
     cache = {keyword: shared.cache} if shared is not None and keyword else {}
     out = model.generate(  # type: ignore[operator]
         input_ids=ids,
@@ -164,6 +167,7 @@ def complete(
     do_sample: bool = False,
     temperature: float = 1.0,
     share_prompts: bool = True,
+    frozen: Frozen | None = None,
 ) -> Completions:
     """Render `prompts` (text or chat messages), generate with the task's length and stop
     strings, and mask, cut and decode what each completion produced: the one generation path
@@ -177,6 +181,7 @@ def complete(
         temperature=temperature,
         stop_strings=task.stop_strings,
         share_prompts=share_prompts,
+        frozen=frozen,
     )
     mask = completion_mask(model, tokenizer, completion_ids)
     ids = masked_ids(completion_ids, mask)

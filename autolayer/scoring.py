@@ -20,6 +20,7 @@ from torch import nn
 
 from autolayer.estimate import Z95, contribution_ratio, format_contribution
 from autolayer.files import write_text_atomic
+from autolayer.frozen import Frozen
 from autolayer.rewards import score_completions
 from autolayer.rollout import complete, eos_token_ids
 from autolayer.tasks import Task, task_fingerprint
@@ -67,11 +68,13 @@ def evaluate(
     task: Task,
     batch_size: int = 256,
     share_prompts: bool = True,
+    frozen: Frozen | None = None,
 ) -> Evaluation:
     """Greedy-decode every held-out prompt and score it with the task's verifiable rewards.
 
     The prompts' common prefix (a system message, worked examples) is prefilled once per batch
-    (`rollout.complete`; `share_prompts=False` prefills every prompt whole). An environment
+    (`rollout.complete`; `share_prompts=False` prefills every prompt whole), with `frozen` from
+    the layers below the trained ones as the study's store holds them. An environment
     task plays one greedy episode per held-out seed; its outcome is the return.
     """
     was_training = model.training
@@ -88,7 +91,7 @@ def evaluate(
     prompts: list[Any] = rows["prompt"]
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        done = complete(model, tokenizer, task, chunk, share_prompts=share_prompts)
+        done = complete(model, tokenizer, task, chunk, share_prompts=share_prompts, frozen=frozen)
         columns = {k: v[start : start + batch_size] for k, v in rows.items() if k != "prompt"}
         outcomes += score_completions(task, chunk, done.texts, columns, done.ids)
     model.train(was_training)

@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autolayer.config import Config, require_one_device
 from autolayer.errors import AutolayerError, Interrupted, TrialInterrupted
+from autolayer.frozen import FrozenStates
 from autolayer.loading import Workload, base_reference, load_for, prepare_task
 from autolayer.models import find_layer_stack
 from autolayer.proxy import ProxyResult, ProxyRun, run_proxy
@@ -108,6 +109,12 @@ class SearchContext:
     proxy_run: ProxyRun = run_proxy
     deadline: float | None = None  # time.monotonic() after which no trial starts (search.timeout)
     started: int = 0  # trials this invocation started (search.n_trials bounds them all)
+    # The prompt batches' prefills below each trial's lowest trained layer, kept for the trials
+    # after it (`frozen.FrozenStates`): they all start from the base weights.
+    states: FrozenStates = field(default_factory=FrozenStates)
+
+    def __post_init__(self) -> None:
+        self.states.limit_mb = self.config.proxy.frozen_cache_mb
 
     def time_left(self) -> bool:
         return self.deadline is None or time.monotonic() < self.deadline
@@ -129,7 +136,7 @@ def train_and_restore(
     """One proxy run on the shared model (on training seed `seed`, default proxy.seed), leaving
     the model as it found it."""
     proxy = ctx.config.proxy if seed is None else dataclasses.replace(ctx.config.proxy, seed=seed)
-    return ctx.proxy_run(ctx.work, proxy, layers, lr, keep=False, **kwargs)
+    return ctx.proxy_run(ctx.work, proxy, layers, lr, keep=False, states=ctx.states, **kwargs)
 
 
 def full_reference(ctx: SearchContext) -> Evaluation:

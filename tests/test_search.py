@@ -312,6 +312,7 @@ class FakeProxy:
     def __call__(
         self, work: Any, config: ProxyConfig, layers: Any, lr: float | None = None, *,
         keep: bool = True, eval_hook: Any = None, logger: Any = None, progress: bool = False,
+        states: Any = None,
     ) -> ProxyResult:  # fmt: skip
         assert keep is False  # trials share one model: each must put its layers back
         chosen = tuple(sorted(layers))
