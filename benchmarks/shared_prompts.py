@@ -2,7 +2,7 @@
 interleaved run, with the physical limit of a step beside them.
 
     python benchmarks/shared_prompts.py                      # every workload below
-    python benchmarks/shared_prompts.py --only short-4x4 --rounds 2 [--trl]
+    python benchmarks/shared_prompts.py --only short-4x4 --rounds 2 [--paths shared study] [--trl]
 
 Workloads, one trained layer each (the middle of the stack):
 - `organism`: the bundled organism, examples/organism.yaml (16 x 8, 6-character prompts).
@@ -14,9 +14,11 @@ Workloads, one trained layer each (the middle of the stack):
 Per workload and path (`shared`: this code, the prompts' common prefix once, each distinct
 prompt once, in sampling, the passes and the held-out scoring; `repeated`: every row's prompt
 left-padded, prefilled and passed on its own, what c21c7c9 did, `GRPOModule.share_prompts =
-False`): the median proxy step (first step left out) and the whole trial, `run_proxy` from start
-to result with its held-out evaluations. Rounds alternate which path goes first, so slow phases
-of a shared machine hit both.
+False`; `study`: shared, and the frozen layers' prefills of the held-out and training prompts
+kept by an earlier trial of the same layer, `frozen.FrozenStates`, as a search's later trials
+find them): the median proxy step (first step left out) and the whole trial, `run_proxy` from
+start to result with its held-out evaluations. Rounds alternate the paths' order, so slow phases
+of a shared machine hit them all.
 
 The physical limit of a step (at this layer, on this batch): decoding G x T tokens with every
 prompt already in the KV cache, plus one forward and backward of the trained part of the stack
@@ -47,6 +49,7 @@ from proxy_vs_trl import trl_steps  # benchmarks/ is on the path of `python benc
 
 from autolayer import prefix
 from autolayer.config import Config, load_config
+from autolayer.frozen import FrozenStates
 from autolayer.loading import Workload, load_for
 from autolayer.proxy import GRPOModule, run_proxy
 from autolayer.rollout import eos_token_ids
@@ -99,11 +102,17 @@ def workload(name: str, eval_size: int) -> tuple[Workload, Config]:
     return (short_answer(work) if name.startswith("short") else work), config
 
 
-def trial(work: Workload, config: Config, layer: int, share: bool) -> tuple[list[float], float]:
+PATHS = ("repeated", "shared", "study")
+
+
+def trial(
+    work: Workload, config: Config, layer: int, path: str, states: FrozenStates
+) -> tuple[list[float], float]:
     """Step seconds (the first left out) and the whole run's seconds, on one path."""
-    GRPOModule.share_prompts = share
+    GRPOModule.share_prompts = path != "repeated"
     try:
-        result = run_proxy(work, config.proxy, [layer], keep=False)
+        store = states if path == "study" else None
+        result = run_proxy(work, config.proxy, [layer], keep=False, states=store)
     finally:
         GRPOModule.share_prompts = True
     return [h["proxy/step_seconds"] for h in result.history][1:], result.seconds
@@ -164,13 +173,17 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = config.proxy
     cfg.steps, cfg.eval_every = args.steps, max(1, args.steps // 2)  # two held-out evaluations
     cfg.num_iterations, cfg.beta = 1, 0.0
-    steps: dict[bool, list[float]] = {True: [], False: []}
-    trials: dict[bool, list[float]] = {True: [], False: []}
+    paths = [p for p in PATHS if p in args.paths]
+    steps: dict[str, list[float]] = {p: [] for p in paths}
+    trials: dict[str, list[float]] = {p: [] for p in paths}
+    states = FrozenStates()
+    if "study" in paths:  # an earlier trial of the study (same layer) left its prefills
+        trial(work, config, layer, "study", states)
     for round_ in range(args.rounds):
-        for share in (True, False) if round_ % 2 == 0 else (False, True):
-            step_s, trial_s = trial(work, config, layer, share)
-            steps[share] += step_s
-            trials[share].append(trial_s)
+        for path in paths if round_ % 2 == 0 else paths[::-1]:
+            step_s, trial_s = trial(work, config, layer, path, states)
+            steps[path] += step_s
+            trials[path].append(trial_s)
     limit = physical_limit(work, config, layer, repeats=2)
     limit_s = limit["decode_s"] + limit["top_pass_s"]
     prompt_tokens = len(work.tokenizer(prompt_text(work.task.train[0]["prompt"], work.tokenizer))[
@@ -183,19 +196,23 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "max_completion_tokens": work.task.max_completion_length,
         "trial": f"{cfg.steps} steps, 2 evaluations of {len(work.task.eval)} prompts",
     }
-    for share, label in ((False, "repeated"), (True, "shared")):
-        row[f"{label}_step_s"] = round(statistics.median(steps[share]), 3)
-        row[f"{label}_trial_s"] = round(statistics.median(trials[share]), 1)
-    row["step_speedup"] = round(row["repeated_step_s"] / row["shared_step_s"], 2)
-    row["trial_speedup"] = round(row["repeated_trial_s"] / row["shared_trial_s"], 2)
+    for path in paths:
+        row[f"{path}_step_s"] = round(statistics.median(steps[path]), 3)
+        row[f"{path}_trial_s"] = round(statistics.median(trials[path]), 1)
+    fastest = paths[-1]
+    if "repeated" in paths and fastest != "repeated":
+        row["step_speedup"] = round(row["repeated_step_s"] / row[f"{fastest}_step_s"], 2)
+        row["trial_speedup"] = round(row["repeated_trial_s"] / row[f"{fastest}_trial_s"], 2)
+    if "study" in paths:
+        row["study_prefills_mb"] = round(states.nbytes / 2**20, 1)
     row["limit_s"] = round(limit_s, 3)
     row["limit_parts_s"] = {k: round(v, 3) for k, v in limit.items()}
-    row["shared_step_over_limit"] = round(row["shared_step_s"] / limit_s, 2)
+    row[f"{fastest}_step_over_limit"] = round(row[f"{fastest}_step_s"] / limit_s, 2)
     if args.trl:
         config.train.steps, config.train.lr = args.steps, cfg.lr
         seconds, _ = trl_steps(*work, config, layer, "/tmp/shared_prompts_trl")
         row["trl_step_s"] = round(statistics.median(seconds), 3)
-        row["trl_over_shared"] = round(row["trl_step_s"] / row["shared_step_s"], 2)
+        row[f"trl_over_{fastest}"] = round(row["trl_step_s"] / row[f"{fastest}_step_s"], 2)
     return row
 
 
@@ -210,6 +227,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="Proxy steps per trial.")
     parser.add_argument("--rounds", type=int, default=2, help="Trials per path, alternated.")
     parser.add_argument("--eval-size", type=int, default=100, help="Held-out prompts.")
+    parser.add_argument(
+        "--paths", nargs="*", choices=PATHS, default=list(PATHS),
+        help="repeated: c21c7c9's; shared: each distinct prompt once; study: shared, with the "
+        "frozen layers' prefills kept by an earlier trial of the study",
+    )  # fmt: skip
     parser.add_argument(
         "--trl", action="store_true", help="Also time TRL's GRPOTrainer on the same steps."
     )
