@@ -118,19 +118,63 @@ def watching(
             handle.remove()
 
 
+@dataclass(frozen=True)
+class _Packed:
+    """A frozen layer's keys or values (rows, heads, positions, dim) as the prefill computed
+    them: the common prefix once, each distinct prompt's own columns once. The cache generation
+    reads holds them copied out to every row; kept so, a batch of G samples of a few-shot prompt
+    would take about G x (prompts) x (prefix) positions instead of (prefix) + (own)."""
+
+    common: torch.Tensor | None  # (1, heads, common, dim)
+    own: torch.Tensor  # (distinct, heads, own columns, dim); every row's when `index` is None
+    index: torch.Tensor | None  # each row's distinct prompt
+
+    @staticmethod
+    def of(t: torch.Tensor, shared: prefix.Shared) -> _Packed:
+        c, index = shared.common, shared.index
+        first = None if index is None else _first_rows(index, shared.distinct)
+        own = t[:, :, c:] if first is None else t[first, :, c:]
+        common = t[:1, :, :c].clone() if c else None
+        return _Packed(common, own.contiguous() if first is None else own, index)
+
+    def unpack(self) -> torch.Tensor:
+        own = self.own if self.index is None else self.own[self.index]
+        if self.common is None:
+            return own
+        return torch.cat([self.common.expand(own.shape[0], -1, -1, -1), own], dim=2)
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.own] if self.common is None else [self.own, self.common]
+        return sum(t.numel() * t.element_size() for t in parts)
+
+
+def _first_rows(index: torch.Tensor, distinct: int) -> torch.Tensor:
+    """The first row of each distinct prompt."""
+    rows = torch.arange(index.shape[0], device=index.device)
+    first = torch.full((distinct,), index.shape[0], dtype=torch.long, device=index.device)
+    return first.scatter_reduce(0, index, rows, reduce="amin")
+
+
 @dataclass
 class _Prefilled:
     """One prompt batch's prefill, valid for runs whose lowest trained layer is <= `depth`."""
 
     depth: int
     inputs: list[list[torch.Tensor]]  # per forward of the prefill: layers[0..depth]'s inputs
-    layers: list[Any]  # the cache's layers [0, depth) after the prefill
+    layers: list[tuple[Any, _Packed, _Packed]]  # the cache's layers [0, depth): keys, values
     as_tuple: bool
-    nbytes: int
 
+    @property
+    def nbytes(self) -> int:
+        size = sum(t.numel() * t.element_size() for call in self.inputs for t in call)
+        return size + sum(k.nbytes + v.nbytes for _, k, v in self.layers)
 
-def _nbytes(tensors: Iterator[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    def cache_layer(self, i: int) -> Any:
+        layer, keys, values = self.layers[i]
+        layer = copy.copy(layer)
+        layer.keys, layer.values = keys.unpack(), values.unpack()
+        return layer
 
 
 @dataclass
@@ -192,7 +236,7 @@ def prefill_below(
         if shared is not None:  # it was shared when kept; the same batch is shared again
             states.hits += 1
             for i in range(lowest):  # the real keys and values for the placeholders
-                shared.cache.layers[i] = copy.copy(entry.layers[i])
+                shared.cache.layers[i] = entry.cache_layer(i)
             return shared
     calls: list[list[torch.Tensor]] = []
 
@@ -205,10 +249,14 @@ def prefill_below(
         shared = prefix.prefill(model, ids, mask)
     if shared is None or not form:
         return shared
-    # shallow copies: a DynamicCache's layers replace their tensors as they grow, never write
-    # into them, so the kept tensors stay what the prefill left
-    kept = [copy.copy(layer) for layer in shared.cache.layers[:lowest]]
-    size = _nbytes(t for call in calls for t in call)
-    size += _nbytes(t for layer in kept for t in (layer.keys, layer.values))
-    states.put(key, _Prefilled(lowest, calls, kept, form[0], size))
+    kept = []
+    for layer in shared.cache.layers[:lowest]:
+        if layer.keys.shape[2] != ids.shape[1] - 1:  # a sliding window dropped columns
+            return shared
+        # the layer without its tensors (they are packed), put back whole on each use; a
+        # DynamicCache's layers replace their tensors as they grow, never write into them
+        stub = copy.copy(layer)
+        stub.keys = stub.values = None
+        kept.append((stub, _Packed.of(layer.keys, shared), _Packed.of(layer.values, shared)))
+    states.put(key, _Prefilled(lowest, calls, kept, form[0]))
     return shared

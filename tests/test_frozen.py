@@ -82,3 +82,17 @@ def test_prompts_with_nothing_to_share_are_not_kept(work: Workload) -> None:
     run_proxy(plain_work, dataclasses.replace(CONFIG, steps=2), [3], keep=False, states=states)
     assert len(states.entries) == 2  # the two steps' rollouts (each prompt sampled 4 times)
 
+
+
+def test_kept_prefills_hold_each_distinct_position_once(work: Workload) -> None:
+    """A rollout's batch is G copies of each few-shot prompt: the store keeps the common prefix
+    once and each prompt's own columns once, not the cache copied out to every row."""
+    states = FrozenStates()
+    config = dataclasses.replace(CONFIG, steps=1, eval_every=1)
+    run_proxy(work, config, [3], keep=False, states=states)
+    for entry in states.entries.values():
+        for i in range(entry.depth):
+            _, keys, _ = entry.layers[i]
+            whole = entry.cache_layer(i).keys
+            assert keys.common is not None and keys.common.shape[2] == 15
+            assert keys.nbytes < whole.numel() * whole.element_size() / 2
