@@ -32,6 +32,7 @@ import numpy as np
 from autolayer.baselines import layer_snr
 from autolayer.config import Config, load_config
 from autolayer.files import write_text_atomic
+from autolayer.frozen import FrozenStates
 from autolayer.layers import parse_layers
 from autolayer.loading import Workload, base_reference, load_for, prepare_task
 from autolayer.models import find_layer_stack
@@ -52,9 +53,16 @@ class Job(NamedTuple):
 
 
 def long_run(
-    work: Workload, config: Config, layers: list[int], lr: float, seed: int, steps: int
+    work: Workload,
+    config: Config,
+    layers: list[int],
+    lr: float,
+    seed: int,
+    steps: int,
+    states: FrozenStates | None = None,
 ) -> dict[str, Any]:
-    """One long proxy run: its held-out curve (score, stderr and outcomes per eval) and finals."""
+    """One long proxy run: its held-out curve (score, stderr and outcomes per eval) and finals.
+    `states` keeps the frozen layers' prefills for the runs after it, as a search's does."""
     curve: dict[str, tuple[float, float]] = {}
     outcomes: dict[str, list[float]] = {}
 
@@ -65,7 +73,7 @@ def long_run(
 
     proxy = dataclasses.replace(config.proxy, steps=steps, seed=seed)
     start = time.perf_counter()
-    result = run_proxy(work, proxy, layers, lr, keep=False, eval_hook=hook)
+    result = run_proxy(work, proxy, layers, lr, keep=False, eval_hook=hook, states=states)
     return {
         "layers": sorted(layers),
         "lr": lr,
@@ -188,13 +196,14 @@ def run_truth(
     base = float(np.mean(truth["base"]))
     print(f"{out}: {len(jobs)} runs of {steps} steps, base {base:.3f}", flush=True)
     spent = [runs[j.key]["seconds"] for j in jobs if j.key in runs]
+    states = FrozenStates(config.proxy.frozen_cache_mb)
     for i, job in enumerate(jobs):
         if job.key in runs:
             continue
         if job.lr == 0.0:  # an all-layers run at the lr the sweep picked
             truth["full_lr"] = best_full_lr(runs, full_lrs, seeds[0])
             job = job._replace(lr=truth["full_lr"])
-        runs[job.key] = long_run(work, config, job.layers, job.lr, job.seed, steps)
+        runs[job.key] = long_run(work, config, job.layers, job.lr, job.seed, steps, states)
         _alias_full(truth, full_lrs, seeds[0])
         write_json(out, truth)
         spent.append(runs[job.key]["seconds"])
