@@ -224,7 +224,7 @@ def _run_search(config: Config, root: Path) -> int:
 
     from autolayer.progress import SearchDisplay
     from autolayer.report import study_dir
-    from autolayer.search import run_search
+    from autolayer.runner import run_search
 
     out = console()
     with SearchDisplay(out, config) as display:

@@ -18,14 +18,12 @@ from autolayer.study import (
     measured,
     records,
     study_analysis,
-    write_study,
 )
 
 if TYPE_CHECKING:
     from rich.table import Table
 
     from autolayer.estimate import Analysis
-    from autolayer.search import SearchContext
     from autolayer.study import Key
 
 
@@ -384,40 +382,6 @@ def study_dir(root: Path, study_name: str) -> Path:
     if path.parent != base:
         raise AutolayerError(f"study name {study_name!r} would leave {base}: use a plain name")
     return path
-
-
-def finish_study(ctx: SearchContext, root: Path, seconds: float) -> list[Path]:
-    """Write the plots beside the store and log them, with a summary, to the study's parent run."""
-    out = study_dir(root, ctx.study.study_name)
-    paths = [
-        p
-        for p in (
-            plot_contributions(ctx.study, out / "contribution.png"),
-            plot_history(ctx.study, out / "history.png"),
-        )
-        if p is not None
-    ]
-    for path in paths:
-        ctx.tracker.log_artifact(ctx.parent_run, path)
-    rows, analysis = candidate_rows(ctx.study)
-    if analysis is not None:
-        ctx.tracker.log_dict(ctx.parent_run, results_json(ctx.study), "candidates.json")
-    summary: dict[str, Any] = {"search/seconds": seconds, "search/trials": len(ctx.study.trials)}
-    answer = pick(ctx.study)
-    if answer is not None:
-        write_study(ctx.study, pick=answer)
-        value, low, high = answer_value(answer)
-        summary.update({"search/best": value, "search/best_low": low, "search/best_high": high})
-        ctx.tracker.set_tags(
-            ctx.parent_run,
-            {
-                "best_layers": ",".join(map(str, answer["layers"])),
-                "mlflow.note.content": "The answer: " + answer_line(ctx.study, answer),
-            },  # the run's description in the MLflow UI
-        )
-        save_dashboard_note(ctx.study, dashboard_note(ctx.study, answer))
-    ctx.tracker.log_metrics(ctx.parent_run, summary)
-    return paths
 
 
 def pick(study: optuna.Study) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ held-out set every `proxy.eval_every` steps. Their final outcomes give the long-
 every layer (`autolayer.estimate`: mean over seeds, intervals over seeds and prompts) and the
 long-run top set: the best layer and every layer statistically tied with it.
 
-Then the real search (`autolayer.search.run_search`, the config's sampler, pruner, racing and
+Then the real search (`autolayer.runner.run_search`, the config's sampler, pruner, racing and
 baselines, tracking off) runs once per search seed 0, 1, ... (`--search-seeds`), and the report
 gives, per run: the pick and its tied set against the long-run top set, Spearman and Kendall of
 the search's layer ranking against the long-run means, and its cost in proxy steps and seconds
@@ -41,8 +41,9 @@ from autolayer.baselines import picks
 from autolayer.config import Config, load_config
 from autolayer.estimate import analyse
 from autolayer.layers import middle_layers
+from autolayer.runner import run_search
 from autolayer.samplers import make_pruner
-from autolayer.search import run_search, steps_used
+from autolayer.search import steps_used
 from autolayer.study import measured, study_analysis, write_study, write_trial
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/gc_freeze.py [--rounds 2]
 
-Optuna and the racing loop collect garbage after every trial; `autolayer.search.frozen_heap`
+Optuna and the racing loop collect garbage after every trial; `autolayer.runner.frozen_heap`
 keeps what the search loaded (libraries, model, data) out of those collections. Each round runs
 the demo twice in fresh processes, freeze off then on, each on an empty store, and reports the
 wall time of the whole command and how long one full collection takes in a loaded search.
@@ -20,10 +20,10 @@ import tempfile
 
 ONE_DEMO = """
 import contextlib, sys, time
-from autolayer import search
+from autolayer import runner
 from autolayer.cli import main
 if sys.argv[1] == "off":
-    search.frozen_heap = contextlib.nullcontext
+    runner.frozen_heap = contextlib.nullcontext
 start = time.perf_counter()
 code = main(["demo", "--root", sys.argv[2]])
 print(time.perf_counter() - start, file=sys.stderr)
@@ -32,7 +32,7 @@ sys.exit(code)
 
 ONE_COLLECTION = """
 import gc, json, time
-import autolayer.racing, autolayer.report
+import autolayer.runner
 from autolayer.config import Config
 from autolayer.loading import load_for
 work = load_for(Config())

@@ -23,7 +23,7 @@ from autolayer.compare import agreement, noisiness, profile
 from autolayer.config import Config, load_config
 from autolayer.loading import load_for, prepare_task
 from autolayer.presignal import layer_signal
-from autolayer.search import run_search
+from autolayer.runner import run_search
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 BEDS = [  # (study, config, algorithm): one model per group of rows

@@ -257,6 +257,6 @@ def layer_rows(directory: Path) -> list[dict[str, int]]:
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Freeze what collection imported (torch, transformers, Lightning: ~500k objects) so the
     garbage collections the search runs after every trial scan only what the tests allocate.
-    `autolayer.search.frozen_heap` does the same for a real search."""
+    `autolayer.runner.frozen_heap` does the same for a real search."""
     gc.collect()
     gc.freeze()

@@ -15,8 +15,8 @@ from autolayer.config import ProxyConfig, TaskConfig, load_config
 from autolayer.loading import Workload
 from autolayer.models import load_model
 from autolayer.proxy import run_proxy
+from autolayer.runner import run_search
 from autolayer.scoring import evaluate
-from autolayer.search import run_search
 from autolayer.study import TrialRecord
 from autolayer.tasks import load_task
 from autolayer.train import run_training, select_layers

@@ -10,9 +10,6 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "autolayer"
 
 ALLOWED = [
-    # Until the study runner is split out of search/racing/report (issue 22): search runs
-    # racing's loop and the closing report, and both import search back.
-    frozenset({"search", "racing", "report"}),
     # Type-only: rewards names `tasks.Task` under TYPE_CHECKING in score_completions and
     # check_rewards, which apply a task's rewards; they belong above tasks, not in rewards.
     frozenset({"rewards", "tasks"}),

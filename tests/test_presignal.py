@@ -9,7 +9,7 @@ import torch
 from autolayer.config import ProxyConfig, config_from_dict
 from autolayer.loading import load_for, prepare_task
 from autolayer.presignal import LayerSignal, layer_signal, ranking
-from autolayer.search import run_search
+from autolayer.runner import run_search
 from autolayer.study import StudyRecord, TrialRecord
 
 

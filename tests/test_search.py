@@ -23,18 +23,9 @@ from autolayer.config import ProxyConfig, config_from_dict
 from autolayer.errors import AutolayerError, Interrupted, TrialInterrupted
 from autolayer.loading import Workload
 from autolayer.proxy import ProxyResult
-from autolayer.scoring import Evaluation
-from autolayer.search import (
-    References,
-    SearchContext,
-    can_start_trial,
-    frozen_heap,
-    open_study,
-    optimize,
-    run_search,
-    steps_used,
-    trials_to_run,
-)
+from autolayer.runner import frozen_heap, open_study, optimize, run_search, trials_to_run
+from autolayer.scoring import Evaluation, References
+from autolayer.search import SearchContext, can_start_trial, steps_used
 from autolayer.spaces import bind, load_space
 from autolayer.storage import load_study, retry_failed
 from autolayer.study import (
@@ -462,7 +453,7 @@ def test_a_pruned_trial_finishes_in_mlflow_with_where_it_stood(tmp_path: Path) -
 def _raced(tmp_path: Path) -> tuple[SearchContext, mlflow.MlflowClient]:
     """Layers 6 and 7 searched, raced over two seeds and finished, tracked in MLflow."""
     from autolayer import racing
-    from autolayer.report import finish_study
+    from autolayer.runner import finish_study
     from autolayer.storage import study_proxy_seed
 
     scores = {(7, 0): 0.74, (7, 1): 0.78, (6, 0): 0.75, (6, 1): 0.71}
@@ -660,7 +651,7 @@ def test_intervals_without_a_seed_term_say_so_where_they_are_shown(tmp_path: Pat
 
 
 def test_a_study_with_no_usable_score_is_refused(tmp_path: Path) -> None:
-    from autolayer.search import require_a_score
+    from autolayer.runner import require_a_score
 
     ctx = fake_search(tmp_path, FakeProxy({}, fail=(2, 3)), (2, 3))
     optimize(ctx)
@@ -706,7 +697,7 @@ def test_a_search_that_cannot_score_is_one_sentence_and_closes_its_parent_run(
 def test_a_parent_run_made_by_a_killed_worker_is_adopted_not_doubled(tmp_path: Path) -> None:
     """MLflow names a run only once it exists: a worker killed between making the study's parent
     run and recording it left a RUNNING orphan, and the rerun made a second parent."""
-    from autolayer.search import _parent_run
+    from autolayer.runner import _parent_run
     from autolayer.tracking import MlflowTracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

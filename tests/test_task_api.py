@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from autolayer import organism
 from autolayer.cli import main
 from autolayer.config import config_from_dict
-from autolayer.search import run_search
+from autolayer.runner import run_search
 from autolayer.storage import make_storage
 from autolayer.study import TrialRecord
 from autolayer.tasks import Task

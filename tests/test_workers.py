@@ -15,7 +15,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from autolayer.search import WARM_START_CLAIM
+from autolayer.runner import WARM_START_CLAIM
 from autolayer.storage import load_study, make_storage
 from autolayer.study import StudyRecord, TrialRecord
 from tests.conftest import CAP
