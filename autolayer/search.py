@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autolayer.config import Config
 from autolayer.errors import Interrupted, TrialInterrupted
+from autolayer.estimate import contribution_ratio
 from autolayer.frozen import FrozenStates
 from autolayer.loading import Workload
 from autolayer.proxy import ProxyResult, ProxyRun, run_proxy
@@ -151,8 +152,8 @@ def _log_stop(ctx: SearchContext, run_id: str, step: int, evaluation: Evaluation
     """A pruned trial's MLflow run ends with where it stood: the value Optuna keeps for it."""
     metrics = {"score": evaluation.score, "stderr": evaluation.stderr}
     if ctx.refs.full_gain_defined:
-        base, full = ctx.refs.base.score, ctx.refs.full.score
-        metrics["contribution"] = round((evaluation.score - base) / (full - base), 4)
+        c = contribution_ratio(evaluation.score, ctx.refs.base.score, ctx.refs.full.score)
+        metrics["contribution"] = round(c, 4)
     ctx.tracker.log_metrics(run_id, metrics, step=step)
 
 
