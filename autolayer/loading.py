@@ -14,8 +14,8 @@ from torch import nn
 from autolayer.config import Config
 from autolayer.errors import AutolayerError
 from autolayer.models import load_model, set_threads
-from autolayer.rewards import RewardError, check_rewards
 from autolayer.scoring import Evaluation, ScoreCache, eval_fingerprint, evaluate
+from autolayer.task_rewards import RewardError, check_rewards
 from autolayer.tasks import Task, for_tokenizer, load_task
 
 

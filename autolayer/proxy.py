@@ -35,9 +35,10 @@ from autolayer.models import (
     trainable_parameters,
 )
 from autolayer.prefix import position_ids
-from autolayer.rewards import repeat_rows, score_completions
+from autolayer.rewards import repeat_rows
 from autolayer.rollout import Completions, complete
 from autolayer.scoring import Evaluation, evaluate
+from autolayer.task_rewards import score_completions
 from autolayer.tasks import Task
 
 EvalHook = Callable[[int, Evaluation], bool]  # (global_step, evaluation) -> stop the run?

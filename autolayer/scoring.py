@@ -21,8 +21,8 @@ from torch import nn
 from autolayer.estimate import Z95, contribution_ratio, format_contribution
 from autolayer.files import write_text_atomic
 from autolayer.frozen import Frozen
-from autolayer.rewards import score_completions
 from autolayer.rollout import complete, eos_token_ids
+from autolayer.task_rewards import score_completions
 from autolayer.tasks import Task, task_fingerprint
 
 

@@ -18,7 +18,7 @@ from autolayer.gsm8k import PROMPT as GSM8K_PROMPT
 from autolayer.gsm8k import extract as gsm8k_extract
 from autolayer.gsm8k import final_answer as gsm8k_final_answer
 from autolayer.gsm8k import gsm8k_correct
-from autolayer.rewards import score_completions
+from autolayer.task_rewards import score_completions
 from autolayer.tasks import Task, for_tokenizer, load_task, prompt_text
 
 
@@ -391,7 +391,7 @@ def test_an_empty_prompt_is_refused(tmp_path: Path, empty: Any) -> None:
     ],
 )
 def test_check_rewards_names_a_broken_function(user_files: Path, func: str, message: str) -> None:
-    from autolayer.rewards import check_rewards
+    from autolayer.task_rewards import check_rewards
 
     task = load_task(user_task(user_files, reward_funcs=[f"{user_files}/rewards.py:{func}"]))
     with pytest.raises(AutolayerError, match=message):
