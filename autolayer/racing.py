@@ -35,9 +35,9 @@ from autolayer.search import (
     run_trial,
 )
 from autolayer.spaces import Space, baseline_params, candidate_from_params
-from autolayer.storage import MAX_ATTEMPTS, attempt_key, candidate_key
+from autolayer.storage import MAX_ATTEMPTS, params_key
 from autolayer.study import (
-    Key,
+    CandidateKey,
     StudyRecord,
     TrialRecord,
     measured,
@@ -62,10 +62,10 @@ class Run:
 
 
 def _params(trial: FrozenTrial) -> dict[str, Any]:
-    return dict(candidate_key(trial))
+    return dict(params_key(trial))
 
 
-def next_repeats(ctx: SearchContext, analysis: Analysis[Key]) -> list[Run]:
+def next_repeats(ctx: SearchContext, analysis: Analysis[CandidateKey]) -> list[Run]:
     """One more seed for each contender with fewer than `search.seeds` runs (empty: done).
 
     Contenders are the candidates tied with the best, among the race's pool: the top
@@ -75,7 +75,7 @@ def next_repeats(ctx: SearchContext, analysis: Analysis[Key]) -> list[Run]:
     target = ctx.config.search.seeds
     runs = measured(ctx.study)
 
-    def first_score(key: Key) -> float:
+    def first_score(key: CandidateKey) -> float:
         return float(np.mean(TrialRecord.of(runs[key][min(runs[key])]).outcomes or ()))
 
     pool = sorted(runs, key=lambda k: -first_score(k))[: ctx.config.search.contenders]
@@ -126,7 +126,9 @@ def _label(params: dict[str, Any], space: Space) -> str:
     return ",".join(map(str, candidate_from_params(params, space).layers))
 
 
-def pick_baselines(ctx: SearchContext, analysis: Analysis[Key]) -> dict[str, tuple[int, ...]]:
+def pick_baselines(
+    ctx: SearchContext, analysis: Analysis[CandidateKey]
+) -> dict[str, tuple[int, ...]]:
     """The heuristics' candidates of the pick's size, recorded in the study with the pick's lr."""
     assert analysis.best is not None
     layers, lr = analysis.best
@@ -171,7 +173,7 @@ def measure_baselines(ctx: SearchContext) -> None:
 
 
 def _same_run(study: optuna.Study, trial: FrozenTrial, run: Run) -> bool:
-    return attempt_key(study, trial) == (tuple(sorted(run.params.items())), run.seed)
+    return _params(trial) == run.params and trial_seed(study, trial) == run.seed
 
 
 def _failures(study: optuna.Study, run: Run) -> int:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from autolayer.estimate import Analysis
-    from autolayer.study import Key
+    from autolayer.study import CandidateKey
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class CandidateRow:
         return layers_label(self.layers)
 
 
-def candidate_rows(study: optuna.Study) -> tuple[list[CandidateRow], Analysis[Key] | None]:
+def candidate_rows(study: optuna.Study) -> tuple[list[CandidateRow], Analysis[CandidateKey] | None]:
     """Every measured candidate, best score first, with its heuristics and verdict."""
     analysis = study_analysis(study)
     if analysis is None:

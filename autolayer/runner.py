@@ -60,12 +60,12 @@ from autolayer.storage import (
     FINISHED,
     MAX_ATTEMPTS,
     WORKER_DIED,
-    candidate_key,
     check_storage,
     claimed,
     counts,
     exhausted_candidates,
     make_storage,
+    params_key,
     quiet_optuna,
     recover_stale_trials,
     retry_failed,
@@ -392,7 +392,7 @@ def trials_to_run(ctx: SearchContext) -> int:
     size = grid_size(ctx.space)  # the points BruteForceSampler walks, infeasible subsets included
     if isinstance(ctx.study.sampler, optuna.samplers.BruteForceSampler) and size is not None:
         finished = ctx.study.get_trials(deepcopy=False, states=FINISHED)
-        done = {candidate_key(t) for t in finished if counts(t)} | exhausted_candidates(ctx.study)
+        done = {params_key(t) for t in finished if counts(t)} | exhausted_candidates(ctx.study)
         remaining = size - len(done)
         return max(0, remaining if requested is None else min(requested, remaining))
     return requested if requested is not None else DEFAULT_TRIALS

@@ -258,9 +258,18 @@ MAX_ATTEMPTS = 3  # a failed candidate is tried at most this often, counting its
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def candidate_key(trial: FrozenTrial) -> tuple[tuple[str, Any], ...]:
+# How the study tells runs apart. A candidate is a point of the search space, known to the
+# study by its Optuna params before any trial of it has run (the layers and lr it trains are
+# recorded only once a trial starts: `study.CandidateKey`).
+ParamsKey = tuple[tuple[str, Any], ...]  # a candidate's Optuna params, sorted by name
+AttemptKey = tuple[ParamsKey, int]  # one proxy run: a candidate and its training seed
+
+
+def params_key(trial: FrozenTrial | optuna.Trial) -> ParamsKey:
     """A trial's params; a WAITING (enqueued) trial keeps them in Optuna's `fixed_params`."""
-    params = trial.params or trial.system_attrs.get("fixed_params", {})
+    params = trial.params
+    if not params and isinstance(trial, FrozenTrial):
+        params = trial.system_attrs.get("fixed_params", {})
     return tuple(sorted(params.items()))
 
 
@@ -295,10 +304,10 @@ def study_proxy_seed(study: optuna.Study, storage: Any, seed: int) -> int:
     return recorded
 
 
-def attempt_key(study: optuna.Study, trial: FrozenTrial) -> tuple[Any, ...]:
+def attempt_key(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> AttemptKey:
     """A trial's params and training seed: what one proxy run measures. Racing repeats a
     candidate on new seeds (`autolayer.racing`)."""
-    return (candidate_key(trial), trial_seed(study, trial))
+    return (params_key(trial), trial_seed(study, trial))
 
 
 def queued_attrs(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
@@ -310,13 +319,13 @@ def queued_attrs(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
 
 def counts(trial: FrozenTrial) -> bool:
     """Whether a trial is an attempt at its candidate (a worker's duplicate is not)."""
-    return bool(candidate_key(trial)) and TrialRecord.of(trial).duplicate_of is None
+    return bool(params_key(trial)) and TrialRecord.of(trial).duplicate_of is None
 
 
 def earlier_twin(study: optuna.Study, trial: optuna.Trial) -> int | None:
     """An earlier trial running, or done with, this trial's params: another worker got there
     first. Exhaustive samplers hand two workers that ask at the same moment the same point."""
-    key = (tuple(sorted(trial.params.items())), trial_seed(study, trial))
+    key = attempt_key(study, trial)
     queued = TrialRecord.of(trial).queued
     for other in study.get_trials(
         deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
@@ -372,12 +381,9 @@ def claimed(storage: Any, name: str) -> Iterator[bool]:
             storage.delete_study(storage.get_study_id_from_name(name))
 
 
-Candidate = tuple[tuple[str, Any], ...]
-
-
-def _attempts(study: optuna.Study) -> dict[tuple[Candidate, Any], list[FrozenTrial]]:
+def _attempts(study: optuna.Study) -> dict[AttemptKey, list[FrozenTrial]]:
     """Each (candidate, seed)'s trials in trial order, a worker's duplicates left out."""
-    grouped: dict[tuple[Candidate, Any], list[FrozenTrial]] = {}
+    grouped: dict[AttemptKey, list[FrozenTrial]] = {}
     for trial in study.get_trials(deepcopy=False):
         if counts(trial):
             grouped.setdefault(attempt_key(study, trial), []).append(trial)
@@ -389,7 +395,7 @@ def _exhausted(trials: list[FrozenTrial]) -> bool:
     return fails >= MAX_ATTEMPTS and not any(t.state in FINISHED for t in trials)
 
 
-def exhausted_candidates(study: optuna.Study) -> set[Candidate]:
+def exhausted_candidates(study: optuna.Study) -> set[ParamsKey]:
     """Candidates that failed MAX_ATTEMPTS times and never finished: no rerun tries them again."""
     return {key[0] for key, trials in _attempts(study).items() if _exhausted(trials)}
 

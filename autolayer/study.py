@@ -31,7 +31,9 @@ from autolayer.estimate import Analysis, Estimate, analyse
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack is Python 3.11+
 
-Key = tuple[tuple[int, ...], float]  # a measured candidate: its layers and lr
+# A measured candidate: the layers and lr its trials recorded (before any trial of it ran, the
+# study knows a candidate by its Optuna params: `storage.ParamsKey`).
+CandidateKey = tuple[tuple[int, ...], float]
 
 
 class TrialFields(TypedDict, total=False):
@@ -398,9 +400,9 @@ def trial_seed(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> int:
     return 0 if study_seed is None else study_seed
 
 
-def measured(study: optuna.Study) -> dict[Key, dict[int, FrozenTrial]]:
+def measured(study: optuna.Study) -> dict[CandidateKey, dict[int, FrozenTrial]]:
     """Every completed candidate's trials by seed (the first trial of a seed, if TPE repeats)."""
-    runs: dict[Key, dict[int, FrozenTrial]] = {}
+    runs: dict[CandidateKey, dict[int, FrozenTrial]] = {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         record = TrialRecord.of(trial)
         if record.outcomes is None or record.lr is None:
@@ -410,7 +412,7 @@ def measured(study: optuna.Study) -> dict[Key, dict[int, FrozenTrial]]:
     return runs
 
 
-def _measured_outcomes(study: optuna.Study) -> dict[Key, np.ndarray]:
+def _measured_outcomes(study: optuna.Study) -> dict[CandidateKey, np.ndarray]:
     """Each completed candidate's (seeds, prompts) outcomes; refused if held-out sets differ."""
     base = StudyRecord.of(study).base_outcomes or ()
     outcomes_of = {
@@ -460,7 +462,7 @@ def run_objective(study: optuna.Study, trial: FrozenTrial) -> float | None:
     return trial.value if own is None else own
 
 
-def study_analysis(study: optuna.Study) -> Analysis[Key] | None:
+def study_analysis(study: optuna.Study) -> Analysis[CandidateKey] | None:
     """Estimates, best and tied set of a study's completed candidates, from storage alone.
 
     The resampling seed is fixed, so racing, the table and `autolayer results` agree on the tied
