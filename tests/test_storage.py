@@ -188,7 +188,7 @@ def test_a_claim_is_held_by_one_worker_and_leaves_no_study_behind(tmp_path: Path
 
 def _claimant(url: str, name: str, seed: int, barrier: Any, holding: str) -> None:
     """A worker starting at the same instant as the others: it takes the study's seed, then
-    enqueues the warm start unless another worker did, as `search.prepare` does, ten times."""
+    enqueues the warm start unless another worker did, as `runner.prepare` does, ten times."""
     from autolayer.storage import claimed, study_proxy_seed
     from autolayer.study import StudyRecord, write_study
 
