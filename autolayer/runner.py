@@ -458,10 +458,8 @@ def run_search(
     hooks: SearchHooks | None = None,
     task: Task | None = None,
 ) -> SearchContext:
-    """Prepare, optimise and finish a study (plots and summary logged to the parent run).
-
-    `task` replaces the one `config.task` describes (the Python way to bring your own task).
-    """
+    """Prepare (`task` as there), optimise and finish a study: plots and summary logged to
+    the parent run."""
     start = time.perf_counter()
     ctx = prepare(config, root, hooks, task)
     if config.search.timeout is not None:
