@@ -35,13 +35,16 @@ def name_of(truth: dict[str, Any]) -> str:
     return f"{Path(s['model']).name}/{s['task']}"
 
 
-def layer_runs(truth: dict[str, Any]) -> dict[int, list[list[float]]]:
-    """Each measured single layer's final outcomes, one list per training seed finished."""
+def layer_runs(truth: dict[str, Any], step: int | None = None) -> dict[int, list[list[float]]]:
+    """Each measured single layer's outcomes, one list per training seed finished: at the end,
+    or at the eval of `step` (the proxy's horizon: a long run's first `proxy_steps` steps are a
+    proxy run on its seed, same prompts, same sampling, constant lr)."""
     found: dict[int, list[list[float]]] = {}
     for key, run in truth["runs"].items():
         if key.startswith("all"):
             continue
-        found.setdefault(int(key.split("@")[0]), []).append(run["outcomes"])
+        outcomes = run["outcomes"] if step is None else run["curve_outcomes"][str(step)]
+        found.setdefault(int(key.split("@")[0]), []).append(outcomes)
     return dict(sorted(found.items()))
 
 
@@ -59,12 +62,12 @@ def full_score(truth: dict[str, Any]) -> tuple[float, str] | None:
     return swept[best], f"{best.split(':')[-1]}, lr sweep unfinished"
 
 
-def rows(truth: dict[str, Any]) -> list[dict[str, Any]]:
+def rows(truth: dict[str, Any], step: int | None = None) -> list[dict[str, Any]]:
     base = np.asarray(truth["base"], dtype=float)
     full = full_score(truth)
     last = truth["num_layers"] - 1
     out = []
-    for layer, seeds in layer_runs(truth).items():
+    for layer, seeds in layer_runs(truth, step).items():
         finals = [float(np.mean(o)) for o in seeds]
         diffs = np.concatenate([np.asarray(o, dtype=float) - base for o in seeds])
         se = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
@@ -87,12 +90,13 @@ def rows(truth: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def table(truth: dict[str, Any]) -> str:
+def table(truth: dict[str, Any], step: int | None = None) -> str:
     base = float(np.mean(truth["base"]))
     full = full_score(truth)
     s = truth["settings"]
+    steps = truth["steps"] if step is None else step
     head = (
-        f"### {name_of(truth)}: {truth['num_layers']} layers, {truth['steps']} steps "
+        f"### {name_of(truth)}: {truth['num_layers']} layers, {steps} steps "
         f"({s['prompts_per_step']}x{s['num_generations']}, lr {s['lr']:g}), training seeds "
         f"{s['seeds']}, {len(truth['base'])} held-out prompts\n\nbase {base:.3f}; all layers "
         + (f"{full[0]:.3f} ({full[1]})" if full else "not run yet")
@@ -104,8 +108,10 @@ def table(truth: dict[str, Any]) -> str:
         f"{r['mean']:.3f} | {r['spread']:.3f} | {r['gain_se']:+.1f} | "
         + ("" if r["C"] is None else f"{r['C']:.2f}")
         + " |"
-        for r in rows(truth)
+        for r in rows(truth, step)
     ]
+    if step is not None:
+        return head + "\n".join(body) + "\n(C: against the all-layers run's end)\n"
     runs = distinct_runs(truth)
     hours = sum(run["seconds"] for run in runs) / 3600
     done = len(runs)
@@ -119,16 +125,19 @@ def distinct_runs(truth: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for k, r in truth["runs"].items() if not (swept and k == f"all@{first}")]
 
 
-def profile_of(truth: dict[str, Any], pick: list[int] | None = None) -> Profile:
+def profile_of(
+    truth: dict[str, Any], pick: list[int] | None = None, step: int | None = None
+) -> Profile:
     """The truth as `autolayer.compare` reads a study: per layer, every prompt's outcome
     averaged over the seeds finished. `pick` keeps those layers (in that order) and labels
     them 0, 1, ... (relative-depth pairing across models)."""
-    runs = layer_runs(truth)
+    runs = layer_runs(truth, step)
     layers = list(runs) if pick is None else pick
     outcomes = np.array([np.mean(np.asarray(runs[x], dtype=float), axis=0) for x in layers])
     labels = tuple(layers) if pick is None else tuple(range(len(layers)))
     model = truth["settings"]["model"] if pick is None else "relative depth"
-    return Profile(name_of(truth), model, labels, outcomes)
+    name = name_of(truth) + ("" if step is None else f"@{step}")
+    return Profile(name, model, labels, outcomes)
 
 
 def paired_by_depth(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[int], list[int]]:
@@ -143,11 +152,24 @@ def paired_by_depth(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[int], li
     return la, nearest
 
 
+def _line(g: Any, aligned: str) -> str:
+    return (
+        f"| {g.first} vs {g.second} | {aligned} | {g.layers} "
+        f"| {g.spearman:+.2f} ({g.spearman_ci[0]:+.2f}, {g.spearman_ci[1]:+.2f}), "
+        f"{g.spearman_p:.3f} | {g.kendall:+.2f}, {g.kendall_p:.3f} |"
+        + (f" {g.note}" if g.note else "")
+    )
+
+
 def agreements(truths: list[dict[str, Any]]) -> str:
     lines = [
         "| profiles | aligned by | layers | Spearman (95% CI), p | Kendall, p |",
         "|---|---|---|---|---|",
     ]
+    for truth in truths:  # the proxy's horizon against the long run, same seeds
+        step = truth["settings"]["proxy_steps"]
+        if len(layer_runs(truth)) >= MIN_LAYERS:
+            lines.append(_line(agreement(profile_of(truth, step=step), profile_of(truth)), "layer"))
     for a, b in itertools.combinations(truths, 2):
         same = a["settings"]["model"] == b["settings"]["model"]
         if same:
@@ -159,13 +181,7 @@ def agreements(truths: list[dict[str, Any]]) -> str:
             pa, pb = profile_of(a, la), profile_of(b, lb)
         if len(pa.layers) < MIN_LAYERS:
             continue
-        g = agreement(pa, pb)
-        lines.append(
-            f"| {g.first} vs {g.second} | {'layer' if same else 'relative depth'} | {g.layers} "
-            f"| {g.spearman:+.2f} ({g.spearman_ci[0]:+.2f}, {g.spearman_ci[1]:+.2f}), "
-            f"{g.spearman_p:.3f} | {g.kendall:+.2f}, {g.kendall_p:.3f} |"
-            + (f" {g.note}" if g.note else "")
-        )
+        lines.append(_line(agreement(pa, pb), "layer" if same else "relative depth"))
     return "\n".join(lines) + "\n"
 
 
@@ -211,8 +227,8 @@ def main() -> None:
     truths = [t for t in truths if layer_runs(t)]
     for truth in truths:
         print(table(truth))
-    if len(truths) > 1:
-        print(agreements(truths))
+        print(table(truth, truth["settings"]["proxy_steps"]))
+    print(agreements(truths))
     if args.plot is not None and truths:
         plot(truths, args.plot)
         print(f"wrote {args.plot}")
