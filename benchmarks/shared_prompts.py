@@ -49,8 +49,9 @@ from proxy_vs_trl import trl_steps  # benchmarks/ is on the path of `python benc
 
 from autolayer import prefix
 from autolayer.config import Config, load_config
-from autolayer.frozen import FrozenStates
+from autolayer.frozen import Frozen, FrozenStates, prefill_below
 from autolayer.loading import Workload, load_for
+from autolayer.models import find_layer_stack
 from autolayer.proxy import GRPOModule, run_proxy
 from autolayer.rollout import eos_token_ids
 from autolayer.tasks import prompt_text
@@ -166,10 +167,38 @@ def _decode_seconds(model: Any, tokenizer: Any, prompts: list[Any], cfg: Any, ta
     return time.perf_counter() - start
 
 
+def prefill_seconds(work: Workload, config: Config, layer: int, repeats: int) -> dict[str, float]:
+    """Median seconds of prefilling one step's batch (G samples of each prompt, shared), with
+    every layer run and with the layers below `layer` from a study's kept prefill, interleaved:
+    the one part of a step the kept prefills change, timed without the rest's noise."""
+    model, tokenizer, task = work
+    cfg = config.proxy
+    model.eval()
+    prompts = [
+        prompt_text(p, tokenizer)
+        for p in task.train[: cfg.prompts_per_step]["prompt"]
+        for _ in range(cfg.num_generations)
+    ]
+    rows = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    ids, mask = prefix.align(rows, tokenizer.pad_token_id)
+    frozen = Frozen(FrozenStates(), find_layer_stack(model).layers, layer)
+    prefill_below(model, ids, mask, frozen)  # what an earlier trial keeps
+    seconds: dict[str, list[float]] = {"shared": [], "study": []}
+    for _ in range(repeats):
+        for path, view in (("shared", None), ("study", frozen)):
+            start = time.perf_counter()
+            prefill_below(model, ids, mask, view)
+            seconds[path].append(time.perf_counter() - start)
+    assert frozen.states.hits == repeats
+    return {f"{path}_prefill_s": round(statistics.median(v), 3) for path, v in seconds.items()}
+
+
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     work, config = workload(name, args.eval_size)
     stack = work.model.config.num_hidden_layers
     layer = stack // 2
+    if args.prefill_only:
+        return {"layer": f"{layer} of {stack}", **prefill_seconds(work, config, layer, 7)}
     cfg = config.proxy
     cfg.steps, cfg.eval_every = args.steps, max(1, args.steps // 2)  # two held-out evaluations
     cfg.num_iterations, cfg.beta = 1, 0.0
@@ -231,6 +260,10 @@ def main() -> None:
         "--paths", nargs="*", choices=PATHS, default=list(PATHS),
         help="repeated: c21c7c9's; shared: each distinct prompt once; study: shared, with the "
         "frozen layers' prefills kept by an earlier trial of the study",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prefill-only", action="store_true",
+        help="Only time one step's prefill, every layer run against a study's kept prefill.",
     )  # fmt: skip
     parser.add_argument(
         "--trl", action="store_true", help="Also time TRL's GRPOTrainer on the same steps."
