@@ -62,6 +62,12 @@ def full_score(truth: dict[str, Any]) -> tuple[float, str] | None:
     return swept[best], f"{best.split(':')[-1]}, lr sweep unfinished"
 
 
+def _gain_in_se(diff: np.ndarray) -> float:
+    """A paired per-prompt gain over the base in its standard errors."""
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff)))
+    return float(diff.mean()) / se if se > 0 else float("nan")
+
+
 def rows(truth: dict[str, Any], step: int | None = None) -> list[dict[str, Any]]:
     base = np.asarray(truth["base"], dtype=float)
     full = full_score(truth)
@@ -71,6 +77,7 @@ def rows(truth: dict[str, Any], step: int | None = None) -> list[dict[str, Any]]
         finals = [float(np.mean(o)) for o in seeds]
         diffs = np.concatenate([np.asarray(o, dtype=float) - base for o in seeds])
         se = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
+        per_seed = [_gain_in_se(np.asarray(o, dtype=float) - base) for o in seeds]
         mean = float(np.mean(finals))
         gain = mean - float(base.mean())
         c = None
@@ -84,6 +91,7 @@ def rows(truth: dict[str, Any], step: int | None = None) -> list[dict[str, Any]]
                 "mean": mean,
                 "spread": max(finals) - min(finals),
                 "gain_se": gain / se if se > 0 else float("nan"),
+                "seed_gain_se": per_seed,
                 "C": c,
             }
         )
@@ -100,12 +108,13 @@ def table(truth: dict[str, Any], step: int | None = None) -> str:
         f"({s['prompts_per_step']}x{s['num_generations']}, lr {s['lr']:g}), training seeds "
         f"{s['seeds']}, {len(truth['base'])} held-out prompts\n\nbase {base:.3f}; all layers "
         + (f"{full[0]:.3f} ({full[1]})" if full else "not run yet")
-        + "\n\n| layer | relative depth | score per seed | mean | seed spread | gain (SE) | C |\n"
-        "|---|---|---|---|---|---|---|\n"
+        + "\n\n| layer | relative depth | score per seed | gain per seed (SE) | mean | seed spread "
+        "| gain, seeds pooled (SE) | C |\n|---|---|---|---|---|---|---|---|\n"
     )
     body = [
         f"| {r['layer']} | {r['depth']:.2f} | {', '.join(f'{x:.3f}' for x in r['seeds'])} | "
-        f"{r['mean']:.3f} | {r['spread']:.3f} | {r['gain_se']:+.1f} | "
+        f"{', '.join(f'{x:+.1f}' for x in r['seed_gain_se'])} | {r['mean']:.3f} | "
+        f"{r['spread']:.3f} | {r['gain_se']:+.1f} | "
         + ("" if r["C"] is None else f"{r['C']:.2f}")
         + " |"
         for r in rows(truth, step)
