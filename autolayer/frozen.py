@@ -224,7 +224,7 @@ def prefill_below(
 ) -> prefix.Shared | None:
     """`prefix.prefill`, with the layers below `frozen.lowest` taken from the store when it
     holds this batch deep enough, else run and kept for later runs."""
-    if frozen is None or frozen.lowest == 0:
+    if frozen is None or frozen.lowest == 0 or frozen.states.limit_mb <= 0:
         return prefix.prefill(model, ids, mask)
     states, layers, lowest = frozen.states, frozen.layers, frozen.lowest
     key = _key(ids, mask)
@@ -251,7 +251,8 @@ def prefill_below(
         return shared
     kept = []
     for layer in shared.cache.layers[:lowest]:
-        if layer.keys.shape[2] != ids.shape[1] - 1:  # a sliding window dropped columns
+        keys = getattr(layer, "keys", None)  # a linear-attention layer keeps no keys
+        if keys is None or keys.shape[2] != ids.shape[1] - 1:  # or a sliding window dropped some
             return shared
         # the layer without its tensors (they are packed), put back whole on each use; a
         # DynamicCache's layers replace their tensors as they grow, never write into them
