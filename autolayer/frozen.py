@@ -18,7 +18,7 @@ of one set of weights, not the part of the stack that several weight sets share.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +54,7 @@ class Passthrough(nn.Module):
         self.index = index
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = hidden_input(args, kwargs)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None:
             mark_length(cache, self.index, hidden)
@@ -90,26 +90,30 @@ def replaying(
             layers[i] = layer
 
 
+def hidden_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """A decoder layer's hidden-state input, passed by position or by name."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 @contextmanager
 def watching(
-    layers: nn.ModuleList, depth: int, keep: Callable[[int, torch.Tensor], None]
+    layers: nn.ModuleList, watched: Sequence[int], keep: Callable[[int, torch.Tensor], None]
 ) -> Iterator[list[bool]]:
-    """While it lasts, `keep(i, input)` gets the input (detached) of `layers[i]`, i <= depth,
-    on every forward; the list it yields holds whether a layer returns a tuple, once seen."""
+    """While it lasts, `keep(i, input)` gets the input (detached) of `layers[i]` for each i in
+    `watched`, on every forward; the list it yields holds whether a layer returns a tuple, once
+    `layers[0]` has run (what a `Passthrough` standing in for one must return)."""
     form: list[bool] = []
 
     def take(i: int) -> Callable[..., None]:
         def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            keep(i, (args[0] if args else kwargs["hidden_states"]).detach())
+            keep(i, hidden_input(args, kwargs).detach())
 
         return hook
 
     def shape(_: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         form[:] = [isinstance(output, tuple)]
 
-    handles = [
-        layers[i].register_forward_pre_hook(take(i), with_kwargs=True) for i in range(depth + 1)
-    ]
+    handles = [layers[i].register_forward_pre_hook(take(i), with_kwargs=True) for i in watched]
     handles.append(layers[0].register_forward_hook(shape, with_kwargs=True))
     try:
         yield form
@@ -245,7 +249,7 @@ def prefill_below(
             calls.append([])
         calls[-1].append(hidden)
 
-    with watching(layers, lowest, keep) as form:
+    with watching(layers, range(lowest + 1), keep) as form:
         shared = prefix.prefill(model, ids, mask)
     if shared is None or not form:
         return shared

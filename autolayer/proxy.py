@@ -318,24 +318,13 @@ class GRPOModule(L.LightningModule):
     @contextmanager
     def _watch_lowest(self, keep: Callable[[torch.Tensor], None]) -> Iterator[None]:
         """While it lasts, `keep` gets the lowest trained layer's input (detached) on every
-        forward, and the frozen layer below it shows what it returns (for `frozen.Passthrough`)."""
-        layers = self.stack.layers
-
-        def take(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            keep((args[0] if args else kwargs["hidden_states"]).detach())
-
-        def shape(_: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            self._as_tuple = isinstance(output, tuple)
-
-        handles = [
-            layers[self.lowest].register_forward_pre_hook(take, with_kwargs=True),
-            layers[self.lowest - 1].register_forward_hook(shape, with_kwargs=True),
-        ]
-        try:
+        forward; once it ends, `_as_tuple` says what a decoder layer returns (for
+        `frozen.Passthrough`)."""
+        watched = [self.lowest]
+        with frozen.watching(self.stack.layers, watched, lambda _, hidden: keep(hidden)) as form:
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        if form:
+            self._as_tuple = form[0]
 
     def _shares_prefix(self) -> bool:
         # With micro-batches, keeping every one's hidden states would hold a full batch of
