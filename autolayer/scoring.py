@@ -98,9 +98,9 @@ def evaluate(
     return Evaluation.from_outcomes(outcomes)
 
 
-def _mean_diff_ci(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Paired mean difference a - b and its standard error."""
-    diff = a - b
+def paired_gain(a: Any, b: Any) -> tuple[float, float]:
+    """Paired per-prompt mean difference a - b and its standard error."""
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
@@ -108,7 +108,7 @@ def full_gain_noise(base: Evaluation, full: Evaluation) -> str:
     """Why C is undefined for these references, or "" when S_full - S_base is significant
     (its paired 95% CI excludes 0): a ratio over a noise-level denominator is meaningless."""
     b, f = (np.asarray(e.outcomes, dtype=float) for e in (base, full))
-    full_gain, full_se = _mean_diff_ci(f, b)
+    full_gain, full_se = paired_gain(f, b)
     if full_gain == 0 or abs(full_gain) <= Z95 * full_se:
         return f"S_full - S_base = {full_gain:+.3f} is within noise (±{Z95 * full_se:.3f})"
     return ""

@@ -28,7 +28,7 @@ from autolayer.config import Config
 from autolayer.loading import Workload, load_for, prepare_task
 from autolayer.proxy import run_proxy
 from autolayer.rollout import complete
-from autolayer.scoring import Evaluation, evaluate
+from autolayer.scoring import Evaluation, evaluate, paired_gain
 
 
 def trivial_policies(
@@ -41,12 +41,6 @@ def trivial_policies(
     answers[f"the constant {constant!r}"] = [constant] * len(questions)
     answers["the last example's answer"] = [spec.shots[-1][1]] * len(questions)
     return answers
-
-
-def paired_gain(after: Evaluation, base: Evaluation) -> tuple[float, float]:
-    """Mean per-prompt gain and its standard error."""
-    diff = np.asarray(after.outcomes) - np.asarray(base.outcomes)
-    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
 def show_base(work: Workload) -> tuple[Evaluation, float]:
@@ -98,7 +92,7 @@ def main() -> None:
     for seed in (int(x) for x in args.seeds.split(",")):
         proxy = dataclasses.replace(config.proxy, seed=seed)
         result = run_proxy(work, proxy, [args.layer], args.lr, keep=False)
-        gain, se = paired_gain(result.final, base)
+        gain, se = paired_gain(result.final.outcomes, base.outcomes)
         per_step = (result.seconds - eval_seconds) / result.steps
         print(
             f"layer {args.layer}, seed {seed}, {result.steps} steps at lr {args.lr:g}: "

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from autolayer.compare import MIN_LAYERS, Profile, agreement
+from autolayer.scoring import paired_gain
 
 TRUTH = Path(__file__).resolve().parent / "truth"
 
@@ -62,10 +63,10 @@ def full_score(truth: dict[str, Any]) -> tuple[float, str] | None:
     return swept[best], f"{best.split(':')[-1]}, lr sweep unfinished"
 
 
-def _gain_in_se(diff: np.ndarray) -> float:
+def _gain_in_se(outcomes: Any, base: Any) -> float:
     """A paired per-prompt gain over the base in its standard errors."""
-    se = float(diff.std(ddof=1) / np.sqrt(len(diff)))
-    return float(diff.mean()) / se if se > 0 else float("nan")
+    gain, se = paired_gain(outcomes, base)
+    return gain / se if se > 0 else float("nan")
 
 
 def rows(truth: dict[str, Any], step: int | None = None) -> list[dict[str, Any]]:
@@ -75,9 +76,8 @@ def rows(truth: dict[str, Any], step: int | None = None) -> list[dict[str, Any]]
     out = []
     for layer, seeds in layer_runs(truth, step).items():
         finals = [float(np.mean(o)) for o in seeds]
-        diffs = np.concatenate([np.asarray(o, dtype=float) - base for o in seeds])
-        se = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
-        per_seed = [_gain_in_se(np.asarray(o, dtype=float) - base) for o in seeds]
+        pooled = _gain_in_se(np.concatenate(seeds), np.tile(base, len(seeds)))
+        per_seed = [_gain_in_se(o, base) for o in seeds]
         mean = float(np.mean(finals))
         gain = mean - float(base.mean())
         c = None
@@ -90,7 +90,7 @@ def rows(truth: dict[str, Any], step: int | None = None) -> list[dict[str, Any]]
                 "seeds": finals,
                 "mean": mean,
                 "spread": max(finals) - min(finals),
-                "gain_se": gain / se if se > 0 else float("nan"),
+                "gain_se": pooled,
                 "seed_gain_se": per_seed,
                 "C": c,
             }
