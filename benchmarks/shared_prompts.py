@@ -148,12 +148,18 @@ def physical_limit(work: Workload, config: Config, layer: int, repeats: int) -> 
 
 
 @torch.no_grad()
+def step_batch(tokenizer: Any, prompts: list[Any], group: int) -> tuple[torch.Tensor, ...]:
+    """A step's sampling batch as generation lays it out: each prompt `group` times, the
+    common prefix first (ids, attention mask)."""
+    texts = [prompt_text(p, tokenizer) for p in prompts for _ in range(group)]
+    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return prefix.align(rows, tokenizer.pad_token_id)
+
+
 def _decode_seconds(model: Any, tokenizer: Any, prompts: list[Any], cfg: Any, task: Any) -> float:
     """Sampling G completions per prompt with every prompt token but the last already cached:
     the decoding alone (its first step feeds the last prompt token)."""
-    texts = [prompt_text(p, tokenizer) for p in prompts for _ in range(cfg.num_generations)]
-    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    ids, mask = prefix.align(rows, tokenizer.pad_token_id)
+    ids, mask = step_batch(tokenizer, prompts, cfg.num_generations)
     shared = prefix.prefill(model, ids, mask)
     assert shared is not None and shared.index is not None
     keyword = prefix.cache_keyword(model)
@@ -174,13 +180,8 @@ def prefill_seconds(work: Workload, config: Config, layer: int, repeats: int) ->
     model, tokenizer, task = work
     cfg = config.proxy
     model.eval()
-    prompts = [
-        prompt_text(p, tokenizer)
-        for p in task.train[: cfg.prompts_per_step]["prompt"]
-        for _ in range(cfg.num_generations)
-    ]
-    rows = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    ids, mask = prefix.align(rows, tokenizer.pad_token_id)
+    prompts = task.train[: cfg.prompts_per_step]["prompt"]
+    ids, mask = step_batch(tokenizer, prompts, cfg.num_generations)
     frozen = Frozen(FrozenStates(), find_layer_stack(model).layers, layer)
     prefill_below(model, ids, mask, frozen)  # what an earlier trial keeps
     seconds: dict[str, list[float]] = {"shared": [], "study": []}
