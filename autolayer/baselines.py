@@ -62,18 +62,25 @@ def layer_snr(layers: Sequence[nn.Module]) -> list[float]:
 
 
 def picks(
-    kind: str, bounds: tuple[int, int], size: int, snr: Sequence[float] | None, seed: int
+    kind: str,
+    bounds: tuple[int, int],
+    size: int,
+    snr: Sequence[float] | None,
+    seed: int,
+    stride: int = 1,
 ) -> dict[str, tuple[int, ...]]:
-    """Each heuristic's candidate of `size` layers among the eligible `bounds` (inclusive).
+    """Each heuristic's candidate of `size` layers among the eligible `bounds` (inclusive), every
+    `stride`-th from the lowest (a single_layer space's stride: the heuristics pick among the
+    layers the search may pick).
 
     A window kind gets contiguous candidates (Spectrum's is the window of highest mean score);
     single_layer and subset get Spectrum's top `size` layers. Spectrum is left out without scores.
     """
     lo, hi = bounds
-    eligible = list(range(lo, hi + 1))
+    eligible = list(range(lo, hi + 1, stride))
     size = min(size, len(eligible))
     chosen = {
-        "middle": tuple(lo + i for i in middle_layers(len(eligible), size)),
+        "middle": tuple(eligible[i] for i in middle_layers(len(eligible), size)),
         "last": tuple(eligible[-size:]),
     }
     if snr is not None:

@@ -141,7 +141,8 @@ def pick_baselines(
     else:
         snr = list(recorded)
     seed = ctx.config.proxy.seed  # the study's: every worker draws the same random layers
-    chosen = baselines.picks(ctx.space.kind, ctx.space.bounds, len(layers), snr, seed)
+    space = ctx.space
+    chosen = baselines.picks(space.kind, space.bounds, len(layers), snr, seed, space.stride)
     write_study(
         ctx.study, baselines={name: list(ls) for name, ls in chosen.items()}, baselines_lr=lr
     )

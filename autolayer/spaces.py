@@ -4,7 +4,8 @@ A space is data (`search_spaces/<name>.yaml`); `suggest` turns an Optuna trial i
 and `candidate_from_params` reads one back from a stored trial. Three kinds:
 
 - `single_layer`: one layer, an ordered integer `layer` (neighbouring layers behave alike, so TPE/GP
-  get a useful distance; a categorical would hide it).
+  get a useful distance; a categorical would hide it). `stride: k` keeps every k-th layer from the
+  lowest (Optuna's integer `step`): a deep model's first scan at a fraction of the trials.
 - `window`: a contiguous block, `width` then `start` (the range of `start` depends on `width`).
 - `subset`: any set of at most `max_layers` layers, one boolean `layer_<i>` per eligible layer and
   two constraints (`set_constraint`) that make selections of 0 or more than `max_layers` infeasible.
@@ -33,7 +34,11 @@ KINDS: tuple[str, ...] = get_args(SpaceKind)
 _SPACES = Path(__file__).resolve().parent / "search_spaces"
 
 _COMMON_KEYS = {"kind", "layers", "lr", "description"}
-_KIND_KEYS = {"single_layer": set(), "window": {"min_width", "max_width"}, "subset": {"max_layers"}}
+_KIND_KEYS = {
+    "single_layer": {"stride"},
+    "window": {"min_width", "max_width"},
+    "subset": {"max_layers"},
+}
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class Space:
     min_width: int = 1  # window only
     max_width: int = 4  # window only
     max_layers: int = 3  # subset only: at most this many layers (at least 1)
+    stride: int = 1  # single_layer only: every `stride`-th layer from the lowest eligible one
     lr: LrSpec = None  # None: every trial uses the fixed proxy.lr
     description: str = ""
 
@@ -88,6 +94,7 @@ class Space:
         _require(
             self.max_layers >= 1, f"key 'max_layers' must be at least 1, got {self.max_layers}"
         )
+        _require(self.stride >= 1, f"key 'stride' must be at least 1, got {self.stride}")
         if isinstance(self.lr, tuple):
             _require(
                 len(self.lr) > 0
@@ -102,6 +109,12 @@ class Space:
         if self.layers is None:
             raise ValueError("bind the space to a model with bind() before using its layers")
         return self.layers
+
+    @property
+    def eligible(self) -> list[int]:
+        """The layers a bound space's trials may train, lowest first."""
+        lo, hi = self.bounds
+        return list(range(lo, hi + 1, self.stride))
 
 
 @dataclass(frozen=True)
@@ -249,6 +262,7 @@ def bind(space: Space, num_layers: int) -> Space:
             f"search space layers [{lo}, {hi}] do not fit the model; valid layers are "
             f"0..{num_layers - 1}"
         )
+    hi -= (hi - lo) % space.stride  # the highest layer on the stride's grid, as Optuna's step
     count = hi - lo + 1
     if space.kind == "window" and space.min_width > count:
         raise AutolayerError(
@@ -274,7 +288,7 @@ def suggest(trial: optuna.Trial, space: Space) -> Candidate | None:
     """
     lo, hi = space.bounds
     if space.kind == "single_layer":
-        layers: tuple[int, ...] = (trial.suggest_int("layer", lo, hi),)
+        layers: tuple[int, ...] = (trial.suggest_int("layer", lo, hi, step=space.stride),)
     elif space.kind == "window":
         width = trial.suggest_int("width", space.min_width, space.max_width)
         start = trial.suggest_int("start", lo, hi - width + 1)
@@ -342,7 +356,7 @@ def space_size(space: Space) -> int | None:
     lo, hi = space.bounds
     count = hi - lo + 1
     if space.kind == "single_layer":
-        size = count
+        size = len(space.eligible)
     elif space.kind == "window":
         size = sum(count - w + 1 for w in range(space.min_width, space.max_width + 1))
     else:
@@ -393,15 +407,15 @@ def warm_start_params(
 
 
 def _middle_selection(space: Space) -> tuple[int, ...]:
-    lo, hi = space.bounds
-    count = hi - lo + 1
+    eligible = space.eligible
+    count = len(eligible)
     if space.kind == "single_layer":
         width = 1 if count % 2 else 2
     elif space.kind == "window":
         width = min(max(2, space.min_width), space.max_width)
     else:
         width = 1
-    return tuple(lo + i for i in middle_layers(count, width))
+    return tuple(eligible[i] for i in middle_layers(count, width))
 
 
 def _check_in_space(chosen: tuple[int, ...], space: Space) -> None:
@@ -409,6 +423,11 @@ def _check_in_space(chosen: tuple[int, ...], space: Space) -> None:
     outside = [layer for layer in chosen if not lo <= layer <= hi]
     _require(
         not outside, f"warm-start layers {outside} are outside the search space's layers {lo}..{hi}"
+    )
+    off_grid = [layer for layer in chosen if (layer - lo) % space.stride]
+    _require(
+        not off_grid,
+        f"warm-start layers {off_grid} are not on the space's stride {space.stride} from {lo}",
     )
     if space.kind == "window":
         contiguous = chosen == tuple(range(chosen[0], chosen[0] + len(chosen)))

@@ -41,6 +41,15 @@ def test_single_layer_picks_on_eight_layers() -> None:
     assert chosen["random"] == picks("single_layer", (0, 7), 1, snr, seed=0)["random"]
 
 
+def test_single_layer_picks_stay_on_a_stride() -> None:
+    snr = [0.1, 0.9, 0.2, 0.3, 0.4, 0.5, 0.8, 0.7, 0.0]
+    for seed in range(5):
+        chosen = picks("single_layer", (0, 8), 1, snr, seed=seed, stride=2)
+        assert chosen["middle"] == (4,) and chosen["last"] == (8,)
+        assert chosen["spectrum"] == (6,)  # layer 1 scores higher but is off the grid 0, 2, ..8
+        assert chosen["random"][0] % 2 == 0
+
+
 def test_window_picks_stay_contiguous_and_inside_the_bounds() -> None:
     snr = [9.0, 9.0, 0.1, 0.2, 0.8, 0.9, 0.1, 0.1]
     for seed in range(20):

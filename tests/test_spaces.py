@@ -97,6 +97,8 @@ def test_an_unknown_name_lists_the_available_spaces() -> None:
         ("kind: window\nmin_width: 3\nmax_width: 2\n", r"'max_width' \(2\) must be at least min_"),
         ("kind: window\nmax_width: two\n", "key 'max_width' must be an integer, got 'two'"),
         ("kind: subset\nmax_layers: 0\n", "key 'max_layers' must be at least 1, got 0"),
+        ("kind: window\nstride: 2\n", "key 'stride' applies only to single_layer spaces"),
+        ("kind: single_layer\nstride: 0\n", "key 'stride' must be at least 1, got 0"),
         ("kind: subset\nlr: [0.001, 0.001]\n", "key 'lr' choices must be distinct positive"),
         ("kind: subset\nlr: {low: 0.01, high: 0.001}\n", "key 'lr' needs 0 < low < high"),
         ("kind: subset\nlr: {low: 0.001}\n", "key 'lr' as a range needs both low and high"),
@@ -136,6 +138,34 @@ def test_single_layer_is_an_ordered_integer() -> None:
     candidate, trial = _draw(bind(Space("single_layer", (2, 6)), 8), {"layer": 5})
     assert candidate == Candidate((5,), None)
     assert trial.distributions == {"layer": IntDistribution(2, 6)}
+
+
+def test_a_stride_keeps_every_kth_layer_from_the_lowest() -> None:
+    space = bind(Space("single_layer", (1, 30), stride=4), 32)
+    assert space.layers == (1, 29)  # 30 is off the grid 1, 5, ..., 29: Optuna's step would warn
+    assert space.eligible == list(range(1, 30, 4)) and space_size(space) == 8
+    candidate, trial = _draw(space, {"layer": 9})
+    assert candidate == Candidate((9,), None)
+    assert trial.distributions == {"layer": IntDistribution(1, 29, step=4)}
+    seen = []
+
+    def objective(trial: optuna.Trial) -> float:
+        drawn = suggest(trial, space)
+        assert drawn is not None
+        seen.append(drawn.layers[0])
+        return 0.0
+
+    study = optuna.create_study(sampler=make_sampler("auto", space, seed=0))
+    study.optimize(objective, n_trials=50)  # the grid stops the study once it is walked
+    assert sorted(seen) == space.eligible
+    assert warm_start_params(Space("single_layer", stride=2), None, 30, None) == [
+        {"layer": 14}
+    ]  # the middle of 0, 2, ..., 28, not layer 15 (off the grid)
+    assert warm_start_params(Space("single_layer", stride=2), None, 32, None) == [
+        {"layer": 14}, {"layer": 16},
+    ]  # fmt: skip
+    with pytest.raises(AutolayerError, match=r"layers \[3\] are not on the space's stride 2"):
+        warm_start_params(Space("single_layer", stride=2), [4, 3], 8, None)
 
 
 def test_window_draws_width_then_a_start_where_it_fits() -> None:
