@@ -21,6 +21,16 @@ mis-prune is a pruned layer in the long-run top set.
 
 The ground truth is measured by `benchmarks/ground_truth.py` (its curves keep every eval's
 per-prompt outcomes) and cached in `--cache` (JSON, one entry per run), so a killed run resumes.
+`--truth FILE` reads a stored one instead (a real model's, `benchmarks/truth/*.json`), finished or
+not: only the layers measured on every truth seed count, and a pick or heuristic outside them shows
+as unmeasured. `--space` searches another space (`every_other_layer` against an every-other-layer
+truth). Each finished search is kept in `--searches` (JSON, one entry per search seed; Optuna's own
+storage under `--root` resumes a search killed midway), so the report can be rerun as the truth
+fills in without searching again:
+
+    OMP_NUM_THREADS=1 python benchmarks/fidelity.py --config examples/smollm2_short.yaml \
+        --truth benchmarks/truth/smollm2-135m-instruct-antonym.json --space every_other_layer \
+        --searches benchmarks/truth/smollm2-135m-instruct-antonym-searches.json
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from typing import Any
 
 import numpy as np
 import optuna
-from ground_truth import TRUTH_SEED, run_truth  # benchmarks/ground_truth.py
+from ground_truth import TRUTH_SEED, run_truth, write_json  # benchmarks/ground_truth.py
 from scipy import stats
 
 from autolayer.baselines import picks
@@ -44,6 +54,7 @@ from autolayer.layers import middle_layers
 from autolayer.runner import run_search
 from autolayer.samplers import make_pruner
 from autolayer.search import steps_used
+from autolayer.spaces import Space, bind, load_space
 from autolayer.study import measured, study_analysis, write_study, write_trial
 
 
@@ -55,19 +66,26 @@ def ground_truth(config: Config, factor: int, seeds: int, cache: Path) -> dict[s
     )  # fmt: skip
 
 
-def truth_analysis(truth: dict[str, Any], seeds: int) -> Any:
+def truth_seeds(truth: dict[str, Any]) -> list[int]:
+    return list(truth["settings"]["seeds"])
+
+
+def measured_layers(truth: dict[str, Any]) -> list[int]:
+    """The single layers the truth has on every one of its seeds."""
+    runs = truth["runs"]
+    return [
+        x for x in range(truth["num_layers"]) if all(f"{x}@{s}" in runs for s in truth_seeds(truth))
+    ]
+
+
+def truth_analysis(truth: dict[str, Any]) -> Any:
+    runs = truth["runs"]
     by_layer = {
-        layer: np.array(
-            [
-                truth["runs"][f"{layer}@{s}"]["outcomes"]
-                for s in range(TRUTH_SEED, TRUTH_SEED + seeds)
-            ]
-        )
-        for layer in range(truth["num_layers"])
+        layer: np.array([runs[f"{layer}@{s}"]["outcomes"] for s in truth_seeds(truth)])
+        for layer in measured_layers(truth)
     }
-    full = np.array(
-        [truth["runs"][f"all@{s}"]["outcomes"] for s in range(TRUTH_SEED, TRUTH_SEED + seeds)]
-    )
+    full_seeds = [s for s in truth_seeds(truth) if f"all@{s}" in runs]
+    full = np.array([runs[f"all@{s}"]["outcomes"] for s in full_seeds]) if full_seeds else None
     return analyse(by_layer, np.asarray(truth["base"], dtype=float), full), by_layer
 
 
@@ -79,7 +97,7 @@ def replay_pruner(
     base = float(np.mean(truth["base"]))
     study = optuna.create_study(
         direction="maximize",
-        pruner=make_pruner(name, n_warmup_steps=eval_every, final_step=horizon),  # type: ignore[arg-type]
+        pruner=make_pruner(name, n_warmup_steps=eval_every, final_step=horizon),
     )
     write_study(study, objective_origin=base)
     pruned = []
@@ -104,11 +122,11 @@ def replay_pruner(
     return pruned
 
 
-def search_once(config: Config, seed: int, root: Path) -> dict[str, Any]:
+def search_once(config: Config, seed: int, root: Path, space: str) -> dict[str, Any]:
     config = dataclasses.replace(
         config,
         search=dataclasses.replace(
-            config.search, seed=seed, study_name=f"fidelity-{seed}", space="single_layer"
+            config.search, seed=seed, study_name=f"fidelity-{space}-{seed}", space=space
         ),
         proxy=dataclasses.replace(config.proxy, seed=seed),
         tracking=dataclasses.replace(config.tracking, enabled=False),
@@ -140,18 +158,21 @@ def search_once(config: Config, seed: int, root: Path) -> dict[str, Any]:
     }
 
 
-def seeds_of(args: argparse.Namespace) -> range:
-    return range(TRUTH_SEED, TRUTH_SEED + args.seeds)
-
-
-def summarise_truth(truth: dict[str, Any], args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    long, _ = truth_analysis(truth, args.seeds)
-    layers = list(range(truth["num_layers"]))
+def summarise_truth(truth: dict[str, Any], eligible: list[int]) -> tuple[Any, dict[str, Any]]:
+    """The long-run estimates over the measured layers; the exhaustive sweep's cost is that of
+    every layer the search may pick on every truth seed (the measured runs' mean time each)."""
+    long, _ = truth_analysis(truth)
+    layers = measured_layers(truth)
     mean = {layer: long.estimates[layer].score for layer in layers}
     runs = truth["runs"]
+    seeds = truth_seeds(truth)
+    full_seeds = [s for s in seeds if f"all@{s}" in runs]
+    seconds = [runs[f"{x}@{s}"]["seconds"] for x in layers for s in seeds]
     return long, {
         "steps": truth["steps"],
-        "seeds": args.seeds,
+        "seeds": len(seeds),
+        "eligible": eligible,
+        "unmeasured": [x for x in eligible if x not in layers],
         "mean_score": mean,
         "C": {layer: long.estimates[layer].contribution for layer in layers},
         "C_interval": {
@@ -161,29 +182,69 @@ def summarise_truth(truth: dict[str, Any], args: argparse.Namespace) -> tuple[An
         "top_set": sorted(long.tied),
         "seed_sd": long.seed_sd,
         "spearman_depth": float(stats.spearmanr(layers, [mean[x] for x in layers]).statistic),
-        "full_score": float(
-            np.mean([np.mean(runs[f"all@{s}"]["outcomes"]) for s in seeds_of(args)])
+        "full_score": (
+            float(np.mean([np.mean(runs[f"all@{s}"]["outcomes"]) for s in full_seeds]))
+            if full_seeds
+            else None
         ),
-        "sweep_steps": len(layers) * args.seeds * truth["steps"],
-        "sweep_seconds": sum(runs[f"{x}@{s}"]["seconds"] for x in layers for s in seeds_of(args)),
+        "sweep_steps": len(eligible) * len(seeds) * truth["steps"],
+        "sweep_seconds": float(np.mean(seconds)) * len(eligible) * len(seeds),
     }
 
 
-def free_heuristics(truth: dict[str, Any], t: dict[str, Any]) -> dict[str, Any]:
-    layers = list(range(truth["num_layers"]))
-    chosen = picks("single_layer", (0, layers[-1]), 1, truth["snr"], seed=0)
+def free_heuristics(truth: dict[str, Any], t: dict[str, Any], space: Space) -> dict[str, Any]:
+    """The free picks on the whole stack (what a user gets without a search: the middle layer,
+    the last, Spectrum's highest SNR), read off the truth; random is its expectation over the
+    search's grid (unmeasured while part of the grid is)."""
+    last = truth["num_layers"] - 1
+    chosen = picks("single_layer", (0, last), 1, truth["snr"], seed=0)
     out = {
-        name: {"layer": pick[0], "C": t["C"][pick[0]], "in_top_set": pick[0] in t["top_set"]}
+        name: {
+            "layer": pick[0],
+            "C": t["C"].get(pick[0]),
+            "regret": regret(t, pick[0]),
+            "in_top_set": pick[0] in t["top_set"] if pick[0] in t["C"] else None,
+        }
         for name, pick in chosen.items()
         if name != "random"
     }
-    cs = list(t["C"].values())
+    cs = [t["C"].get(x) for x in space.eligible]
+    whole = None not in cs
+    scores = [t["mean_score"].get(x) for x in space.eligible]
     out["random (expected)"] = {
         "layer": None,
-        "C": float(np.mean(cs)) if None not in cs else None,
-        "in_top_set": len(t["top_set"]) / len(layers),
+        "regret": t["mean_score"][t["best"]] - float(np.mean(scores)) if whole else None,
+        "C": float(np.mean(cs)) if whole else None,
+        "in_top_set": sum(x in t["top_set"] for x in space.eligible) / len(cs) if whole else None,
     }
     return out
+
+
+def regret(t: dict[str, Any], layer: int) -> float | None:
+    """How much lower `layer`'s long-run score is than the long-run best's (None: unmeasured)."""
+    if layer not in t["mean_score"]:
+        return None
+    return float(t["mean_score"][t["best"]] - t["mean_score"][layer])
+
+
+def scored(run: dict[str, Any], t: dict[str, Any], long: Any) -> dict[str, Any]:
+    """One search's pick, tied set and ranking against the truth's measured layers."""
+    scores = {int(x): v for x, v in run["scores"].items()}  # JSON keeps keys as text
+    layers = [x for x in t["mean_score"] if x in scores]
+    ranked = [scores[x] for x in layers]
+    truth_order = [t["mean_score"][x] for x in layers]
+    measured = run["pick"] in t["mean_score"]
+    return {
+        **run,
+        "spearman_layers": len(layers),
+        "spearman": float(stats.spearmanr(ranked, truth_order).statistic),
+        "kendall": float(stats.kendalltau(ranked, truth_order).statistic),
+        "pick_in_top_set": run["pick"] in t["top_set"] if measured else None,
+        "tied_contains_long_best": long.best in run["tied"],
+        "pick_long_C": t["C"].get(run["pick"]),
+        "regret": regret(t, run["pick"]),
+        "step_fraction": run["steps"] / t["sweep_steps"],
+    }
 
 
 def main() -> None:
@@ -196,41 +257,46 @@ def main() -> None:
     parser.add_argument("--search-seeds", type=int, default=3)
     parser.add_argument("--root", default="/tmp/autolayer-fidelity")
     parser.add_argument("--cache", default=None, help="ground-truth JSON (default: under --root)")
+    parser.add_argument("--truth", default=None, help="a stored truth to read, not measure")
+    parser.add_argument("--task", default=None, help="a task name (default: the config's)")
+    parser.add_argument("--space", default="single_layer", help="the searches' space")
+    parser.add_argument("--searches", default=None, help="finished searches' JSON (resumes)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     config = load_config(args.config)
-    root = Path(args.root) / Path(args.config).stem
+    if args.task:
+        config.task.name = args.task
+    root = Path(args.root) / f"{Path(args.config).stem}-{config.task.name}"
     root.mkdir(parents=True, exist_ok=True)
-    cache = Path(args.cache) if args.cache else root / "truth.json"
-    steps = args.factor * config.proxy.steps
-    print(f"ground truth: {args.config}, {steps} steps, {args.seeds} seeds", flush=True)
-    truth = ground_truth(config, args.factor, args.seeds, cache)
-    long, t = summarise_truth(truth, args)
-    layers = list(range(truth["num_layers"]))
-    results: dict[str, Any] = {"config": args.config, "truth": t}
-    results["heuristics"] = free_heuristics(truth, t)
-    searches = []
+    if args.truth:
+        truth = json.loads(Path(args.truth).read_text())
+        print(f"ground truth: {args.truth}, {len(measured_layers(truth))} layers", flush=True)
+    else:
+        cache = Path(args.cache) if args.cache else root / "truth.json"
+        steps = args.factor * config.proxy.steps
+        print(f"ground truth: {args.config}, {steps} steps, {args.seeds} seeds", flush=True)
+        truth = ground_truth(config, args.factor, args.seeds, cache)
+    space = bind(load_space(args.space), truth["num_layers"])
+    long, t = summarise_truth(truth, space.eligible)
+    results: dict[str, Any] = {"config": args.config, "space": args.space, "truth": t}
+    results["heuristics"] = free_heuristics(truth, t, space)
+    kept = Path(args.searches) if args.searches else root / f"searches-{args.space}.json"
+    done: dict[str, Any] = json.loads(kept.read_text()) if kept.exists() else {}
     for seed in range(args.search_seeds):
-        print(f"search seed {seed}", flush=True)
-        run = search_once(config, seed, root)
-        ranked = [run["scores"].get(x, -np.inf) for x in layers]
-        truth_order = [t["mean_score"][x] for x in layers]
-        run["spearman"] = float(stats.spearmanr(ranked, truth_order).statistic)
-        run["kendall"] = float(stats.kendalltau(ranked, truth_order).statistic)
-        run["pick_in_top_set"] = run["pick"] in t["top_set"]
-        run["tied_contains_long_best"] = long.best in run["tied"]
-        run["pick_long_C"] = t["C"][run["pick"]]
-        run["step_fraction"] = run["steps"] / t["sweep_steps"]
-        searches.append(run)
-    results["searches"] = searches
+        if str(seed) not in done:
+            print(f"search seed {seed}", flush=True)
+            done[str(seed)] = search_once(config, seed, root, args.space)
+            write_json(kept, done)
+    results["searches"] = [scored(done[str(s)], t, long) for s in range(args.search_seeds)]
+    layers = measured_layers(truth)
     first = middle_layers(len(layers), 1 if len(layers) % 2 else 2)  # the search's warm start
-    order = [*first, *[layer for layer in layers if layer not in first]]
+    order = [*(layers[i] for i in first), *(x for i, x in enumerate(layers) if i not in first)]
     results["misprunes"] = {
         pruner: [
             {"pruned": (pruned := replay_pruner(
                 pruner, truth, s, config.proxy.steps, config.proxy.eval_every, order
             )), "mis_pruned": [x for x in pruned if x in t["top_set"]]}
-            for s in seeds_of(args)
+            for s in truth_seeds(truth)
         ]
         for pruner in ("median", "interval")
     }  # fmt: skip
@@ -243,31 +309,39 @@ def _c(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _r(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def report(r: dict[str, Any]) -> None:
     t = r["truth"]
     print(f"\n## {r['config']}: ground truth {t['steps']} steps x {t['seeds']} seeds")
+    if t["unmeasured"]:
+        print(f"not in the truth yet (of the {r['space']} grid): {t['unmeasured']}")
     print("long-run score: " + ", ".join(f"L{x} {v:.3f}" for x, v in t["mean_score"].items()))
     print("long-run C: " + ", ".join(f"L{x} {_c(v)}" for x, v in t["C"].items()))
+    full = "not run" if t["full_score"] is None else f"{t['full_score']:.3f}"
     print(
-        f"all layers {t['full_score']:.3f}; seed sd {t['seed_sd']:.3f}; "
+        f"all layers {full}; seed sd {t['seed_sd']:.3f}; "
         f"Spearman(depth, score) {t['spearman_depth']:+.2f}"
     )
     print(f"long-run best L{t['best']}; top set (tied with it): {t['top_set']}")
-    print("\n| heuristic | layer | long-run C | in top set |\n|---|---|---|---|")
+    print("\n| heuristic | layer | long-run C | regret | in top set |\n|---|---|---|---|---|")
     for name, h in r["heuristics"].items():
         layer = "-" if h["layer"] is None else h["layer"]
-        print(f"| {name} | {layer} | {_c(h['C'])} | {h['in_top_set']} |")
+        print(f"| {name} | {layer} | {_c(h['C'])} | {_r(h['regret'])} | {h['in_top_set']} |")
     print(
         "\n| search seed | pick | tied set | pick in top set | tied set has long-run best "
-        "| pick's long-run C | Spearman | Kendall | steps (% of sweep) | seconds |"
+        "| pick's long-run C | regret | Spearman (layers) | Kendall | steps (% of sweep) "
+        "| seconds |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for i, s in enumerate(r["searches"]):
         print(
             f"| {i} | {s['pick']} | {s['tied']} | {s['pick_in_top_set']} "
-            f"| {s['tied_contains_long_best']} | {_c(s['pick_long_C'])} | {s['spearman']:+.2f} "
-            f"| {s['kendall']:+.2f} | {s['steps']} ({100 * s['step_fraction']:.0f}%) "
-            f"| {s['seconds']:.0f} |"
+            f"| {s['tied_contains_long_best']} | {_c(s['pick_long_C'])} | {_r(s['regret'])} "
+            f"| {s['spearman']:+.2f} ({s['spearman_layers']}) | {s['kendall']:+.2f} "
+            f"| {s['steps']} ({100 * s['step_fraction']:.0f}%) | {s['seconds']:.0f} |"
         )
     print(f"\nlong exhaustive sweep: {t['sweep_steps']} steps, {t['sweep_seconds']:.0f} s")
     print("\n| pruner | pruned, per truth seed | mis-pruned (in the long-run top set) |")
