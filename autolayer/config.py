@@ -238,7 +238,9 @@ class ProxyConfig:
 @dataclass
 class SearchConfig:
     space: str = doc(
-        "Search space: a name in search_spaces/ or a path to a YAML file.", "single_layer"
+        "Search space: a name in search_spaces/ (single_layer, every_other_layer, window, "
+        "subset) or a path to a YAML file.",
+        "single_layer",
     )
     objective: Objective = doc("What trials maximise: contribution C or raw score.", "contribution")
     n_trials: int | None = doc(
