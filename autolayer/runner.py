@@ -203,8 +203,8 @@ def _signal_order(ctx: SearchContext) -> list[int]:
     ctx.hooks.on_message(f"pre-search signal: all layers for {steps} steps")
     signals = layer_signal(ctx.work, ctx.config.proxy, steps, ctx.config.proxy.full_lr)
     write_study(ctx.study, presearch_signal=[dataclasses.asdict(s) for s in signals])
-    lo, hi = ctx.space.layers or (0, len(signals) - 1)  # bound by `bind`: inclusive
-    return [layer for layer in ranking(signals) if lo <= layer <= hi]
+    eligible = set(ctx.space.eligible)  # bound by `bind`: a stride's grid, not every layer
+    return [layer for layer in ranking(signals) if layer in eligible]
 
 
 def _same_store(ctx: SearchContext) -> bool:

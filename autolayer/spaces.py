@@ -95,6 +95,10 @@ class Space:
             self.max_layers >= 1, f"key 'max_layers' must be at least 1, got {self.max_layers}"
         )
         _require(self.stride >= 1, f"key 'stride' must be at least 1, got {self.stride}")
+        _require(
+            self.stride == 1 or self.kind == "single_layer",
+            f"key 'stride' applies only to single_layer spaces, not {self.kind}",
+        )
         if isinstance(self.lr, tuple):
             _require(
                 len(self.lr) > 0

@@ -440,6 +440,7 @@ def _analyse(
         contribution_defined=contribution_defined,
     )
 
+
 def pooled_score(study: optuna.Study, trial: optuna.Trial, score: float) -> float:
     """The held-out score of `trial`'s candidate averaged over its training seeds, this run's
     `score` included. A racing repeat reports it as its value, so the study's best trial in

@@ -83,7 +83,6 @@ def test_prompts_with_nothing_to_share_are_not_kept(work: Workload) -> None:
     assert len(states.entries) == 2  # the two steps' rollouts (each prompt sampled 4 times)
 
 
-
 def test_kept_prefills_hold_each_distinct_position_once(work: Workload) -> None:
     """A rollout's batch is G copies of each few-shot prompt: the store keeps the common prefix
     once and each prompt's own columns once, not the cache copied out to every row."""

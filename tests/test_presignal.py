@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from autolayer.config import ProxyConfig, config_from_dict
@@ -33,16 +34,17 @@ def test_ranking_is_largest_first() -> None:
     assert ranking(signals, by="grad_norm") == [0, 2, 1]
 
 
-def test_a_search_can_start_in_signal_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("space", "stride"), [("single_layer", 1), ("every_other_layer", 2)])
+def test_a_search_can_start_in_signal_order(tmp_path: Path, space: str, stride: int) -> None:
     config = config_from_dict(
         {
             "task": {"train_size": 64, "eval_size": 16},
             "proxy": {"steps": 1, "prompts_per_step": 2, "num_generations": 2, "device": "cpu"},
-            "search": {"n_trials": 3, "pruner": "none", "signal_steps": 2},
+            "search": {"n_trials": 3, "pruner": "none", "signal_steps": 2, "space": space},
             "tracking": {"enabled": False},
         }
     )
     study = run_search(config, root=tmp_path).study
     signals = [LayerSignal(**s) for s in StudyRecord.of(study).presearch_signal or ()]
     tried = [r.layers[0] for r in map(TrialRecord.of, study.trials) if r.layers]
-    assert tried == ranking(signals)[:3]
+    assert tried == [x for x in ranking(signals) if x % stride == 0][:3]  # on the space's grid

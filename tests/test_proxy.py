@@ -391,9 +391,7 @@ def test_prompts_once_per_group_give_the_repeated_loss_and_gradient(
 ) -> None:
     """Sampling and every pass (policy, old policy, KL reference, micro-batches) with each
     prompt computed once per group: the step's loss and gradient are the repeated path's."""
-    config = ProxyConfig(
-        **{**FAST.__dict__, "steps": 1, "eval_every": 1, **changes}
-    )
+    config = ProxyConfig(**{**FAST.__dict__, "steps": 1, "eval_every": 1, **changes})
     task = few_shot(organism, monkeypatch) if shots else organism[2]
     runs = {}
     for share in (True, False):

@@ -164,6 +164,8 @@ def test_a_stride_keeps_every_kth_layer_from_the_lowest() -> None:
     assert warm_start_params(Space("single_layer", stride=2), None, 32, None) == [
         {"layer": 14}, {"layer": 16},
     ]  # fmt: skip
+    with pytest.raises(AutolayerError, match="key 'stride' applies only to single_layer spaces"):
+        Space("window", stride=2)
     with pytest.raises(AutolayerError, match=r"layers \[3\] are not on the space's stride 2"):
         warm_start_params(Space("single_layer", stride=2), [4, 3], 8, None)
 
