@@ -50,11 +50,10 @@ from scipy import stats
 from autolayer.baselines import picks
 from autolayer.config import Config, load_config
 from autolayer.estimate import analyse
-from autolayer.layers import middle_layers
 from autolayer.runner import run_search
 from autolayer.samplers import make_pruner
 from autolayer.search import steps_used
-from autolayer.spaces import Space, bind, load_space
+from autolayer.spaces import Space, bind, load_space, warm_start_params
 from autolayer.study import measured, study_analysis, write_study, write_trial
 
 
@@ -220,6 +219,30 @@ def free_heuristics(truth: dict[str, Any], t: dict[str, Any], space: Space) -> d
     return out
 
 
+def check_truth(truth: dict[str, Any], config: Config, path: str) -> None:
+    """A stored truth must have been measured as the config's searches run."""
+    s, p = truth["settings"], config.proxy
+    wanted = {
+        "model": config.model.name, "task": config.task.name, "eval_size": config.task.eval_size,
+        "proxy_steps": p.steps, "eval_every": p.eval_every, "lr": p.lr, "algorithm": p.algorithm,
+        "prompts_per_step": p.prompts_per_step, "num_generations": p.num_generations,
+    }  # fmt: skip
+    differ = [k for k, v in wanted.items() if s.get(k) != v]
+    if differ:
+        raise SystemExit(
+            f"{path} was measured with other settings than {config.model.name}'s config "
+            f"({', '.join(f'{k}: {s.get(k)} against {wanted[k]}' for k in differ)})"
+        )
+
+
+def load_searches(path: Path, wanted: dict[str, Any]) -> dict[str, Any]:
+    """The finished searches kept at `path` (none when new); another config's are refused."""
+    done: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if done and done.get("settings") != wanted:
+        raise SystemExit(f"{path} holds searches of {done.get('settings')}; choose another file")
+    return {"settings": wanted, "searches": done.get("searches", {})}
+
+
 def regret(t: dict[str, Any], layer: int) -> float | None:
     """How much lower `layer`'s long-run score is than the long-run best's (None: unmeasured)."""
     if layer not in t["mean_score"]:
@@ -227,18 +250,20 @@ def regret(t: dict[str, Any], layer: int) -> float | None:
     return float(t["mean_score"][t["best"]] - t["mean_score"][layer])
 
 
-def scored(run: dict[str, Any], t: dict[str, Any], long: Any) -> dict[str, Any]:
-    """One search's pick, tied set and ranking against the truth's measured layers."""
+def scored(run: dict[str, Any], t: dict[str, Any], long: Any, grid: list[int]) -> dict[str, Any]:
+    """One search's pick, tied set and ranking against the truth, over the grid's layers the
+    truth has measured; a layer the search never ran ranks below every layer it did."""
     scores = {int(x): v for x, v in run["scores"].items()}  # JSON keeps keys as text
-    layers = [x for x in t["mean_score"] if x in scores]
-    ranked = [scores[x] for x in layers]
+    layers = [x for x in grid if x in t["mean_score"]]
+    ranked = [scores.get(x, -np.inf) for x in layers]
     truth_order = [t["mean_score"][x] for x in layers]
     measured = run["pick"] in t["mean_score"]
+    enough = len(layers) >= 3  # fewer layers give no usable rank correlation
     return {
         **run,
         "spearman_layers": len(layers),
-        "spearman": float(stats.spearmanr(ranked, truth_order).statistic),
-        "kendall": float(stats.kendalltau(ranked, truth_order).statistic),
+        "spearman": float(stats.spearmanr(ranked, truth_order).statistic) if enough else None,
+        "kendall": float(stats.kendalltau(ranked, truth_order).statistic) if enough else None,
         "pick_in_top_set": run["pick"] in t["top_set"] if measured else None,
         "tied_contains_long_best": long.best in run["tied"],
         "pick_long_C": t["C"].get(run["pick"]),
@@ -270,6 +295,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     if args.truth:
         truth = json.loads(Path(args.truth).read_text())
+        check_truth(truth, config, args.truth)
         print(f"ground truth: {args.truth}, {len(measured_layers(truth))} layers", flush=True)
     else:
         cache = Path(args.cache) if args.cache else root / "truth.json"
@@ -281,16 +307,19 @@ def main() -> None:
     results: dict[str, Any] = {"config": args.config, "space": args.space, "truth": t}
     results["heuristics"] = free_heuristics(truth, t, space)
     kept = Path(args.searches) if args.searches else root / f"searches-{args.space}.json"
-    done: dict[str, Any] = json.loads(kept.read_text()) if kept.exists() else {}
+    wanted = {"config": args.config, "task": config.task.name, "space": args.space}
+    done = load_searches(kept, wanted)
     for seed in range(args.search_seeds):
-        if str(seed) not in done:
+        if str(seed) not in done["searches"]:
             print(f"search seed {seed}", flush=True)
-            done[str(seed)] = search_once(config, seed, root, args.space)
+            done["searches"][str(seed)] = search_once(config, seed, root, args.space)
             write_json(kept, done)
-    results["searches"] = [scored(done[str(s)], t, long) for s in range(args.search_seeds)]
-    layers = measured_layers(truth)
-    first = middle_layers(len(layers), 1 if len(layers) % 2 else 2)  # the search's warm start
-    order = [*(layers[i] for i in first), *(x for i, x in enumerate(layers) if i not in first)]
+    searches = [done["searches"][str(s)] for s in range(args.search_seeds)]
+    results["searches"] = [scored(run, t, long, space.eligible) for run in searches]
+    # The pruners replayed as the search meets the layers: its warm start, then the grid's rest.
+    warm = [p["layer"] for p in warm_start_params(space, None, truth["num_layers"], None)]
+    order = [x for x in [*warm, *space.eligible] if x in t["mean_score"]]
+    order = list(dict.fromkeys(order))
     results["misprunes"] = {
         pruner: [
             {"pruned": (pruned := replay_pruner(
@@ -307,6 +336,10 @@ def main() -> None:
 
 def _c(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
 
 
 def _r(value: float | None) -> str:
@@ -340,7 +373,7 @@ def report(r: dict[str, Any]) -> None:
         print(
             f"| {i} | {s['pick']} | {s['tied']} | {s['pick_in_top_set']} "
             f"| {s['tied_contains_long_best']} | {_c(s['pick_long_C'])} | {_r(s['regret'])} "
-            f"| {s['spearman']:+.2f} ({s['spearman_layers']}) | {s['kendall']:+.2f} "
+            f"| {_s(s['spearman'])} ({s['spearman_layers']}) | {_s(s['kendall'])} "
             f"| {s['steps']} ({100 * s['step_fraction']:.0f}%) | {s['seconds']:.0f} |"
         )
     print(f"\nlong exhaustive sweep: {t['sweep_steps']} steps, {t['sweep_seconds']:.0f} s")
