@@ -79,16 +79,25 @@ def run_sweep(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def profiles(sweep: dict[str, Any]) -> dict[float, Profile]:
-    """Per lr, the layers measured on every seed that lr has, outcomes averaged over seeds."""
-    by_lr: dict[float, dict[int, list[list[float]]]] = {}
+    """Per lr, the layers measured on every seed that all the lrs have finished (so every two
+    profiles are paired on the same seeds), outcomes averaged over those seeds."""
+    found: dict[float, dict[int, dict[int, list[float]]]] = {}  # lr -> seed -> layer -> outcomes
     for run in sweep["runs"].values():
-        by_lr.setdefault(run["lr"], {}).setdefault(run["layers"][0], []).append(run["outcomes"])
+        done = found.setdefault(run["lr"], {}).setdefault(run["seed"], {})
+        done[run["layers"][0]] = run["outcomes"]
+    layers = sweep["settings"]["layers"]
+    whole = [
+        {s for s, done in seeds.items() if set(layers) <= set(done)} for seeds in found.values()
+    ]
+    seeds = sorted(set.intersection(*whole)) if whole else []
     out = {}
-    for lr, layers in sorted(by_lr.items()):
-        seeds = max(len(v) for v in layers.values())
-        kept = sorted(x for x, v in layers.items() if len(v) == seeds)
-        outcomes = np.array([np.mean(layers[x], axis=0) for x in kept], dtype=float)
-        name = f"lr {lr:g} ({seeds} seeds)"
+    for lr, by_seed in sorted(found.items()):
+        seeds_here = seeds or [min(by_seed)]  # before any seed has them all: what each lr has
+        kept = sorted(set.intersection(*(set(by_seed.get(s, {})) for s in seeds_here)))
+        outcomes = np.array(
+            [np.mean([by_seed[s][x] for s in seeds_here], axis=0) for x in kept], dtype=float
+        )
+        name = f"lr {lr:g} (seeds {','.join(map(str, seeds_here))})"
         out[lr] = Profile(name, sweep["settings"]["model"], tuple(kept), outcomes)
     return out
 
