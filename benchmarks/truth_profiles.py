@@ -233,7 +233,8 @@ def main() -> None:
     args = parser.parse_args()
     paths = args.truths or sorted(TRUTH.glob("*.json"))
     truths = [json.loads(p.read_text()) for p in paths]
-    truths = [t for t in truths if layer_runs(t)]
+    # a ground truth has a base score; the lr sweeps and kept searches beside them do not
+    truths = [t for t in truths if "base" in t and layer_runs(t)]
     for truth in truths:
         print(table(truth))
         print(table(truth, truth["settings"]["proxy_steps"]))
