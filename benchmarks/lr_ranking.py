@@ -3,13 +3,14 @@ horizon, on the ground truth's training seeds.
 
     OMP_NUM_THREADS=1 python benchmarks/lr_ranking.py --config examples/smollm2_short.yaml \\
         [--task antonym] [--layers 0,8,16,24,29] [--lrs 3e-4,3e-5,1e-4] [--seeds 100] \\
-        [--out benchmarks/truth/MODEL-TASK-lr.json]
+        [--truth benchmarks/truth/MODEL-TASK.json] [--out benchmarks/truth/MODEL-TASK-lr.json]
 
 Each run trains one layer for `proxy.steps` steps (the horizon a search's trials see) at one lr on
 one training seed, scoring the held-out set every `proxy.eval_every` steps, exactly as a long
 ground-truth run does (`benchmarks/ground_truth.py`, whose first `proxy.steps` steps at `proxy.lr`
 are the same run). Runs go lr by lr in the order given, so a stopped sweep has whole profiles;
-each finished run is written at once and a rerun goes on where it stopped.
+each finished run is written at once and a rerun goes on where it stopped. With `--truth`, the
+runs at `proxy.lr` come off the ground truth's curves instead of running again.
 
 The report: per layer, the score at every lr; per lr, the layer ranking; and the rank agreement
 of every two lrs' profiles through `autolayer.compare` (Spearman and Kendall with permutation p and
@@ -65,6 +66,9 @@ def run_sweep(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     sweep["num_layers"] = num_layers
     runs = sweep["runs"]
     states = FrozenStates(config.proxy.frozen_cache_mb)
+    if args.truth:
+        for k, run in from_truth(json.loads(Path(args.truth).read_text()), wanted, p.lr).items():
+            runs.setdefault(k, run)  # a run measured here stays as measured
     jobs = [(x, lr, s) for lr in lrs for s in seeds for x in layers]
     for i, (layer, lr, seed) in enumerate(jobs):
         if key(layer, lr, seed) in runs:
@@ -76,6 +80,28 @@ def run_sweep(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         what = f"layer {layer} lr {lr:g} seed {seed}"
         print(f"[{i + 1}/{len(jobs)}] {what}: {score:.3f} in {run['seconds']:.0f} s", flush=True)
     return sweep
+
+
+def from_truth(truth: dict[str, Any], wanted: dict[str, Any], lr: float) -> dict[str, Any]:
+    """The runs at the truth's lr, read at this sweep's horizon off the truth's long runs: a long
+    run's first `steps` steps are the short run on its seed (same prompts, sampling, constant lr;
+    the held-out outcomes come out bit-identical)."""
+    t = truth["settings"]
+    same = ("model", "task", "eval_size", "eval_every", "prompts_per_step", "num_generations")
+    if t["lr"] != lr or any(t[k] != wanted[k] for k in same):
+        raise SystemExit("the truth was measured with other settings than this sweep's")
+    step = wanted["steps"]
+    out = {}
+    for seed, layer in itertools.product(wanted["seeds"], wanted["layers"]):
+        run = truth["runs"].get(f"{layer}@{seed}")
+        if run is None:
+            continue
+        curve = {k: v for k, v in run["curve"].items() if int(k) <= step}
+        kept = {k: v for k, v in run["curve_outcomes"].items() if int(k) <= step}
+        out[key(layer, lr, seed)] = {**run, "curve": curve, "curve_outcomes": kept,
+                                     "outcomes": run["curve_outcomes"][str(step)],
+                                     "seconds": None, "from_truth": True}  # fmt: skip
+    return out
 
 
 def profiles(sweep: dict[str, Any]) -> dict[float, Profile]:
@@ -151,6 +177,7 @@ def main() -> None:
     parser.add_argument("--lrs", default="3e-4,3e-5,1e-4", help="single-layer lrs, run in order")
     parser.add_argument("--seeds", default=str(TRUTH_SEED), help="training seeds (searches: 0..)")
     parser.add_argument("--out", default=None, help="the JSON (default: benchmarks/truth/...-lr)")
+    parser.add_argument("--truth", default=None, help="read the runs at proxy.lr off this truth")
     parser.add_argument("--report", action="store_true", help="only report what --out holds")
     args = parser.parse_args()
     if args.out:
