@@ -134,7 +134,22 @@ def restricted(p: Profile, layers: list[int]) -> Profile:
     return Profile(p.study, p.model, tuple(layers), p.outcomes[rows])
 
 
-def report(sweep: dict[str, Any]) -> str:
+def long_profile(truth: dict[str, Any], layers: list[int]) -> Profile:
+    """The truth's final outcomes on `layers` (those with every truth seed), seeds averaged."""
+    seeds = truth["settings"]["seeds"]
+    runs = truth["runs"]
+    kept = [x for x in layers if all(f"{x}@{s}" in runs for s in seeds)]
+    outcomes = np.array(
+        [np.mean([runs[f"{x}@{s}"]["outcomes"] for s in seeds], axis=0) for x in kept]
+    )
+    t = truth["settings"]
+    name = f"long run ({t['steps']} steps, lr {t['lr']:g}, seeds {','.join(map(str, seeds))})"
+    return Profile(name, t["model"], tuple(kept), outcomes)
+
+
+def report(sweep: dict[str, Any], truth: dict[str, Any] | None = None) -> str:
+    """The scores and rankings per lr, and every two profiles' rank agreement (and each lr's with
+    the truth's long run, when given)."""
     by_lr = profiles(sweep)
     layers = sorted({x for p in by_lr.values() for x in p.layers})
     s = sweep["settings"]
@@ -154,7 +169,10 @@ def report(sweep: dict[str, Any]) -> str:
     ]
     lines.append("| rank, best first | " + " | ".join(orders) + " |")
     lines += ["", "| lrs | layers | Spearman (95% CI), p | Kendall, p |", "|---|---|---|---|"]
-    for a, b in itertools.combinations(by_lr.values(), 2):
+    compared = list(by_lr.values())
+    if truth is not None:
+        compared.append(long_profile(truth, layers))
+    for a, b in itertools.combinations(compared, 2):
         shared = [x for x in a.layers if x in b.layers]
         if len(shared) < 3:
             continue
@@ -187,7 +205,8 @@ def main() -> None:
         task = args.task or config.task.name
         out = Path(__file__).parent / "truth" / f"{Path(config.model.name).name}-{task}-lr.json"
     sweep = json.loads(out.read_text()) if args.report else run_sweep(args, out)
-    print(report(sweep))
+    truth = json.loads(Path(args.truth).read_text()) if args.truth else None
+    print(report(sweep, truth))
 
 
 if __name__ == "__main__":
