@@ -105,20 +105,16 @@ def from_truth(truth: dict[str, Any], wanted: dict[str, Any], lr: float) -> dict
 
 
 def profiles(sweep: dict[str, Any]) -> dict[float, Profile]:
-    """Per lr, the layers measured on every seed that all the lrs have finished (so every two
-    profiles are paired on the same seeds), outcomes averaged over those seeds."""
+    """Per lr, the layers it has on every seed all the lrs have (so every two profiles pair on
+    the same seeds), outcomes averaged over those seeds."""
     found: dict[float, dict[int, dict[int, list[float]]]] = {}  # lr -> seed -> layer -> outcomes
     for run in sweep["runs"].values():
         done = found.setdefault(run["lr"], {}).setdefault(run["seed"], {})
         done[run["layers"][0]] = run["outcomes"]
-    layers = sweep["settings"]["layers"]
-    whole = [
-        {s for s, done in seeds.items() if set(layers) <= set(done)} for seeds in found.values()
-    ]
-    seeds = sorted(set.intersection(*whole)) if whole else []
+    seeds = sorted(set.intersection(*(set(by_seed) for by_seed in found.values())))
     out = {}
     for lr, by_seed in sorted(found.items()):
-        seeds_here = seeds or [min(by_seed)]  # before any seed has them all: what each lr has
+        seeds_here = seeds or [min(by_seed)]  # before the lrs share a seed: what each lr has
         kept = sorted(set.intersection(*(set(by_seed.get(s, {})) for s in seeds_here)))
         outcomes = np.array(
             [np.mean([by_seed[s][x] for s in seeds_here], axis=0) for x in kept], dtype=float
