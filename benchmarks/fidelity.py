@@ -169,6 +169,7 @@ def summarise_truth(truth: dict[str, Any], eligible: list[int]) -> tuple[Any, di
     seconds = [runs[f"{x}@{s}"]["seconds"] for x in layers for s in seeds]
     return long, {
         "steps": truth["steps"],
+        "lr": truth["settings"]["lr"],
         "seeds": len(seeds),
         "eligible": eligible,
         "unmeasured": [x for x in eligible if x not in layers],
@@ -220,11 +221,12 @@ def free_heuristics(truth: dict[str, Any], t: dict[str, Any], space: Space) -> d
 
 
 def check_truth(truth: dict[str, Any], config: Config, path: str) -> None:
-    """A stored truth must have been measured as the config's searches run."""
+    """A stored truth must have been measured as the config's searches run; only the lr may
+    differ (the truth's is the long runs' lr, the config's the proxy's: a search knob)."""
     s, p = truth["settings"], config.proxy
     wanted = {
         "model": config.model.name, "task": config.task.name, "eval_size": config.task.eval_size,
-        "proxy_steps": p.steps, "eval_every": p.eval_every, "lr": p.lr, "algorithm": p.algorithm,
+        "proxy_steps": p.steps, "eval_every": p.eval_every, "algorithm": p.algorithm,
         "prompts_per_step": p.prompts_per_step, "num_generations": p.num_generations,
     }  # fmt: skip
     differ = [k for k, v in wanted.items() if s.get(k) != v]
@@ -305,9 +307,11 @@ def main() -> None:
     space = bind(load_space(args.space), truth["num_layers"])
     long, t = summarise_truth(truth, space.eligible)
     results: dict[str, Any] = {"config": args.config, "space": args.space, "truth": t}
+    results["proxy_lr"] = config.proxy.lr
     results["heuristics"] = free_heuristics(truth, t, space)
     kept = Path(args.searches) if args.searches else root / f"searches-{args.space}.json"
     wanted = {"config": args.config, "task": config.task.name, "space": args.space}
+    wanted["lr"] = config.proxy.lr
     done = load_searches(kept, wanted)
     for seed in range(args.search_seeds):
         if str(seed) not in done["searches"]:
@@ -348,7 +352,10 @@ def _r(value: float | None) -> str:
 
 def report(r: dict[str, Any]) -> None:
     t = r["truth"]
-    print(f"\n## {r['config']}: ground truth {t['steps']} steps x {t['seeds']} seeds")
+    print(
+        f"\n## {r['config']}: ground truth {t['steps']} steps x {t['seeds']} seeds at lr "
+        f"{t['lr']:g}; searches at proxy lr {r['proxy_lr']:g}"
+    )
     if t["unmeasured"]:
         print(f"not in the truth yet (of the {r['space']} grid): {t['unmeasured']}")
     print("long-run score: " + ", ".join(f"L{x} {v:.3f}" for x, v in t["mean_score"].items()))

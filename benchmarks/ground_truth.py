@@ -1,12 +1,12 @@
 """The ground truth of a (model, task): every single layer trained long, on seeds no search uses.
 
     OMP_NUM_THREADS=1 python benchmarks/ground_truth.py --config examples/smollm2_short.yaml \\
-        [--task antonym] [--layers every-other] [--factor 4] [--seeds 100,101] \\
+        [--task antonym] [--layers every-other] [--factor 4] [--seeds 100,101] [--lr 1e-4] \\
         [--full-lrs 1e-5,3e-5,1e-4] [--out benchmarks/truth/MODEL-TASK.json]
 
-Each run trains one layer (at `proxy.lr`) for `--factor` x `proxy.steps` steps on one training
-seed (100, 101, ...: the searches use 0, 1, ...) and scores the held-out set every
-`proxy.eval_every` steps; its curve keeps, per eval, the step, score, standard error and every
+Each run trains one layer (at `--lr`, default `proxy.lr`) for `--factor` x `proxy.steps` steps
+on one training seed (100, 101, ...: the searches use 0, 1, ...) and scores the held-out set
+every `proxy.eval_every` steps; its curve keeps, per eval, the step, score, standard error and every
 prompt's outcome. The all-layers reference trains as long, at the best of `--full-lrs` (each tried
 on the first seed; the best final score wins), then on the other seeds at that lr.
 
@@ -250,6 +250,9 @@ def main() -> None:
     parser.add_argument("--task", default=None, help="a task name (default: the config's)")
     parser.add_argument("--layers", default="all", help="all, every-other, or a list 0,7,15")
     parser.add_argument("--factor", type=int, default=4, help="long runs: factor x proxy.steps")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="single-layer lr (default: proxy.lr)"
+    )
     parser.add_argument("--seeds", default="100,101", help="training seeds (searches use 0, 1..)")
     parser.add_argument("--full-lrs", default=None, help="all-layers lrs to sweep (default: "
                         "proxy.full_lr / 3, x 1, x 3)")  # fmt: skip
@@ -259,6 +262,8 @@ def main() -> None:
     config = load_config(args.config)
     if args.task:
         config.task.name = args.task
+    if args.lr is not None:  # the long runs' lr; a search's proxy lr may differ from it
+        config.proxy.lr = args.lr
     seeds = [int(x) for x in args.seeds.split(",")]
     full = config.proxy.full_lr
     swept = [float(x) for x in args.full_lrs.split(",")] if args.full_lrs else []

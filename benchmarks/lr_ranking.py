@@ -10,7 +10,7 @@ one training seed, scoring the held-out set every `proxy.eval_every` steps, exac
 ground-truth run does (`benchmarks/ground_truth.py`, whose first `proxy.steps` steps at `proxy.lr`
 are the same run). Runs go lr by lr in the order given, so a stopped sweep has whole profiles;
 each finished run is written at once and a rerun goes on where it stopped. With `--truth`, the
-runs at `proxy.lr` come off the ground truth's curves instead of running again.
+runs at the truth's lr come off its curves instead of running again.
 
 The report: per layer, the score at every lr; per lr, the layer ranking; and the rank agreement
 of every two lrs' profiles through `autolayer.compare` (Spearman and Kendall with permutation p and
@@ -67,7 +67,7 @@ def run_sweep(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     runs = sweep["runs"]
     states = FrozenStates(config.proxy.frozen_cache_mb)
     if args.truth:
-        for k, run in from_truth(json.loads(Path(args.truth).read_text()), wanted, p.lr).items():
+        for k, run in from_truth(json.loads(Path(args.truth).read_text()), wanted).items():
             runs.setdefault(k, run)  # a run measured here stays as measured
     jobs = [(x, lr, s) for lr in lrs for s in seeds for x in layers]
     for i, (layer, lr, seed) in enumerate(jobs):
@@ -82,13 +82,14 @@ def run_sweep(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return sweep
 
 
-def from_truth(truth: dict[str, Any], wanted: dict[str, Any], lr: float) -> dict[str, Any]:
+def from_truth(truth: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
     """The runs at the truth's lr, read at this sweep's horizon off the truth's long runs: a long
     run's first `steps` steps are the short run on its seed (same prompts, sampling, constant lr;
     the held-out outcomes come out bit-identical)."""
     t = truth["settings"]
     same = ("model", "task", "eval_size", "eval_every", "prompts_per_step", "num_generations")
-    if t["lr"] != lr or any(t[k] != wanted[k] for k in same):
+    lr = t["lr"]
+    if any(t[k] != wanted[k] for k in same):
         raise SystemExit("the truth was measured with other settings than this sweep's")
     step = wanted["steps"]
     out = {}
@@ -191,7 +192,7 @@ def main() -> None:
     parser.add_argument("--lrs", default="3e-4,3e-5,1e-4", help="single-layer lrs, run in order")
     parser.add_argument("--seeds", default=str(TRUTH_SEED), help="training seeds (searches: 0..)")
     parser.add_argument("--out", default=None, help="the JSON (default: benchmarks/truth/...-lr)")
-    parser.add_argument("--truth", default=None, help="read the runs at proxy.lr off this truth")
+    parser.add_argument("--truth", default=None, help="read the runs at its lr off this truth")
     parser.add_argument("--report", action="store_true", help="only report what --out holds")
     args = parser.parse_args()
     if args.out:
