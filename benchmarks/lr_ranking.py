@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from ground_truth import TRUTH_SEED, load_truth, long_run, select_layers, write_json  # benchmarks/
+from truth_profiles import AGREEMENT_HEADER, agreement_line  # benchmarks/
 
 from autolayer.compare import Profile, agreement
 from autolayer.config import load_config
@@ -165,7 +166,7 @@ def report(sweep: dict[str, Any], truth: dict[str, Any] | None = None) -> str:
         for p in by_lr.values()
     ]
     lines.append("| rank, best first | " + " | ".join(orders) + " |")
-    lines += ["", "| lrs | layers | Spearman (95% CI), p | Kendall, p |", "|---|---|---|---|"]
+    lines += ["", *AGREEMENT_HEADER]
     compared = list(by_lr.values())
     if truth is not None:
         compared.append(long_profile(truth, layers))
@@ -173,12 +174,7 @@ def report(sweep: dict[str, Any], truth: dict[str, Any] | None = None) -> str:
         shared = [x for x in a.layers if x in b.layers]
         if len(shared) < 3:
             continue
-        g = agreement(*(restricted(p, shared) for p in (a, b)))
-        lines.append(
-            f"| {a.study} vs {b.study} | {g.layers} | {g.spearman:+.2f} ({g.spearman_ci[0]:+.2f}, "
-            f"{g.spearman_ci[1]:+.2f}), {g.spearman_p:.3f} | {g.kendall:+.2f}, {g.kendall_p:.3f} |"
-            + (f" {g.note}" if g.note else "")
-        )
+        lines.append(agreement_line(agreement(*(restricted(p, shared) for p in (a, b))), "layer"))
     return "\n".join(lines) + "\n"
 
 

@@ -161,7 +161,14 @@ def paired_by_depth(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[int], li
     return la, nearest
 
 
-def _line(g: Any, aligned: str) -> str:
+AGREEMENT_HEADER = [
+    "| profiles | aligned by | layers | Spearman (95% CI), p | Kendall, p |",
+    "|---|---|---|---|---|",
+]
+
+
+def agreement_line(g: Any, aligned: str) -> str:
+    """One row of an `autolayer.compare` agreement table (header: AGREEMENT_HEADER)."""
     return (
         f"| {g.first} vs {g.second} | {aligned} | {g.layers} "
         f"| {g.spearman:+.2f} ({g.spearman_ci[0]:+.2f}, {g.spearman_ci[1]:+.2f}), "
@@ -171,14 +178,13 @@ def _line(g: Any, aligned: str) -> str:
 
 
 def agreements(truths: list[dict[str, Any]]) -> str:
-    lines = [
-        "| profiles | aligned by | layers | Spearman (95% CI), p | Kendall, p |",
-        "|---|---|---|---|---|",
-    ]
+    lines = list(AGREEMENT_HEADER)
     for truth in truths:  # the proxy's horizon against the long run, same seeds
         step = truth["settings"]["proxy_steps"]
         if len(layer_runs(truth)) >= MIN_LAYERS:
-            lines.append(_line(agreement(profile_of(truth, step=step), profile_of(truth)), "layer"))
+            lines.append(
+                agreement_line(agreement(profile_of(truth, step=step), profile_of(truth)), "layer")
+            )
     for a, b in itertools.combinations(truths, 2):
         same = a["settings"]["model"] == b["settings"]["model"]
         if same:
@@ -190,7 +196,7 @@ def agreements(truths: list[dict[str, Any]]) -> str:
             pa, pb = profile_of(a, la), profile_of(b, lb)
         if len(pa.layers) < MIN_LAYERS:
             continue
-        lines.append(_line(agreement(pa, pb), "layer" if same else "relative depth"))
+        lines.append(agreement_line(agreement(pa, pb), "layer" if same else "relative depth"))
     return "\n".join(lines) + "\n"
 
 
