@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 import optuna
-from ground_truth import TRUTH_SEED, run_truth, write_json  # benchmarks/ground_truth.py
+from ground_truth import TRUTH_SEED, run_truth, settings, write_json  # benchmarks/ground_truth.py
 from scipy import stats
 
 from autolayer.baselines import picks
@@ -223,13 +223,10 @@ def free_heuristics(truth: dict[str, Any], t: dict[str, Any], space: Space) -> d
 def check_truth(truth: dict[str, Any], config: Config, path: str) -> None:
     """A stored truth must have been measured as the config's searches run; only the lr may
     differ (the truth's is the long runs' lr, the config's the proxy's: a search knob)."""
-    s, p = truth["settings"], config.proxy
-    wanted = {
-        "model": config.model.name, "task": config.task.name, "eval_size": config.task.eval_size,
-        "proxy_steps": p.steps, "eval_every": p.eval_every, "algorithm": p.algorithm,
-        "prompts_per_step": p.prompts_per_step, "num_generations": p.num_generations,
-    }  # fmt: skip
-    differ = [k for k, v in wanted.items() if s.get(k) != v]
+    s = truth["settings"]
+    wanted = settings(config, [], [], truth["steps"])  # what ground_truth.py records
+    free = ("layers", "seeds", "steps", "lr")  # the truth's own extent, horizon and lr
+    differ = [k for k, v in wanted.items() if k not in free and s.get(k) != v]
     if differ:
         raise SystemExit(
             f"{path} was measured with other settings than {config.model.name}'s config "
