@@ -307,8 +307,10 @@ def main() -> None:
     results["proxy_lr"] = config.proxy.lr
     results["heuristics"] = free_heuristics(truth, t, space)
     kept = Path(args.searches) if args.searches else root / f"searches-{args.space}.json"
-    wanted = {"config": args.config, "task": config.task.name, "space": args.space}
-    wanted["lr"] = config.proxy.lr
+    wanted = {
+        "config": args.config, "task": config.task.name, "space": args.space,
+        "lr": config.proxy.lr,
+    }  # fmt: skip
     done = load_searches(kept, wanted)
     for seed in range(args.search_seeds):
         if str(seed) not in done["searches"]:
